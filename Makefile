@@ -1,0 +1,46 @@
+# kubectl-chaos: set-up, tests, demo. Run as root on Debian 12 (bookworm).
+PY      ?= python3
+VENV    ?= .venv
+PYTEST  ?= $(VENV)/bin/pytest
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup setup-node setup-venv test test-unit demo gen lint bench clean
+
+setup: setup-node setup-venv
+
+# Debian packages the node, kernel and VM tests use.
+setup-node:
+	scripts/setup-node.sh
+
+setup-venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+# Regenerate the gRPC stubs (cri_api, agent API); tests/unit/test_generated.py checks they are fresh.
+gen: setup-venv
+	$(VENV)/bin/python -m cri_api.generate
+	$(VENV)/bin/python -m daemonset.api.generate
+
+lint: setup-venv
+	$(VENV)/bin/ruff check .
+
+# The test command CI runs (.ci/run): every test, none skipped.
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PYTEST) -q
+
+test-unit: setup-venv
+	$(PYTEST) -q -m unit
+
+demo: setup
+	$(VENV)/bin/python -m scripts.demo
+
+bench: setup
+	for b in bench/bench_*.py; do $(VENV)/bin/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
