@@ -37,3 +37,41 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.longrepr = f"skipped in CI, which must run every test: {reason}"
+
+
+# ---- a real containerd node (tests/support/node.py); imported lazily so unit runs stay light
+
+
+@pytest.fixture(scope="session")
+def node():
+    """A private containerd with the CRI plugin, shared by the session; torn down at the end."""
+    import os
+
+    from tests.support.require import require, require_binary
+
+    require(os.geteuid() == 0, "root (the test node runs containerd, mounts and cgroups)")
+    for binary in ("containerd", "ctr", "runc", "containerd-shim-runc-v2", "ip", "mount"):
+        require_binary(binary)
+    require(os.path.exists("/usr/lib/cni/bridge"), "CNI plugins in /usr/lib/cni (containernetworking-plugins)")
+    require(os.path.exists("/bin/busybox"), "/bin/busybox (busybox-static) for the test images")
+    from tests.support.node import TestNode
+
+    test_node = TestNode().start()
+    try:
+        yield test_node
+    finally:
+        problems = test_node.stop()
+        if problems:
+            raise RuntimeError(f"test node teardown left: {problems}")
+
+
+@pytest.fixture
+def pods(node):
+    """Factory: ``pods.run(name, namespace="default", containers=[ContainerSpec(...)])``; removes its pods."""
+    from tests.support.node import PodFactory
+
+    factory = PodFactory(node)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
