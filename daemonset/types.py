@@ -1,0 +1,230 @@
+"""Plain request and result values of the engine; both front doors (the gRPC server here, cluster mode)
+speak these. No gRPC, no kernel access: importing this module is cheap.
+
+Units are in the names. ``None`` = not set / leave alone; ``UNLIMITED`` = no limit in force.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+from typing import Any
+
+#: A quantity with no limit in force (CFS quota -1, memory "max", no qdisc).
+UNLIMITED = -1
+
+# Bounds the engine accepts before it asks anyone. The kernel and the packages check their own
+# finer bounds (e.g. the CFS quota >= 1 ms at the container's period) and name them.
+MAX_MILLICPU = 1_000_000  # 1000 CPUs
+MIN_MEMORY_BYTES = 4 * 1024 * 1024  # below this a container cannot start a shell
+MAX_MEMORY_BYTES = 2**50  # 1 PiB
+MIN_BANDWIDTH_BPS = 8_000  # 1 kB/s
+MAX_BANDWIDTH_BPS = 400 * 10**9  # 400 Gbit/s
+MAX_DURATION_S = 30 * 24 * 3600.0
+
+# Kubernetes object names: namespace and pod are DNS-1123 (sub)domains, containers DNS-1123 labels.
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class Method(str, enum.Enum):
+    AUTO = "auto"
+    CRI = "cri"
+    CGROUP = "cgroup"
+    NETLINK = "netlink"  # bandwidth
+
+
+class Resource(str, enum.Enum):
+    CPU = "cpu"  # millicpu
+    MEMORY = "memory"  # bytes
+    INGRESS = "ingress"  # bit/s into the pod
+    EGRESS = "egress"  # bit/s out of the pod
+
+
+UNIT_OF = {Resource.CPU: "millicpu", Resource.MEMORY: "bytes", Resource.INGRESS: "bps", Resource.EGRESS: "bps"}
+
+
+class EngineError(Exception):
+    """Base of every error the engine reports; the message is one line for a person."""
+
+
+class InvalidRequest(EngineError):
+    """A request value outside what is accepted; nothing was changed."""
+
+
+class TargetNotFound(EngineError):
+    """The namespace, pod or container does not exist on this node; the message lists what does."""
+
+
+class TargetNotRunning(EngineError):
+    """The container exists but is not running."""
+
+
+class Denied(EngineError):
+    """The target is in a namespace this agent refuses to touch."""
+
+
+class Refused(EngineError):
+    """The kernel or runtime refused the change (e.g. memory below usage); nothing was changed."""
+
+
+class Conflict(EngineError):
+    """The change collides with another experiment (e.g. bandwidth of a pod another container shapes)."""
+
+
+class ApplyFailed(EngineError):
+    """A part of the change failed; what had been applied was rolled back (the message says what failed)."""
+
+
+class RuntimeUnavailable(EngineError):
+    """The container runtime does not answer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    namespace: str
+    pod: str
+    container: str | None = None  # None: the pod's only container
+
+    def validate(self) -> None:
+        if not _DNS_SUBDOMAIN.match(self.namespace or ""):
+            raise InvalidRequest(f"namespace {self.namespace!r} is not a valid name (lowercase DNS-1123, e.g. 'default')")
+        if len(self.namespace) > 63:
+            raise InvalidRequest(f"namespace {self.namespace!r} is longer than 63 characters")
+        if not _DNS_SUBDOMAIN.match(self.pod or ""):
+            raise InvalidRequest(f"pod {self.pod!r} is not a valid name (lowercase DNS-1123 subdomain)")
+        if self.container is not None and not _DNS_LABEL.match(self.container):
+            raise InvalidRequest(f"container {self.container!r} is not a valid name (lowercase DNS-1123 label)")
+
+    def describe(self) -> str:
+        return f"{self.namespace}/{self.pod}" + (f" container {self.container}" if self.container else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Changes:
+    cpu_millicpu: int | None = None
+    memory_bytes: int | None = None
+    ingress_bps: int | None = None
+    egress_bps: int | None = None
+
+    def as_map(self) -> dict[Resource, int]:
+        pairs = {
+            Resource.CPU: self.cpu_millicpu,
+            Resource.MEMORY: self.memory_bytes,
+            Resource.INGRESS: self.ingress_bps,
+            Resource.EGRESS: self.egress_bps,
+        }
+        return {r: v for r, v in pairs.items() if v is not None}
+
+    def validate(self) -> None:
+        _check_int("cpu_millicpu", self.cpu_millicpu, 1, MAX_MILLICPU, "1m to 1000 CPUs")
+        _check_int("memory_bytes", self.memory_bytes, MIN_MEMORY_BYTES, MAX_MEMORY_BYTES, "4Mi to 1Pi")
+        for name in ("ingress_bps", "egress_bps"):
+            _check_int(name, getattr(self, name), MIN_BANDWIDTH_BPS, MAX_BANDWIDTH_BPS, "8kbit/s to 400Gbit/s")
+        if not self.as_map():
+            raise InvalidRequest("no change asked for; give at least one of cpu, memory, ingress or egress bandwidth")
+
+
+def _check_int(name: str, value: Any, low: int, high: int, accepted: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} {value} is out of range; accepted: {accepted} ({low}..{high})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyRequest:
+    target: Target
+    changes: Changes
+    duration_s: float | None = None
+    method: Method = Method.AUTO
+    force: bool = False
+    dry_run: bool = False
+
+    def validate(self) -> None:
+        self.target.validate()
+        self.changes.validate()
+        if self.duration_s is not None:
+            d = self.duration_s
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
+                raise InvalidRequest(f"duration {d!r} must be a positive number of seconds")
+            if d > MAX_DURATION_S:
+                raise InvalidRequest(f"duration {d}s is longer than the accepted 30 days ({MAX_DURATION_S:.0f}s)")
+        if not isinstance(self.method, Method) or self.method is Method.NETLINK:
+            raise InvalidRequest(f"method {self.method!r} is not accepted; accepted: auto, cri, cgroup")
+
+
+@dataclasses.dataclass(frozen=True)
+class RevertRequest:
+    target: Target
+    dry_run: bool = False
+
+    def validate(self) -> None:
+        self.target.validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedTarget:
+    namespace: str
+    pod: str
+    container: str
+    container_id: str
+    pod_uid: str = ""
+    node_name: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.pod}/{self.container}"
+
+    def describe(self) -> str:
+        return f"{self.namespace}/{self.pod} container {self.container} ({self.container_id[:12]})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ResolvedTarget:
+        return cls(**{f.name: d.get(f.name, "") for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourceResult:
+    """One resource of one container: the original, the value before this call, what was asked, what the kernel says."""
+
+    resource: Resource
+    original: int
+    previous: int
+    requested: int
+    in_force: int
+    method: Method
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyResult:
+    experiment_id: str
+    target: ResolvedTarget
+    resources: tuple[ResourceResult, ...]
+    expires_at: float | None  # seconds since the epoch
+    dry_run: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RevertResult:
+    target: ResolvedTarget
+    resources: tuple[ResourceResult, ...]
+    was_active: bool
+    dry_run: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentInfo:
+    experiment_id: str
+    target: ResolvedTarget
+    resources: tuple[ResourceResult, ...]
+    started_at: float
+    expires_at: float | None
+    drift_corrections: int

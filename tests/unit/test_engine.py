@@ -1,0 +1,439 @@
+"""The engine's own logic with in-memory stand-ins for the runtime, cgroups and shaping.
+
+What is checked here is the engine's bookkeeping: first snapshot kept, all-or-nothing rollback,
+durations (also across a restart), recovery of half-made changes, drift and gone pods, per-container
+serialization. The real runtime and kernel are exercised in tests/node/test_agent*.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+
+from cri_api import errors as cri_errors
+from cri_api.types import ContainerInfo, LinuxResources
+from daemonset.cgroups import Readings
+from daemonset.engine import Engine, millicpu_of, quota_for, same_quantity
+from daemonset.types import (
+    UNLIMITED,
+    ApplyFailed,
+    ApplyRequest,
+    Changes,
+    Denied,
+    InvalidRequest,
+    Method,
+    Refused,
+    Resource,
+    RevertRequest,
+    Target,
+    TargetNotFound,
+)
+
+MiB = 2**20
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_700_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclasses.dataclass
+class FakeContainer:
+    id: str
+    quota_us: int = 50_000
+    period_us: int = 100_000
+    memory: int = 256 * MiB
+    usage: int = 10 * MiB
+    running: bool = True
+
+
+class FakeWorld:
+    """A node: pods with containers, their cgroup values, a runtime that can refuse, veth rates."""
+
+    def __init__(self):
+        self.containers: dict[tuple[str, str, str], FakeContainer] = {}
+        self.pod_quota: dict[tuple[str, str], int] = {}
+        self.rates: dict[str, tuple[int, int]] = {}
+        self.runtime_refuses = False
+        self.shape_fails = False
+        self.cri_calls = 0
+        self.lock = threading.Lock()
+        self.concurrent = 0
+        self.max_concurrent = 0
+
+    def add(self, ns: str, pod: str, name: str, cid: str, **kw) -> FakeContainer:
+        c = FakeContainer(id=cid, **kw)
+        self.containers[(ns, pod, name)] = c
+        self.pod_quota[(ns, pod)] = self.pod_quota.get((ns, pod), 0) + c.quota_us
+        return c
+
+    def by_id(self, cid: str) -> tuple[tuple[str, str, str], FakeContainer]:
+        for k, c in self.containers.items():
+            if c.id == cid:
+                return k, c
+        raise KeyError(cid)
+
+
+class FakeCRI:
+    def __init__(self, world: FakeWorld):
+        self.w = world
+
+    def find_container(self, ns, pod, container=None):
+        names = [k[2] for k in self.w.containers if k[:2] == (ns, pod)]
+        if not names:
+            raise cri_errors.NotFound(f"no pod {ns}/{pod}")
+        if container is None:
+            if len(names) != 1:
+                raise cri_errors.NotFound(f"pod {ns}/{pod} has {len(names)} containers")
+            container = names[0]
+        c = self.w.containers.get((ns, pod, container))
+        if c is None:
+            raise cri_errors.NotFound(f"pod {ns}/{pod} has no container {container!r}; its containers: {names}")
+        if not c.running:
+            raise cri_errors.NotRunning(f"container {container} is not running")
+        return ContainerInfo(
+            id=c.id, sandbox_id=f"sb-{ns}-{pod}", name=container, pod_name=pod, pod_namespace=ns, pod_uid="uid-" + pod,
+            attempt=0, state="running", pid=1000, cgroups_path=c.id,
+            resources=LinuxResources(cpu_period_us=c.period_us, cpu_quota_us=c.quota_us, memory_limit_bytes=c.memory,
+                                     memory_swap_limit_bytes=c.memory),
+            labels={}, annotations={},
+        )
+
+    def update_resources(self, cid, *, cpu_quota_us=None, memory_limit_bytes=None, memory_swap_limit_bytes=None):
+        self.w.cri_calls += 1
+        if self.w.runtime_refuses:
+            raise cri_errors.CallFailed("runtime says no")
+        with self.w.lock:
+            self.w.concurrent += 1
+            self.w.max_concurrent = max(self.w.max_concurrent, self.w.concurrent)
+        time.sleep(0.01)
+        _, c = self.w.by_id(cid)
+        if cpu_quota_us is not None:
+            c.quota_us = cpu_quota_us
+        if memory_limit_bytes is not None:
+            c.memory = memory_limit_bytes
+        with self.w.lock:
+            self.w.concurrent -= 1
+
+
+class FakeCgroups:
+    def __init__(self, world: FakeWorld):
+        self.w = world
+
+    def locate(self, *, pid, cgroups_path):
+        return cgroups_path
+
+    def read(self, cg, *, pod=False):
+        _, c = self.w.by_id(cg)
+        return Readings(cpu_quota_us=c.quota_us, cpu_period_us=c.period_us, memory_limit_bytes=c.memory,
+                        memsw_limit_bytes=c.memory)
+
+    def check(self, cg, *, cpu_quota_us, memory_limit_bytes, force):
+        _, c = self.w.by_id(cg)
+        if memory_limit_bytes is not None and memory_limit_bytes < c.usage and not force:
+            raise Refused(f"memory {memory_limit_bytes} below usage {c.usage}")
+
+    def set_container(self, cg, *, cpu_quota_us, memory_limit_bytes, force):
+        self.check(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force)
+        (ns, pod, _), c = self.w.by_id(cg)
+        if cpu_quota_us is not None:
+            self.w.pod_quota[(ns, pod)] = max(self.w.pod_quota[(ns, pod)], cpu_quota_us)
+            c.quota_us = cpu_quota_us
+        if memory_limit_bytes is not None:
+            c.memory = memory_limit_bytes
+
+    def set_through(self, cg, *, cpu_quota_us, memory_limit_bytes, force, runtime_call):
+        self.check(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force)
+        (ns, pod, _), _c = self.w.by_id(cg)
+        before = self.w.pod_quota[(ns, pod)]
+        if cpu_quota_us is not None and cpu_quota_us > before:
+            self.w.pod_quota[(ns, pod)] = cpu_quota_us
+        try:
+            runtime_call()
+        except BaseException:
+            self.w.pod_quota[(ns, pod)] = before
+            raise
+
+    def snapshot(self, cg):
+        (ns, pod, _), c = self.w.by_id(cg)
+        return {"cgroups": {"pod": {}}, "files": {"quota": c.quota_us, "memory": c.memory,
+                                                  "pod_quota": self.w.pod_quota[(ns, pod)], "id": cg}}
+
+    def refresh_container_snapshot(self, old, cg):
+        new = self.snapshot(cg)
+        new["files"]["pod_quota"] = old["files"]["pod_quota"]
+        return new
+
+    def restore(self, snap, *, container_alive=True):
+        f = snap["files"]
+        try:
+            (ns, pod, _), c = self.w.by_id(f["id"])
+        except KeyError:
+            return
+        c.quota_us, c.memory = f["quota"], f["memory"]
+        self.w.pod_quota[(ns, pod)] = f["pod_quota"]
+
+
+class FakeNet:
+    def __init__(self, world: FakeWorld):
+        self.w = world
+
+    def find_host_veth(self, pid):
+        return "veth-fake"
+
+    def shape(self, host, key, *, ingress_bps, egress_bps):
+        if self.w.shape_fails:
+            raise ApplyFailed("shaping veth-fake: netlink says no")
+        old = self.w.rates.get(key, (UNLIMITED, UNLIMITED))
+        self.w.rates[key] = (ingress_bps or old[0], egress_bps or old[1])
+        return {"was": "nothing"}
+
+    def unshape(self, host, key, snapshot):
+        self.w.rates.pop(key, None)
+
+    def read_rates(self, host, key):
+        return self.w.rates.get(key, (UNLIMITED, UNLIMITED))
+
+
+@pytest.fixture
+def world():
+    w = FakeWorld()
+    w.add("default", "web", "app", "c1")
+    w.add("default", "duo", "a", "d1")
+    w.add("default", "duo", "b", "d2")
+    w.add("kube-system", "dns", "dns", "k1")
+    return w
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+def make_engine(world, clock, state_dir, **kw) -> Engine:
+    e = Engine(FakeCRI(world), state_dir=str(state_dir), cgroups=FakeCgroups(world), net=FakeNet(world), clock=clock,
+               node_name="n1", **kw)
+    e.start(background=False)
+    return e
+
+
+def apply(engine, pod="web", container=None, **changes):
+    extra = {k: changes.pop(k) for k in ("duration_s", "method", "force", "dry_run") if k in changes}
+    return engine.apply(ApplyRequest(Target("default", pod, container), Changes(**changes), **extra))
+
+
+def test_units_arithmetic():
+    assert quota_for(500, 100_000) == 50_000
+    assert millicpu_of(50_000, 100_000) == 500
+    assert millicpu_of(-1, 100_000) == UNLIMITED
+    assert same_quantity(Resource.MEMORY, 100 * MiB, 100 * MiB - 4095)
+    assert not same_quantity(Resource.MEMORY, 100 * MiB, 99 * MiB)
+    assert same_quantity(Resource.INGRESS, 10_000_000, 9_999_992)
+
+
+def test_apply_reports_previous_and_read_back(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    res = apply(e, cpu_millicpu=200, memory_bytes=128 * MiB)
+    by = {r.resource: r for r in res.resources}
+    assert by[Resource.CPU].previous == 500 and by[Resource.CPU].in_force == 200
+    assert by[Resource.CPU].method is Method.CRI
+    assert by[Resource.MEMORY].previous == 256 * MiB and by[Resource.MEMORY].in_force == 128 * MiB
+    assert world.containers[("default", "web", "app")].quota_us == 20_000
+    assert res.target.container == "app" and res.target.node_name == "n1"
+    assert res.expires_at is None
+
+
+def test_second_change_keeps_first_snapshot(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    apply(e, cpu_millicpu=200)
+    res = apply(e, cpu_millicpu=300)
+    cpu = res.resources[0]
+    assert (cpu.original, cpu.previous, cpu.in_force) == (500, 200, 300)
+    back = e.revert(RevertRequest(Target("default", "web")))
+    assert back.was_active and back.resources[0].in_force == 500
+    assert world.containers[("default", "web", "app")].quota_us == 50_000
+    assert e.list() == []
+
+
+def test_dry_run_changes_nothing(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    res = apply(e, cpu_millicpu=200, dry_run=True)
+    assert res.dry_run and res.resources[0].requested == 200
+    assert world.containers[("default", "web", "app")].quota_us == 50_000
+    assert e.list() == [] and list(e.store.load_all()) == []
+
+
+def test_runtime_refusal_falls_back_to_cgroup_in_auto_only(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    world.runtime_refuses = True
+    res = apply(e, cpu_millicpu=200)
+    assert res.resources[0].method is Method.CGROUP
+    e.revert(RevertRequest(Target("default", "web")))
+    with pytest.raises(Refused, match="runtime refused"):
+        apply(e, cpu_millicpu=200, method=Method.CRI)
+    assert world.containers[("default", "web", "app")].quota_us == 50_000
+
+
+def test_all_or_nothing_when_shaping_fails(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    world.shape_fails = True
+    with pytest.raises(ApplyFailed, match="netlink says no"):
+        apply(e, cpu_millicpu=200, ingress_bps=10_000_000)
+    assert world.containers[("default", "web", "app")].quota_us == 50_000
+    assert e.list() == [] and list(e.store.load_all()) == []
+
+
+def test_failed_second_change_returns_to_first(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    apply(e, cpu_millicpu=200)
+    world.shape_fails = True
+    with pytest.raises(ApplyFailed):
+        apply(e, cpu_millicpu=300, egress_bps=10_000_000)
+    assert world.containers[("default", "web", "app")].quota_us == 20_000
+    [exp] = e.list()
+    assert {r.resource: r.requested for r in exp.resources} == {Resource.CPU: 200}
+
+
+def test_refused_below_usage_changes_nothing(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    with pytest.raises(Refused, match="below usage"):
+        apply(e, memory_bytes=5 * MiB)
+    assert world.containers[("default", "web", "app")].memory == 256 * MiB and world.cri_calls == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({}, "no change asked for"),
+        ({"cpu_millicpu": 0}, "cpu_millicpu 0 is out of range"),
+        ({"cpu_millicpu": 5}, "CFS quota of 500us"),
+        ({"cpu_millicpu": "1"}, "must be an integer"),
+        ({"memory_bytes": 1024}, "memory_bytes 1024 is out of range"),
+        ({"ingress_bps": -5}, "ingress_bps -5 is out of range"),
+        ({"cpu_millicpu": 100, "duration_s": -1.0}, "positive number of seconds"),
+        ({"cpu_millicpu": 100, "duration_s": float("nan")}, "positive number of seconds"),
+    ],
+)
+def test_bad_values_rejected(world, clock, tmp_path, changes, message):
+    e = make_engine(world, clock, tmp_path)
+    with pytest.raises(InvalidRequest, match=message):
+        apply(e, **changes)
+    assert world.cri_calls == 0
+
+
+def test_unknown_and_denied_targets(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    with pytest.raises(TargetNotFound, match="no pod default/nope"):
+        apply(e, pod="nope", cpu_millicpu=100)
+    with pytest.raises(TargetNotFound, match="has 2 containers"):
+        apply(e, pod="duo", cpu_millicpu=100)
+    with pytest.raises(TargetNotFound, match="no container 'zz'"):
+        apply(e, pod="duo", container="zz", cpu_millicpu=100)
+    with pytest.raises(Denied, match="kube-system is denied"):
+        e.apply(ApplyRequest(Target("kube-system", "dns"), Changes(cpu_millicpu=100)))
+    with pytest.raises(InvalidRequest, match="not a valid name"):
+        apply(e, pod="Bad_Name", cpu_millicpu=100)
+
+
+def test_duration_expires(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    res = apply(e, cpu_millicpu=200, duration_s=30)
+    assert res.expires_at == clock.now + 30
+    clock.now += 29
+    e.expire_due()
+    assert world.containers[("default", "web", "app")].quota_us == 20_000
+    clock.now += 2
+    e.expire_due()
+    assert world.containers[("default", "web", "app")].quota_us == 50_000
+    assert e.list() == []
+
+
+def test_restart_reverts_expired_and_rearms_running(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    apply(e, cpu_millicpu=200, duration_s=10)
+    apply(e, pod="duo", container="a", cpu_millicpu=100, duration_s=100)
+    e.close()  # as if killed: nothing reverted on the way out
+    clock.now += 20
+    e2 = make_engine(world, clock, tmp_path)
+    assert world.containers[("default", "web", "app")].quota_us == 50_000
+    assert world.containers[("default", "duo", "a")].quota_us == 10_000
+    [left] = e2.list()
+    assert left.target.pod == "duo"
+    clock.now += 100
+    e2.expire_due()
+    assert world.containers[("default", "duo", "a")].quota_us == 50_000
+
+
+def test_half_made_change_is_undone_on_start(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    apply(e, cpu_millicpu=200)
+    record = next(iter(e.store.load_all()))
+    record["phase"] = "applying"  # as if killed between the intent record and the active record
+    e.store.save(record["key"], record)
+    make_engine(world, clock, tmp_path)
+    assert world.containers[("default", "web", "app")].quota_us == 50_000
+    assert list(e.store.load_all()) == []
+
+
+def test_drift_reapplied_and_counted(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    apply(e, cpu_millicpu=200)
+    world.containers[("default", "web", "app")].quota_us = 50_000  # something reset it
+    e.check_drift()
+    assert world.containers[("default", "web", "app")].quota_us == 20_000
+    assert e.list()[0].drift_corrections == 1
+    # a restarted container (new id, kubelet's values) gets the experiment again
+    world.containers[("default", "web", "app")] = FakeContainer(id="c1-restarted")
+    e.check_drift()
+    assert world.containers[("default", "web", "app")].quota_us == 20_000
+    assert e.list()[0].target.container_id == "c1-restarted"
+    e.revert(RevertRequest(Target("default", "web")))
+    assert world.containers[("default", "web", "app")].quota_us == 50_000
+
+
+def test_deleted_pod_ends_experiment_and_shaping(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    apply(e, ingress_bps=10_000_000, egress_bps=5_000_000)
+    assert world.rates
+    del world.containers[("default", "web", "app")]
+    e.check_drift()
+    assert e.list() == [] and not world.rates and list(e.store.load_all()) == []
+
+
+def test_same_container_serialized_different_in_parallel(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    errors = []
+
+    def run(pod, container, m):
+        try:
+            apply(e, pod=pod, container=container, cpu_millicpu=m)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=("web", None, 100 + i)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and world.max_concurrent == 1
+    [exp] = e.list()
+    assert exp.resources[0].original == 500
+    world.max_concurrent = 0
+    threads = [threading.Thread(target=run, args=("duo", c, 100)) for c in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and world.max_concurrent == 2
+
+
+def test_revert_without_experiment(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    res = e.revert(RevertRequest(Target("default", "web")))
+    assert not res.was_active and res.target.container == "app"
