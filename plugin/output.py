@@ -1,0 +1,192 @@
+"""Render results for people (text) and programs (json, yaml). Pure: strings in, strings out.
+
+Text shows each change as ``cpu: 1 -> 500m (read back 500m) via cri, expires 20:31:05Z``.
+JSON and YAML carry the same facts as numbers in the resource's unit (``unit`` names it), times
+as RFC 3339 UTC strings, keys in Kubernetes' camelCase.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime, timezone
+
+from plugin.backends import (
+    RESOURCE_CPU,
+    RESOURCE_MEMORY,
+    ApplyResult,
+    ExperimentStatus,
+    ResetResult,
+    ResourceChange,
+    TargetResult,
+)
+from plugin.units import format_bandwidth, format_cpu, format_memory
+
+__all__ = ["FORMATS", "format_value", "format_time", "render_result", "render_status", "result_data", "status_data"]
+
+FORMATS = ("text", "json", "yaml")
+
+
+def format_value(resource: str, value: int | None) -> str:
+    """A resource value as people write it: ``500m``, ``2Gi``, ``2Mbit/s``; None = unlimited."""
+    if resource == RESOURCE_CPU:
+        return format_cpu(value)
+    if resource == RESOURCE_MEMORY:
+        return format_memory(value)
+    return format_bandwidth(value)
+
+
+def _utc(moment: datetime) -> datetime:
+    # A naive datetime from a backend is taken as UTC, never as local time.
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def format_time(moment: datetime, now: datetime) -> str:
+    """``20:31:05Z`` on the same UTC day as ``now``, else ``2026-11-23T20:31:05Z``."""
+    moment = _utc(moment)
+    if moment.date() == _utc(now).date():
+        return moment.strftime("%H:%M:%SZ")
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _rfc3339(moment: datetime | None) -> str | None:
+    return None if moment is None else _utc(moment).isoformat().replace("+00:00", "Z")
+
+
+def _target_name(t: TargetResult | ExperimentStatus) -> str:
+    return f"{t.namespace}/{t.pod}" + (f" (container {t.container})" if t.container else "")
+
+
+def _change_line(change: ResourceChange, *, kind: str, dry_run: bool, now: datetime) -> str:
+    before = format_value(change.resource, change.previous)
+    after = format_value(change.resource, change.requested)
+    line = f"{change.resource}: {before} -> {after}"
+    if dry_run:
+        line += f" via {change.method} (dry run: nothing changed)"
+    else:
+        line += f" (read back {format_value(change.resource, change.read_back)}) via {change.method}"
+        if kind == "reset":
+            line += ", restored"
+        elif change.expires_at is not None:
+            line += f", expires {format_time(change.expires_at, now)}"
+        else:
+            line += ", no expiry"
+    if change.message:
+        line += f"; {change.message}"
+    return line
+
+
+def render_result(result: ApplyResult | ResetResult, fmt: str, now: datetime) -> str:
+    """The result of an apply or reset in ``fmt`` (text, json, yaml); ends with a newline."""
+    if fmt != "text":
+        return _dump(result_data(result), fmt)
+    kind = "reset" if isinstance(result, ResetResult) else "apply"
+    lines: list[str] = []
+    for target in result.targets:
+        lines.append(f"{_target_name(target)}:")
+        if target.error is not None:
+            lines.append(f"  failed: {target.error}")
+        for change in target.changes:
+            lines.append("  " + _change_line(change, kind=kind, dry_run=result.dry_run, now=now))
+        if target.error is None and not target.changes:
+            lines.append("  nothing to change" if kind == "apply" else "  no experiment to reset")
+    if not result.targets:
+        lines.append("no pods matched" if kind == "apply" else "no experiment to reset")
+    return "\n".join(lines) + "\n"
+
+
+def _change_data(change: ResourceChange) -> dict:
+    return {
+        "resource": change.resource,
+        "unit": change.unit,
+        "previous": change.previous,
+        "requested": change.requested,
+        "readBack": change.read_back,
+        "method": change.method,
+        "expiresAt": _rfc3339(change.expires_at),
+        "message": change.message,
+    }
+
+
+def result_data(result: ApplyResult | ResetResult) -> dict:
+    """The result as plain data for json/yaml."""
+    return {
+        "kind": type(result).__name__,
+        "dryRun": result.dry_run,
+        "ok": result.ok,
+        "targets": [
+            {
+                "namespace": t.namespace,
+                "pod": t.pod,
+                "container": t.container,
+                "node": t.node,
+                "experimentId": t.experiment_id,
+                "error": t.error,
+                "changes": [_change_data(c) for c in t.changes],
+            }
+            for t in result.targets
+        ],
+    }
+
+
+def status_data(items: Sequence[ExperimentStatus]) -> dict:
+    """Active experiments as plain data for json/yaml."""
+    return {
+        "kind": "ExperimentStatusList",
+        "items": [
+            {
+                "namespace": s.namespace,
+                "pod": s.pod,
+                "container": s.container,
+                "node": s.node,
+                "experimentId": s.experiment_id,
+                "startedAt": _rfc3339(s.started_at),
+                "state": s.state,
+                "message": s.message,
+                "changes": [_change_data(c) for c in s.changes],
+            }
+            for s in items
+        ],
+    }
+
+
+_STATUS_COLUMNS = ("NAMESPACE", "POD", "CONTAINER", "RESOURCE", "ORIGINAL", "CHAOS", "NOW", "METHOD", "EXPIRES")
+
+
+def render_status(items: Sequence[ExperimentStatus], fmt: str, now: datetime) -> str:
+    """Active experiments: a table (one row per resource) in text, else json/yaml."""
+    if fmt != "text":
+        return _dump(status_data(items), fmt)
+    rows = [_STATUS_COLUMNS]
+    for s in items:
+        for c in s.changes or (None,):
+            if c is None:
+                rows.append((s.namespace, s.pod, s.container, "-", "-", "-", "-", "-", "-"))
+                continue
+            rows.append(
+                (
+                    s.namespace,
+                    s.pod,
+                    s.container,
+                    c.resource,
+                    format_value(c.resource, c.previous),
+                    format_value(c.resource, c.requested),
+                    format_value(c.resource, c.read_back),
+                    c.method,
+                    format_time(c.expires_at, now) if c.expires_at is not None else "never",
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_STATUS_COLUMNS))]
+    return "".join(
+        "   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows
+    )
+
+
+def _dump(data: dict, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(data, indent=2) + "\n"
+    if fmt == "yaml":
+        import yaml  # only -o yaml pays for it
+
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    raise ValueError(f"unknown output format {fmt!r}; use one of {', '.join(FORMATS)}")

@@ -1,0 +1,236 @@
+"""Flags (as typed) -> a validated :class:`ChaosRequest` and :class:`Connection`. Pure.
+
+Everything that can be decided without a backend is decided here, so a bad command line exits 2
+with one line before any backend is imported or contacted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+
+from plugin.backends import DIRECTIONS, METHODS, AgentAddress, ChaosRequest, Connection
+from plugin.errors import UsageError
+from plugin.units import (
+    describe_bandwidth,
+    describe_cpu,
+    describe_duration,
+    describe_memory,
+    parse_bandwidth,
+    parse_cpu,
+    parse_duration,
+    parse_memory,
+)
+
+__all__ = ["Flags", "Invocation", "build_invocation", "build_connection", "parse_agent_address"]
+
+DEFAULT_TIMEOUT_S = 30.0
+
+# Kubernetes object names: pods are DNS-1123 subdomains, namespaces and containers DNS-1123 labels.
+_DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+_POD_NAME = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*", re.ASCII)
+_LABEL_NAME = re.compile(_DNS_LABEL, re.ASCII)
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[-A-Za-z0-9]*[A-Za-z0-9])?)*\.?",
+                       re.ASCII)
+_POD_KINDS = ("pod", "pods", "po")
+_ADDRESS_ACCEPTS = "use unix:///path/to/agent.sock or host:port"
+
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+    """The command line as typed. ``None`` = the flag was not given."""
+
+    pod: str | None = None
+    namespace: str | None = None
+    container: str | None = None
+    selector: str | None = None
+    set_cpu: str | None = None
+    set_memory: str | None = None
+    set_bandwidth: str | None = None
+    direction: str | None = None
+    duration: str | None = None
+    method: str | None = None
+    reset: bool = False
+    dry_run: bool = False
+    force: bool = False
+    agent_address: str | None = None
+    kubeconfig: str | None = None
+    context: str | None = None
+    timeout: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Invocation:
+    """A request ready to send, where to send it, and how each value was read (one line each)."""
+
+    request: ChaosRequest
+    connection: Connection
+    readings: tuple[str, ...]
+
+
+def parse_agent_address(text: str, flag: str = "--agent-address") -> AgentAddress:
+    """``unix:///abs/path`` or ``host:port`` (IPv6 as ``[::1]:port``)."""
+    stripped = text.strip()
+    shown = '"' + stripped + '"'
+    if not stripped:
+        raise UsageError(f"{flag}: empty value; {_ADDRESS_ACCEPTS}")
+    if stripped.startswith("unix:"):
+        path = stripped[len("unix://"):] if stripped.startswith("unix://") else ""
+        if not path.startswith("/") or path == "/" or "\0" in path:
+            raise UsageError(
+                f"{flag}: {shown} is not a unix socket address; use an absolute path like "
+                "unix:///run/chaos-agent/agent.sock"
+            )
+        return AgentAddress(scheme="unix", path=path)
+    if "://" in stripped:
+        raise UsageError(f"{flag}: {shown} has an unsupported scheme; {_ADDRESS_ACCEPTS}")
+    if stripped.startswith("["):
+        host, sep, port_text = stripped[1:].partition("]:")
+        if not sep:
+            raise UsageError(f"{flag}: {shown} is not an address; {_ADDRESS_ACCEPTS}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise UsageError(f"{flag}: {shown} has an invalid IPv6 address; {_ADDRESS_ACCEPTS}") from None
+    else:
+        host, sep, port_text = stripped.rpartition(":")
+        if not sep or not host:
+            raise UsageError(f"{flag}: {shown} has no port; {_ADDRESS_ACCEPTS}")
+        if ":" in host:
+            raise UsageError(f"{flag}: {shown}: write an IPv6 address in brackets, like [::1]:9443")
+        if not _HOSTNAME.fullmatch(host) or len(host) > 253:
+            raise UsageError(f"{flag}: {shown} has an invalid host {host!r}; {_ADDRESS_ACCEPTS}")
+    if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise UsageError(f"{flag}: {shown} has an invalid port; a port is 1 to 65535")
+    return AgentAddress(scheme="tcp", host=host, port=int(port_text))
+
+
+def build_connection(
+    agent_address: str | None,
+    kubeconfig: str | None,
+    context: str | None,
+    timeout: str | None,
+) -> Connection:
+    """Where to send requests: the node's agent (``--agent-address``) or the cluster."""
+    address = parse_agent_address(agent_address) if agent_address is not None else None
+    if address is not None:
+        for flag, value in (("--kubeconfig", kubeconfig), ("--context", context)):
+            if value is not None:
+                raise UsageError(
+                    f"{flag} selects a cluster, but --agent-address talks to one node's agent directly; "
+                    "give one of them"
+                )
+    timeout_s = parse_duration(timeout, "--timeout") if timeout is not None else DEFAULT_TIMEOUT_S
+    return Connection(agent_address=address, kubeconfig=kubeconfig, context=context, timeout_s=timeout_s)
+
+
+def check_namespace(namespace: str | None) -> str | None:
+    if namespace is not None and (len(namespace) > 63 or not _LABEL_NAME.fullmatch(namespace)):
+        raise UsageError(
+            f'--namespace: "{namespace}" is not a namespace name; names are up to 63 lower-case '
+            'letters, digits and "-"'
+        )
+    return namespace
+
+
+def build_invocation(flags: Flags) -> Invocation:
+    """Validate ``flags`` and turn them into an :class:`Invocation`; raises :class:`UsageError`."""
+    setters = [
+        name
+        for name, value in (
+            ("--set-cpu", flags.set_cpu),
+            ("--set-memory", flags.set_memory),
+            ("--set-bandwidth", flags.set_bandwidth),
+        )
+        if value is not None
+    ]
+    # Which pods. kubectl's TYPE/NAME form is accepted, so pod/status names a pod called "status".
+    if flags.pod is not None:
+        kind, slash, name = flags.pod.partition("/")
+        if slash and kind in _POD_KINDS:
+            flags = dataclasses.replace(flags, pod=name)
+        elif slash:
+            raise UsageError(f'POD: "{flags.pod}" names a {kind}; kubectl-chaos changes pods (write pod/NAME or NAME)')
+    if flags.selector is not None and flags.pod is not None:
+        raise UsageError(f'give a POD or --selector, not both (POD "{flags.pod}", --selector "{flags.selector}")')
+    if flags.selector is None and flags.pod is None:
+        raise UsageError(
+            "missing POD: name the pod to change (or --selector for many); to list experiments "
+            'run "kubectl-chaos status"'
+        )
+    if flags.pod is not None and (len(flags.pod) > 253 or not _POD_NAME.fullmatch(flags.pod)):
+        raise UsageError(
+            f'POD: "{flags.pod}" is not a pod name; pod names are lower-case letters, digits, "-" and "."'
+        )
+    if flags.selector is not None and not flags.selector.strip():
+        raise UsageError('--selector: empty value; use a label selector like "app=web"')
+    check_namespace(flags.namespace)
+    if flags.container is not None and (len(flags.container) > 63 or not _LABEL_NAME.fullmatch(flags.container)):
+        raise UsageError(
+            f'--container: "{flags.container}" is not a container name; names are up to 63 lower-case '
+            'letters, digits and "-"'
+        )
+    # What to change.
+    if flags.reset and setters:
+        raise UsageError(f"--reset restores the originals; it cannot be combined with {setters[0]}")
+    if not flags.reset and not setters:
+        raise UsageError("nothing to change: give --set-cpu, --set-memory or --set-bandwidth, or --reset")
+    if flags.reset and flags.duration is not None:
+        raise UsageError("--duration applies to a change; --reset ends the experiment now")
+    if flags.direction is not None and flags.set_bandwidth is None:
+        raise UsageError("--direction applies only to --set-bandwidth")
+    if flags.direction is not None and flags.direction not in DIRECTIONS:
+        raise UsageError(f'--direction: "{flags.direction}" is not a direction; use egress, ingress or both')
+    if flags.method is not None and flags.method not in METHODS:
+        raise UsageError(f'--method: "{flags.method}" is not a method; use auto, cri or cgroup')
+    if (
+        flags.method not in (None, "auto")
+        and not flags.reset
+        and flags.set_cpu is None
+        and flags.set_memory is None
+    ):
+        raise UsageError(
+            f"--method {flags.method} applies to --set-cpu and --set-memory; bandwidth is always shaped "
+            "with qdiscs"
+        )
+    if flags.selector is not None and flags.agent_address is not None:
+        raise UsageError(
+            "--selector needs cluster mode; --agent-address talks to one node's agent, so give a POD"
+        )
+
+    connection = build_connection(flags.agent_address, flags.kubeconfig, flags.context, flags.timeout)
+
+    readings: list[str] = []
+    cpu_millicpu = memory_bytes = bandwidth_bps = None
+    duration_s = None
+    direction = flags.direction or "both"
+    if flags.set_cpu is not None:
+        cpu_millicpu = parse_cpu(flags.set_cpu)
+        readings.append(describe_cpu(flags.set_cpu, cpu_millicpu))
+    if flags.set_memory is not None:
+        memory_bytes = parse_memory(flags.set_memory)
+        readings.append(describe_memory(flags.set_memory, memory_bytes))
+    if flags.set_bandwidth is not None:
+        bandwidth_bps = parse_bandwidth(flags.set_bandwidth)
+        readings.append(describe_bandwidth(flags.set_bandwidth, bandwidth_bps, direction))
+    if flags.duration is not None:
+        duration_s = parse_duration(flags.duration)
+        readings.append(describe_duration(flags.duration, duration_s))
+
+    request = ChaosRequest(
+        namespace=flags.namespace,
+        pod=flags.pod,
+        container=flags.container,
+        selector=flags.selector.strip() if flags.selector is not None else None,
+        cpu_millicpu=cpu_millicpu,
+        memory_bytes=memory_bytes,
+        bandwidth_bps=bandwidth_bps,
+        direction=direction,  # type: ignore[arg-type]  # checked against DIRECTIONS above
+        duration_s=duration_s,
+        method=flags.method or "auto",  # type: ignore[arg-type]
+        force=flags.force,
+        dry_run=flags.dry_run,
+        reset=flags.reset,
+    )
+    return Invocation(request=request, connection=connection, readings=tuple(readings))
