@@ -1,0 +1,127 @@
+"""The deployment manifests: rendered with kubectl's kustomize, valid for Kubernetes, least privilege.
+
+The CRD's schema is checked against the objects the plugin creates in tests/cluster (through
+the fake API server, which validates with the same schema).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+MANIFESTS = ROOT / "daemonset" / "manifests"
+KUBECTL = os.path.join(os.path.dirname(sys.executable), "kubectl")
+# The oldest Kubernetes the manifests support (CRD v1 with CEL rules, DaemonSet probes) and the newest.
+KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> list[dict]:
+    home = tmp_path_factory.mktemp("home")
+    out = subprocess.run([KUBECTL, "kustomize", str(MANIFESTS)], capture_output=True, text=True, timeout=60,
+                         env={"PATH": os.environ.get("PATH", ""), "HOME": str(home)})
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_renders_every_object(rendered):
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in rendered)
+    assert kinds == [
+        ("ClusterRole", "kubectl-chaos-agent"),
+        ("ClusterRole", "kubectl-chaos-user"),
+        ("ClusterRoleBinding", "kubectl-chaos-agent"),
+        ("CustomResourceDefinition", "resourcechaos.kubectl-chaos.io"),
+        ("DaemonSet", "chaos-agent"),
+        ("Namespace", "kubectl-chaos"),
+        ("ServiceAccount", "chaos-agent"),
+    ]
+    for doc in rendered:
+        if doc["kind"] in ("DaemonSet", "ServiceAccount"):
+            assert doc["metadata"]["namespace"] == "kubectl-chaos"
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_valid_against_kubernetes_schemas(rendered, version):
+    for doc in rendered:
+        # strict: unknown fields (typos) fail too.
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_namespace_is_privileged_and_only_it(rendered):
+    (ns,) = by_kind(rendered, "Namespace")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    others = [d for d in rendered if d is not ns and "pod-security" in yaml.safe_dump(d.get("metadata", {}))]
+    assert others == []
+
+
+def test_daemonset_host_access_without_privileged(rendered):
+    (ds,) = by_kind(rendered, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["hostPID"] is True and pod["hostNetwork"] is True
+    assert pod["serviceAccountName"] == "chaos-agent"
+    assert {"operator": "Exists"} in pod["tolerations"]
+    (agent,) = pod["containers"]
+    sc = agent["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    assert agent["image"].startswith("ghcr.io/kubectl-chaos/agent:")
+    assert agent["resources"]["requests"]["cpu"] and agent["resources"]["requests"]["memory"]
+    host_paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert host_paths == {"/sys/fs/cgroup", "/run/containerd", "/var/run/crio", "/var/lib/kubectl-chaos",
+                          "/run/kubectl-chaos"}
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in agent["env"]}
+    assert env["NODE_NAME"] == "spec.nodeName"
+    assert "ports" not in agent  # no open port: cluster mode goes through the API server
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        command = " ".join(agent[probe]["exec"]["command"])
+        assert "HealthStub" in command and "unix:///run/kubectl-chaos/agent.sock" in command
+    assert "--listen=unix:///run/kubectl-chaos/agent.sock" in agent["args"]
+
+
+def test_agent_role_is_least_privilege(rendered):
+    roles = {r["metadata"]["name"]: r for r in by_kind(rendered, "ClusterRole")}
+    granted = {(g, res, verb) for rule in roles["kubectl-chaos-agent"]["rules"]
+               for g in rule["apiGroups"] for res in rule["resources"] for verb in rule["verbs"]}
+    assert granted == {
+        ("kubectl-chaos.io", "resourcechaos", "get"), ("kubectl-chaos.io", "resourcechaos", "list"),
+        ("kubectl-chaos.io", "resourcechaos", "watch"), ("kubectl-chaos.io", "resourcechaos", "patch"),
+        ("kubectl-chaos.io", "resourcechaos/status", "get"), ("kubectl-chaos.io", "resourcechaos/status", "update"),
+        ("kubectl-chaos.io", "resourcechaos/status", "patch"),
+        ("", "pods", "get"), ("", "pods", "list"), ("", "pods", "watch"),
+        ("", "events", "create"), ("", "events", "patch"),
+    }
+    (binding,) = by_kind(rendered, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == "kubectl-chaos-agent"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "chaos-agent", "namespace": "kubectl-chaos"}]
+    user = roles["kubectl-chaos-user"]["rules"]
+    assert all("*" not in rule["verbs"] and "*" not in rule["resources"] for rule in user)
+
+
+def test_crd_shape(rendered):
+    (crd,) = by_kind(rendered, "CustomResourceDefinition")
+    assert crd["spec"]["group"] == "kubectl-chaos.io" and crd["spec"]["scope"] == "Namespaced"
+    (version,) = crd["spec"]["versions"]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns[:5] == ["Target", "CPU", "Memory", "Bandwidth", "Phase"]
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["targets"]["items"]
+    assert {"pod", "node", "phase", "changes", "expiresAt", "message"} <= set(status["properties"])
+
+
+def test_dockerfile_runs_the_agent():
+    text = (ROOT / "daemonset" / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["chaos-agent"]' in text
+    for package in ("cri_api", "cgroupctl", "netshape", "daemonset", "plugin"):
+        assert f"COPY {package} ./{package}" in text
