@@ -1,0 +1,53 @@
+"""netshape: two-way bandwidth limits on a pod's host-side veth, restored exactly afterwards.
+
+Netlink only, through pyroute2. See docs/DESIGN.md for the contract with the agent.
+"""
+
+from netshape.errors import (
+    DeviceMissing,
+    HostNetwork,
+    NamespaceGone,
+    NetlinkFailed,
+    NotVeth,
+    OutOfRange,
+    ShapeError,
+    Unrestorable,
+)
+from netshape.plan import (
+    MAX_RATE_BPS,
+    MIN_RATE_BPS,
+    Rates,
+    default_burst_bytes,
+    ifb_name,
+    kernel_bps,
+    plan_rates,
+)
+from netshape.shaper import check, read_rates, shape, unshape
+from netshape.snapshot import SavedQdisc, Snapshot
+from netshape.veth import HostVeth, find_host_veth
+
+__all__ = [
+    "MAX_RATE_BPS",
+    "MIN_RATE_BPS",
+    "DeviceMissing",
+    "HostNetwork",
+    "HostVeth",
+    "NamespaceGone",
+    "NetlinkFailed",
+    "NotVeth",
+    "OutOfRange",
+    "Rates",
+    "SavedQdisc",
+    "ShapeError",
+    "Snapshot",
+    "Unrestorable",
+    "check",
+    "default_burst_bytes",
+    "find_host_veth",
+    "ifb_name",
+    "kernel_bps",
+    "plan_rates",
+    "read_rates",
+    "shape",
+    "unshape",
+]

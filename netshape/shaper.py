@@ -1,0 +1,333 @@
+"""Shape, re-shape, check and unshape a pod's host-side veth.
+
+Traffic into the pod: our qdisc at the root of the host veth. Traffic out of the pod: a u32
+match-all filter on the veth's ingress hook redirects to our IFB, shaped at its root. Everything
+we create is recognisable without stored state: qdisc handle major ``OUR_MAJOR``, the IFB's name
+from ``ifb_name(target_key)``, the filter by where it redirects to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from netshape import _nl
+from netshape.errors import DeviceMissing, ShapeError
+from netshape.plan import (
+    OUR_CLASS_ID,
+    OUR_FILTER_PREF,
+    OUR_ROOT_HANDLE,
+    DirectionPlan,
+    Rates,
+    htb_class_options,
+    htb_class_rate_bytes,
+    htb_qdisc_options,
+    ifb_name,
+    plan_rates,
+    tbf_options,
+    tbf_rate_bytes,
+)
+from netshape.snapshot import TC_H_INGRESS, TC_H_ROOT, Snapshot, TcObject, fmt_handle, record_root
+
+log = logging.getLogger(__name__)
+
+INGRESS_HANDLE = 0xFFFF0000
+IFB_TXQLEN = 1000
+
+
+def shape(
+    host_ifname: str,
+    target_key: str,
+    *,
+    ingress_bps: int | None = None,
+    egress_bps: int | None = None,
+    qdisc: str = "htb",
+    burst_bytes: int | None = None,
+    snapshot: Snapshot | None = None,
+    netns: str | None = None,
+) -> Snapshot:
+    """Limit traffic into the pod (``ingress_bps``) and/or out of it (``egress_bps``).
+
+    A direction left None is left as it is. Where our limit is already in place its rate is
+    changed in place. Pass the snapshot an earlier call returned as ``snapshot``: it is kept
+    (the state before the first call is what ``unshape`` must restore) and extended by any
+    direction this call takes over; the returned snapshot is the one to persist.
+    """
+    ingress_plan, egress_plan = None, None
+    with _nl.session(netns) as s:
+        veth = s.link(host_ifname)
+        if veth is None:
+            raise DeviceMissing(f"host device {host_ifname} does not exist in {s.where}")
+        ingress_plan, egress_plan = plan_rates(
+            ingress_bps=ingress_bps, egress_bps=egress_bps, qdisc=qdisc, burst_bytes=burst_bytes, mtu_bytes=veth.mtu
+        )
+        before = snapshot or Snapshot(host_ifname=host_ifname, target_key=target_key)
+        snap = before
+        try:
+            if ingress_plan is not None:
+                snap = _shape_root(s, veth, ingress_plan, snap)
+            if egress_plan is not None:
+                snap = _shape_egress(s, veth, ifb_name(target_key), egress_plan, snap)
+        except ShapeError:
+            _undo_new(s, host_ifname, target_key, before, snap)
+            raise
+    return snap
+
+
+def unshape(host_ifname: str, target_key: str, snapshot: Snapshot, *, netns: str | None = None) -> None:
+    """Put the veth back as the snapshot recorded and delete our IFB. Idempotent.
+
+    A missing veth (the pod was deleted) counts as already restored; our IFB is deleted anyway.
+    Qdiscs and filters that are not ours are never touched.
+    """
+    with _nl.session(netns) as s:
+        _unshape(s, host_ifname, target_key, snapshot)
+
+
+def read_rates(host_ifname: str, target_key: str, *, netns: str | None = None) -> Rates:
+    """The rates of our qdiscs as the kernel holds them (None = no qdisc of ours there)."""
+    with _nl.session(netns) as s:
+        veth = s.link(host_ifname)
+        if veth is None:
+            raise DeviceMissing(f"host device {host_ifname} does not exist in {s.where}")
+        ifb = s.link(ifb_name(target_key))
+        return Rates(
+            ingress_bps=_our_rate_bps(s, veth.index),
+            egress_bps=_our_rate_bps(s, ifb.index) if ifb is not None else None,
+        )
+
+
+def check(host_ifname: str, target_key: str, *, netns: str | None = None) -> Rates:
+    """Drift detection: the rates of our shaping that is fully in place, per direction.
+
+    Ingress counts when our qdisc is the veth's root; egress when the ingress hook still
+    redirects to our IFB, the IFB is up and our qdisc is its root. A direction that someone
+    or something undid reads None; a missing veth reads Rates(None, None). Compare with what
+    was applied (``kernel_bps`` of the requested rates).
+    """
+    with _nl.session(netns) as s:
+        veth = s.link(host_ifname)
+        if veth is None:
+            return Rates()
+        ingress = _our_rate_bps(s, veth.index)
+        egress = None
+        ifb = s.link(ifb_name(target_key))
+        if ifb is not None and ifb.up and _our_filters(s, veth.index, ifb.index, s.links()):
+            egress = _our_rate_bps(s, ifb.index)
+        return Rates(ingress_bps=ingress, egress_bps=egress)
+
+
+# --- the steps ---------------------------------------------------------------------------------
+
+
+def _root(objects: list[TcObject]) -> TcObject | None:
+    return next((o for o in objects if o.what == "qdisc" and o.parent == TC_H_ROOT), None)
+
+
+def _install(s: _nl.Session, dev: _nl.Link, plan: DirectionPlan, current_root: TcObject | None) -> None:
+    """Put our qdisc at the root of ``dev``, or change its rate in place when it is ours already."""
+    ours = current_root is not None and current_root.handle == OUR_ROOT_HANDLE
+    if ours and current_root.kind == plan.kind:
+        if plan.kind == "htb":
+            # tc class change dev DEV classid 6b63:1 htb rate R ceil R burst B cburst B
+            s.send_class(
+                f"changing the htb rate on {dev.ifname}",
+                _nl.CHANGE,
+                index=dev.index,
+                classid=OUR_CLASS_ID,
+                parent=OUR_ROOT_HANDLE,
+                kind="htb",
+                options=htb_class_options(plan),
+            )
+        else:
+            s.send_qdisc(
+                f"changing the tbf rate on {dev.ifname}",
+                _nl.CHANGE,
+                index=dev.index,
+                handle=OUR_ROOT_HANDLE,
+                parent=TC_H_ROOT,
+                kind="tbf",
+                options=tbf_options(plan),
+            )
+        return
+    if ours:
+        # Another kind of ours: the kernel cannot change a qdisc's kind in place.
+        s.delete_qdisc(f"deleting our {current_root.kind} on {dev.ifname}", index=dev.index, parent=TC_H_ROOT)
+    if plan.kind == "htb":
+        # tc qdisc replace dev DEV root handle 6b63: htb default 1
+        s.send_qdisc(
+            f"adding htb at the root of {dev.ifname}",
+            _nl.REPLACE,
+            index=dev.index,
+            handle=OUR_ROOT_HANDLE,
+            parent=TC_H_ROOT,
+            kind="htb",
+            options=htb_qdisc_options(OUR_CLASS_ID & 0xFFFF),
+        )
+        # Its leaf gets the kernel's default for HTB leaves, a pfifo of txqueuelen packets.
+        s.send_class(
+            f"adding the htb class on {dev.ifname}",
+            _nl.CREATE,
+            index=dev.index,
+            classid=OUR_CLASS_ID,
+            parent=OUR_ROOT_HANDLE,
+            kind="htb",
+            options=htb_class_options(plan),
+        )
+    else:
+        s.send_qdisc(
+            f"adding tbf at the root of {dev.ifname}",
+            _nl.REPLACE,
+            index=dev.index,
+            handle=OUR_ROOT_HANDLE,
+            parent=TC_H_ROOT,
+            kind="tbf",
+            options=tbf_options(plan),
+        )
+
+
+def _root_objects(s: _nl.Session, index: int) -> list[TcObject]:
+    qdiscs = s.qdiscs(index)
+    root = _root(qdiscs)
+    if root is None or root.handle == 0:
+        return qdiscs
+    return qdiscs + s.classes(index) + s.filters(index, root.handle)
+
+
+def _shape_root(s: _nl.Session, veth: _nl.Link, plan: DirectionPlan, snap: Snapshot) -> Snapshot:
+    objects = _root_objects(s, veth.index)
+    root = _root(objects)
+    ours = root is not None and root.handle == OUR_ROOT_HANDLE
+    if not snap.root_taken:
+        # Ours already there but no snapshot handed in: what was before is unknown, and
+        # the kernel's default is the best we can restore.
+        before = None if ours else record_root(veth.ifname, objects)
+        snap = dataclasses.replace(snap, root_taken=True, root_before=before)
+    _install(s, veth, plan, root)
+    return snap
+
+
+def _ingress_qdisc(qdiscs: list[TcObject]) -> TcObject | None:
+    return next((q for q in qdiscs if q.parent == TC_H_INGRESS), None)
+
+
+def _our_filters(s: _nl.Session, veth_index: int, ifb_index: int | None, links: list[_nl.Link]) -> list[TcObject]:
+    """Our redirect filters on the veth's ingress hook: they redirect to our IFB or, when it
+    is gone, to no device at all, at our preference."""
+    if _ingress_qdisc(s.qdiscs(veth_index)) is None:
+        return []
+    existing = {link.index for link in links}
+    found = []
+    for f in s.filters(veth_index, _nl.TC_H_INGRESS_FILTERS):
+        if f.redirect_ifindex is None or f.info >> 16 != OUR_FILTER_PREF:
+            continue
+        if f.redirect_ifindex == ifb_index or (ifb_index is None and f.redirect_ifindex not in existing):
+            found.append(f)
+    return found
+
+
+def _shape_egress(s: _nl.Session, veth: _nl.Link, ifb_ifname: str, plan: DirectionPlan, snap: Snapshot) -> Snapshot:
+    ifb = s.link(ifb_ifname)
+    if ifb is not None and ifb.kind != "ifb":
+        raise ShapeError(f"device {ifb_ifname} exists in {s.where} but is a {ifb.kind}, not an ifb; not touching it")
+    if ifb is None:
+        ifb = s.add_ifb(ifb_ifname, mtu=veth.mtu, txqlen=IFB_TXQLEN)
+    elif not ifb.up:
+        s.set_up(ifb)
+    _install(s, ifb, plan, _root(s.qdiscs(ifb.index)))
+
+    created = False
+    if _ingress_qdisc(s.qdiscs(veth.index)) is None:
+        # tc qdisc add dev VETH ingress
+        s.send_qdisc(
+            f"adding an ingress qdisc to {veth.ifname}",
+            _nl.CREATE,
+            index=veth.index,
+            handle=INGRESS_HANDLE,
+            parent=TC_H_INGRESS,
+            kind="ingress",
+            options=None,
+        )
+        created = True
+    if not _our_filters(s, veth.index, ifb.index, s.links()):
+        s.add_redirect_filter(
+            f"adding the redirect from {veth.ifname} to {ifb.ifname}",
+            index=veth.index,
+            pref=OUR_FILTER_PREF,
+            to_index=ifb.index,
+            classid=OUR_CLASS_ID,
+        )
+    if not snap.ingress_taken:
+        snap = dataclasses.replace(snap, ingress_taken=True, ingress_qdisc_created=created)
+    return snap
+
+
+def _unshape(s: _nl.Session, host_ifname: str, target_key: str, snapshot: Snapshot, delete_ifb: bool = True) -> None:
+    veth = s.link(host_ifname)
+    ifb = s.link(ifb_name(target_key))
+    if ifb is not None and ifb.kind != "ifb":
+        ifb = None
+    if veth is not None and snapshot.ingress_taken:
+        for f in _our_filters(s, veth.index, ifb.index if ifb else None, s.links()):
+            s.delete_filter(f"deleting our redirect filter on {veth.ifname}", f, index=veth.index)
+        ingress = _ingress_qdisc(s.qdiscs(veth.index))
+        if (
+            snapshot.ingress_qdisc_created
+            and ingress is not None
+            and ingress.kind == "ingress"
+            and not s.filters(veth.index, _nl.TC_H_INGRESS_FILTERS)
+        ):
+            s.delete_qdisc(f"deleting the ingress qdisc of {veth.ifname}", index=veth.index, parent=TC_H_INGRESS)
+    if veth is not None and snapshot.root_taken:
+        root = _root(s.qdiscs(veth.index))
+        if root is not None and root.handle == OUR_ROOT_HANDLE:
+            saved = snapshot.root_before
+            if saved is None:
+                s.delete_qdisc(f"deleting our qdisc at the root of {veth.ifname}", index=veth.index, parent=TC_H_ROOT)
+            else:
+                # Swap ours for theirs in one request, with the options the kernel dumped.
+                s.send_qdisc(
+                    f"restoring {saved.kind} {fmt_handle(saved.handle)} at the root of {veth.ifname}",
+                    _nl.REPLACE,
+                    index=veth.index,
+                    handle=saved.handle,
+                    parent=TC_H_ROOT,
+                    kind=saved.kind,
+                    options=saved.options if saved.options_hex else None,
+                )
+        elif root is not None:
+            log.warning(
+                "root qdisc of %s is %s %s, not ours: someone replaced it; leaving it alone",
+                veth.ifname,
+                root.kind,
+                fmt_handle(root.handle),
+            )
+    if ifb is not None and delete_ifb:
+        s.delete_link(ifb)
+
+
+def _undo_new(s: _nl.Session, host_ifname: str, target_key: str, before: Snapshot, after: Snapshot) -> None:
+    """After a failed shape: take back the directions this call took over, keep earlier ones."""
+    undo = dataclasses.replace(
+        after,
+        root_taken=after.root_taken and not before.root_taken,
+        ingress_taken=after.ingress_taken and not before.ingress_taken,
+    )
+    try:
+        _unshape(s, host_ifname, target_key, undo, delete_ifb=not before.ingress_taken)
+    except ShapeError:
+        log.exception("undoing a failed shape of %s", host_ifname)
+
+
+def _our_rate_bps(s: _nl.Session, index: int) -> int | None:
+    root = _root(s.qdiscs(index))
+    if root is None or root.handle != OUR_ROOT_HANDLE:
+        return None
+    if root.kind == "tbf":
+        rate = tbf_rate_bytes(root.options)
+    elif root.kind == "htb":
+        cls = next((c for c in s.classes(index) if c.handle == OUR_CLASS_ID), None)
+        rate = htb_class_rate_bytes(cls.options) if cls is not None else None
+    else:
+        rate = None
+    return None if rate is None else rate * 8
