@@ -1,0 +1,178 @@
+"""Read limits and usage from cgroup files."""
+
+from __future__ import annotations
+
+import os
+
+from cgroupctl.errors import NotFound
+from cgroupctl.model import UNLIMITED, CgroupDirs, ContainerCgroups, Limits, Mode, State, Usage
+from cgroupctl.parse import (
+    parse_cpu_max,
+    parse_flat_keyed,
+    parse_int,
+    parse_v1_memory,
+    parse_v1_quota,
+    parse_v2_limit,
+)
+
+# The files a plan may write, per controller and version. Snapshots cover exactly these.
+V1_CPU_FILES = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+V1_MEMORY_FILES = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+V2_CPU_FILES = ("cpu.max",)
+V2_MEMORY_FILES = ("memory.max", "memory.high", "memory.swap.max")
+
+
+def read_text(path: str) -> str | None:
+    """A cgroup file's content, stripped; None when the file does not exist."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def is_v2(cg: ContainerCgroups) -> bool:
+    return cg.mode is Mode.V2
+
+
+def limit_paths(cg: ContainerCgroups, dirs: CgroupDirs) -> list[str]:
+    """The limit files of one cgroup (container or pod) that cgroupctl may write."""
+    cpu_files, memory_files = (V2_CPU_FILES, V2_MEMORY_FILES) if is_v2(cg) else (V1_CPU_FILES, V1_MEMORY_FILES)
+    paths: list[str] = []
+    if dirs.cpu:
+        paths += [os.path.join(dirs.cpu, f) for f in cpu_files]
+    if dirs.memory:
+        paths += [os.path.join(dirs.memory, f) for f in memory_files]
+    return paths
+
+
+def all_limit_paths(cg: ContainerCgroups) -> list[str]:
+    """Limit files of the container and of its pod."""
+    return limit_paths(cg, cg.container) + (limit_paths(cg, cg.pod) if cg.pod else [])
+
+
+def read_files(paths: list[str]) -> dict[str, str]:
+    """{path: stripped content} for the paths that exist."""
+    out: dict[str, str] = {}
+    for path in paths:
+        text = read_text(path)
+        if text is not None:
+            out[path] = text
+    return out
+
+
+def read_usage_of(cg: ContainerCgroups, dirs: CgroupDirs) -> Usage:
+    """Usage of one cgroup level (the container's or the pod's)."""
+    cpu_usage_ns = nr_periods = nr_throttled = throttled_ns = None
+    memory_usage = unreclaimable = None
+    if is_v2(cg):
+        stat_dir = dirs.cpu or dirs.cpuacct
+        stat = parse_flat_keyed(read_text(os.path.join(stat_dir, "cpu.stat")) or "") if stat_dir else {}
+        if "usage_usec" in stat:
+            cpu_usage_ns = stat["usage_usec"] * 1000
+        nr_periods, nr_throttled = stat.get("nr_periods"), stat.get("nr_throttled")
+        if "throttled_usec" in stat:
+            throttled_ns = stat["throttled_usec"] * 1000
+        usage_file, inactive_key = "memory.current", "inactive_file"
+    else:
+        if dirs.cpuacct:
+            text = read_text(os.path.join(dirs.cpuacct, "cpuacct.usage"))
+            cpu_usage_ns = parse_int(text, "cpuacct.usage") if text is not None else None
+        if dirs.cpu:
+            stat = parse_flat_keyed(read_text(os.path.join(dirs.cpu, "cpu.stat")) or "")
+            nr_periods, nr_throttled = stat.get("nr_periods"), stat.get("nr_throttled")
+            throttled_ns = stat.get("throttled_time")
+        # total_* counts the whole subtree, as usage_in_bytes does.
+        usage_file, inactive_key = "memory.usage_in_bytes", "total_inactive_file"
+    if dirs.memory:
+        text = read_text(os.path.join(dirs.memory, usage_file))
+        if text is not None:
+            memory_usage = parse_int(text, usage_file)
+            stat = parse_flat_keyed(read_text(os.path.join(dirs.memory, "memory.stat")) or "")
+            # "Cannot be reclaimed" is the kubelet's working set: usage minus inactive file pages.
+            # Inactive page cache is dropped first and without cost; active file pages can be
+            # reclaimed too, but only after being deactivated and maybe at the price of thrashing,
+            # and anonymous memory only with swap, which containerd turns off (memsw = limit). So a
+            # limit at or above the working set is one the kernel can meet without an OOM kill;
+            # below it we refuse unless forced.
+            unreclaimable = max(0, memory_usage - stat.get(inactive_key, 0))
+    return Usage(cpu_usage_ns=cpu_usage_ns, nr_periods=nr_periods, nr_throttled=nr_throttled,
+                 throttled_ns=throttled_ns, memory_usage_bytes=memory_usage,
+                 memory_unreclaimable_bytes=unreclaimable)
+
+
+def read_usage(cg: ContainerCgroups) -> Usage:
+    """The container's CPU time (ns), throttling counters and memory usage split into what can and
+    cannot be reclaimed."""
+    return read_usage_of(cg, cg.container)
+
+
+def read_state(cg: ContainerCgroups) -> State:
+    """The exact content of every limit file of the container and the pod, and their usage: the
+    input of ``plan``."""
+    files = read_files(all_limit_paths(cg))
+    if not any(p.startswith(d + "/") for p in files for d in (cg.container.cpu, cg.container.memory) if d):
+        raise NotFound(f"no limit file found in the container cgroups {cg.container.to_dict()}:"
+                       " has the container exited?")
+    return State(cgroups=cg, files=files, container_usage=read_usage_of(cg, cg.container),
+                 pod_usage=read_usage_of(cg, cg.pod) if cg.pod else None)
+
+
+def limits_from_files(cg: ContainerCgroups, dirs: CgroupDirs, files: dict[str, str]) -> Limits:
+    """Parse the limits of one cgroup level out of a ``{path: text}`` mapping."""
+
+    def get(d: str | None, name: str) -> str | None:
+        return files.get(os.path.join(d, name)) if d else None
+
+    values: dict[str, object] = {}
+    if is_v2(cg):
+        text = get(dirs.cpu, "cpu.max")
+        if text is not None:
+            values["cpu_quota_us"], values["cpu_period_us"] = parse_cpu_max(text)
+        weight = get(dirs.cpu, "cpu.weight")
+        if weight is not None:
+            values["cpu_weight"] = parse_int(weight, "cpu.weight")
+        for name, key in (("memory.max", "memory_limit_bytes"), ("memory.high", "memory_high_bytes")):
+            text = get(dirs.memory, name)
+            if text is not None:
+                values[key] = parse_v2_limit(text)
+        swap = get(dirs.memory, "memory.swap.max")
+        memory = values.get("memory_limit_bytes")
+        if swap is not None and memory is not None:
+            swap_value = parse_v2_limit(swap)
+            # Report the CRI meaning (memory + swap), as v1's memsw does.
+            if swap_value == 0:
+                values["memory_swap_limit_bytes"] = memory
+            elif isinstance(swap_value, int) and isinstance(memory, int):
+                values["memory_swap_limit_bytes"] = memory + swap_value
+            else:
+                values["memory_swap_limit_bytes"] = UNLIMITED
+    else:
+        quota, period = get(dirs.cpu, "cpu.cfs_quota_us"), get(dirs.cpu, "cpu.cfs_period_us")
+        if quota is not None:
+            values["cpu_quota_us"] = parse_v1_quota(quota)
+        if period is not None:
+            values["cpu_period_us"] = parse_int(period, "cpu.cfs_period_us")
+        shares = get(dirs.cpu, "cpu.shares")
+        if shares is not None:
+            values["cpu_shares"] = parse_int(shares, "cpu.shares")
+        for name, key in (("memory.limit_in_bytes", "memory_limit_bytes"),
+                          ("memory.memsw.limit_in_bytes", "memory_swap_limit_bytes")):
+            text = get(dirs.memory, name)
+            if text is not None:
+                values[key] = parse_v1_memory(text)
+    return Limits(**values)  # type: ignore[arg-type]
+
+
+def read_limits(cg: ContainerCgroups, *, pod: bool = False) -> Limits:
+    """The limits in force in the container's own cgroup (or, with ``pod=True``, in the pod's)."""
+    dirs = cg.pod if pod else cg.container
+    if dirs is None:
+        raise NotFound("the container has no pod cgroup (it sits at the top of the hierarchy)")
+    extra = []
+    if dirs.cpu:
+        extra.append(os.path.join(dirs.cpu, "cpu.weight" if is_v2(cg) else "cpu.shares"))
+    files = read_files(limit_paths(cg, dirs) + extra)
+    if not files:
+        raise NotFound(f"no limit file found in {dirs.to_dict()}: has the container exited?")
+    return limits_from_files(cg, dirs, files)
