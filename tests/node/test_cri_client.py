@@ -1,0 +1,214 @@
+"""cri_api.RuntimeClient against a real containerd (the session's TestNode), read back from cgroups."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from cri_api import (
+    UNLIMITED,
+    CallFailed,
+    InvalidRequest,
+    LinuxResources,
+    NotFound,
+    NotRunning,
+    RuntimeClient,
+    RuntimeUnreachable,
+)
+from tests.support.node import CGROUP_ROOT, ContainerSpec, TestNode
+
+MiB = 1 << 20
+
+
+def _read(controller: str, cgroups_path: str, name: str) -> str:
+    return (CGROUP_ROOT / controller / cgroups_path.lstrip("/") / name).read_text().strip()
+
+
+def _gone(pid: int | str) -> bool:
+    """Exited (a zombie counts: init here reaps orphans such as shims with some delay)."""
+    try:
+        return "\nState:\tZ" in pathlib.Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+def _limits(cgroups_path: str) -> tuple[int, int, int, int]:
+    return (
+        int(_read("cpu", cgroups_path, "cpu.cfs_period_us")),
+        int(_read("cpu", cgroups_path, "cpu.cfs_quota_us")),
+        int(_read("memory", cgroups_path, "memory.limit_in_bytes")),
+        int(_read("memory", cgroups_path, "memory.memsw.limit_in_bytes")),
+    )
+
+
+@pytest.fixture
+def limited(pods):
+    """One container with 500m CPU and 64 MiB, in its own namespace."""
+    return pods.run("limited", "t-update", [ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
+
+
+def test_version(node):
+    version = node.client.version()
+    assert (version.runtime_name, version.runtime_api_version) == ("containerd", "v1")
+    assert version.runtime_version.startswith("1.")
+
+
+def test_pod_has_kubelet_style_pod_cgroup_limits(pods):
+    pod = pods.run("sums", "t-pod", [ContainerSpec("a", cpu_millicpu=300, memory_bytes=32 * MiB),
+                                     ContainerSpec("b", cpu_millicpu=200, memory_bytes=16 * MiB)])  # fmt: skip
+    assert (pod.cgroup_dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
+    assert (pod.cgroup_dirs["memory"] / "memory.limit_in_bytes").read_text().strip() == str(48 * MiB)
+    assert (pod.cgroup_dirs["memory"] / "memory.memsw.limit_in_bytes").read_text().strip() == str(48 * MiB)
+    assert (pod.container_cgroup_dir("cpu", "a") / "cpu.cfs_quota_us").read_text().strip() == "30000"
+
+
+def test_find_by_labels_follows_a_restart(node, pods):
+    pod = pods.run("restarts", "t-find")
+    first = node.client.find_container("t-find", "restarts")
+    assert (first.id, first.attempt, first.name, first.pod_uid) == (pod.container_id(), 0, "app", pod.uid)
+    new_id = pod.restart_container()
+    second = node.client.find_container("t-find", "restarts", "app")
+    assert (second.id, second.attempt, second.state) == (new_id, 1, "running")
+    assert second.id != first.id
+
+
+def test_find_errors_list_what_exists(node, pods):
+    pods.run("two", "t-errors", [ContainerSpec("main"), ContainerSpec("sidecar")])
+    client = node.client
+    with pytest.raises(NotFound, match=r"no pod t-errors/nope on the runtime at unix://.*; pods in namespace t-errors: t-errors/two"):
+        client.find_container("t-errors", "nope")
+    with pytest.raises(NotFound, match=r"pod t-errors/two has 2 containers \(main, sidecar\): name the one to change"):
+        client.find_container("t-errors", "two")
+    with pytest.raises(NotFound, match=r"pod t-errors/two has no container 'web'; its containers: main, sidecar"):
+        client.find_container("t-errors", "two", "web")
+    with pytest.raises(NotFound, match=r"ContainerStatus: container 0123abc not found"):
+        client.container_info("0123abc")
+
+
+def test_an_exited_container_is_not_running(node, pods):
+    pod = pods.run("done", "t-exited", [ContainerSpec("job", argv=("true",))])
+    deadline = time.monotonic() + 10
+    while node.client.container_info(pod.container_id()).state != "exited":
+        assert time.monotonic() < deadline, "the container did not exit"
+        time.sleep(0.05)
+    with pytest.raises(NotRunning, match=r"container 'job' of pod t-exited/done is not running \(attempt 0 is exited"):
+        node.client.find_container("t-exited", "done")
+    with pytest.raises(NotRunning, match="is exited; only a running container's resources can be updated"):
+        node.client.update_resources(pod.container_id(), cpu_quota_us=10_000)
+
+
+def test_inspect_gives_pid_cgroups_path_and_resources(node, limited):
+    info = node.client.container_info(limited.container_id())
+    assert info.pid and pathlib.Path(f"/proc/{info.pid}/cmdline").read_bytes().split(b"\0")[0] == b"sleep"
+    assert info.cgroups_path == f"{limited.cgroup_parent}/{info.id}"
+    own = pathlib.Path(f"/proc/{info.pid}/cgroup").read_text()
+    assert f"memory:{info.cgroups_path}\n" in own and f"cpu:{info.cgroups_path}\n" in own
+    assert info.resources == LinuxResources(
+        cpu_period_us=100_000, cpu_quota_us=50_000, cpu_shares=512,
+        memory_limit_bytes=64 * MiB, memory_swap_limit_bytes=64 * MiB,
+    )  # fmt: skip
+    assert (info.pod_name, info.pod_namespace, info.sandbox_id) == ("limited", "t-update", limited.sandbox_id)
+
+
+def test_update_changes_only_what_is_asked(node, limited):
+    client, cid = node.client, limited.container_id()
+    path = client.container_info(cid).cgroups_path
+    assert _limits(path) == (100_000, 50_000, 64 * MiB, 64 * MiB)
+
+    sent = client.update_resources(cid, cpu_quota_us=20_000)
+    assert (sent.cpu_quota_us, sent.memory_limit_bytes, sent.cpu_shares) == (20_000, 64 * MiB, 512)
+    assert _limits(path) == (100_000, 20_000, 64 * MiB, 64 * MiB)
+
+    client.update_resources(cid, memory_limit_bytes=48 * MiB)  # memsw follows: they were equal
+    assert _limits(path) == (100_000, 20_000, 48 * MiB, 48 * MiB)
+    assert _read("cpu", path, "cpu.shares") == "512"
+
+    after = client.container_info(cid).resources
+    assert (after.cpu_quota_us, after.memory_limit_bytes, after.memory_swap_limit_bytes) == (20_000, 48 * MiB, 48 * MiB)
+
+    client.update_resources(cid, cpu_quota_us=50_000, memory_limit_bytes=64 * MiB)  # back to the spec
+    assert _limits(path) == (100_000, 50_000, 64 * MiB, 64 * MiB)
+
+
+def test_unlimited_cpu_quota(node, limited):
+    cid = limited.container_id()
+    node.client.update_resources(cid, cpu_quota_us=UNLIMITED)
+    path = node.client.container_info(cid).cgroups_path
+    assert _read("cpu", path, "cpu.cfs_quota_us") == "-1"
+    assert _read("memory", path, "memory.limit_in_bytes") == str(64 * MiB)
+
+
+def test_zero_is_refused_and_nothing_changes(node, limited):
+    cid = limited.container_id()
+    path = node.client.container_info(cid).cgroups_path
+    with pytest.raises(InvalidRequest, match=r"cpu_quota_us=0 is not accepted"):
+        node.client.update_resources(cid, cpu_quota_us=0)
+    with pytest.raises(InvalidRequest, match=r"memory_limit_bytes=0 is not accepted"):
+        node.client.update_resources(cid, memory_limit_bytes=0)
+    assert _limits(path) == (100_000, 50_000, 64 * MiB, 64 * MiB)
+
+
+def test_quota_above_the_pod_cgroup_fails_with_the_runtime_message(node, limited):
+    # v1: a child's cfs_quota_us above its parent's is EINVAL; the pod cgroup holds 50000.
+    cid = limited.container_id()
+    path = node.client.container_info(cid).cgroups_path
+    with pytest.raises(CallFailed, match=r"UpdateContainerResources .* failed at .*cpu.cfs_quota_us: invalid argument") as err:
+        node.client.update_resources(cid, cpu_quota_us=80_000)
+    assert err.value.code == "UNKNOWN"
+    assert _limits(path) == (100_000, 50_000, 64 * MiB, 64 * MiB)
+
+
+def test_exec_sync_returns_exit_code_and_output(node, pods):
+    pod = pods.run("exec", "t-exec")
+    result = node.client.exec_sync(pod.container_id(), ["sh", "-c", "echo out; echo err >&2; exit 7"], timeout_s=10)
+    assert (result.exit_code, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
+
+
+def test_unreachable_endpoint_names_the_socket(node):
+    missing = node.workdir / "no-such.sock"
+    with RuntimeClient(str(missing), timeout_s=2) as client:
+        with pytest.raises(RuntimeUnreachable, match=rf"container runtime at unix://{missing} is unreachable during Version.*is a runtime listening on {missing}\?"):
+            client.version()
+
+
+def test_pod_ip_is_reachable_from_the_host(pods):
+    pod = pods.run("web", "t-net", [ContainerSpec("httpd", argv=("httpd", "-f", "-p", "8080", "-h", "/etc"))])
+    assert pod.ip and pod.ip.startswith("10.88.") and pod.netns_path and os.path.exists(pod.netns_path)
+    deadline, last = time.monotonic() + 10, None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{pod.ip}:8080/passwd", timeout=2) as resp:
+                assert b"root:x:0:0" in resp.read()
+                return
+        except OSError as err:
+            last = err
+            time.sleep(0.1)
+    pytest.fail(f"http://{pod.ip}:8080/passwd not reachable from the host: {last}")
+
+
+def test_host_network_pod_shares_the_host_netns(node, pods):
+    pod = pods.run("hostnet", "t-net", host_network=True)
+    pid = node.client.container_info(pod.container_id()).pid
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+
+
+def test_teardown_leaves_nothing_behind():
+    with TestNode() as extra:
+        pod = extra.run_pod("leftover", containers=[ContainerSpec(cpu_millicpu=100, memory_bytes=16 * MiB)])
+        pid = extra.client.container_info(pod.container_id()).pid
+        workdir, bridge, base = extra.workdir, extra.bridge, extra.cgroup_base
+        assert pod.netns_path and os.path.exists(pod.netns_path)
+        assert pathlib.Path(f"/sys/class/net/{bridge}").exists()
+        shims = subprocess.run(["pgrep", "-f", f"containerd-shim.*{extra.socket}"], capture_output=True, text=True)
+        assert shims.stdout.split(), "expected a running shim for the pod"
+    assert not workdir.exists()
+    assert not pathlib.Path(f"/sys/class/net/{bridge}").exists()
+    assert str(workdir) not in pathlib.Path("/proc/self/mountinfo").read_text()
+    assert not [h.name for h in CGROUP_ROOT.iterdir() if (h / base.lstrip("/")).exists()]
+    assert _gone(pid)
+    assert all(_gone(shim) for shim in shims.stdout.split()), f"shims {shims.stdout.split()} outlived the node"
