@@ -13,11 +13,16 @@ from guest import kcxguest as g
 
 SCENARIOS = {}
 WINDOW_S = 1.5
+MIB = 2**20
 
 
 def scenario(fn):
     SCENARIOS[fn.__name__.replace("_", "-")] = fn
     return fn
+
+
+def _steps(plan) -> list[dict]:
+    return [s.to_dict() for s in plan.steps]
 
 
 @scenario
@@ -37,6 +42,209 @@ def smoke_cpu():
             busy.kill()
             busy.wait()
         g.remove_cgroup(cg)
+
+
+@scenario
+def mode_locate():
+    """detect_mode and locate on a kubelet-style (systemd driver) v2 layout."""
+    import cgroupctl
+
+    with g.FakePod({"cpu.max": "max 100000"}, {"cpu.max": "50000 100000", "memory.max": str(64 * MIB)}) as pod:
+        proc = pod.busy()
+        cg = cgroupctl.locate(pid=proc.pid)
+        limits = cgroupctl.read_limits(cg)
+        return {
+            "mode": cgroupctl.detect_mode().value,
+            "container": cg.container.to_dict(),
+            "pod": cg.pod.to_dict() if cg.pod else None,
+            "container_id": cg.container_id,
+            "pod_uid": cg.pod_uid,
+            "expected_container": str(pod.container),
+            "expected_pod": str(pod.pod),
+            "expected_container_id": g.CONTAINER_ID,
+            "expected_pod_uid": g.POD_UID,
+            "limits": limits.to_dict(),
+        }
+
+
+@scenario
+def cpu_max():
+    """Raise a container's quota through cgroupctl, measure, restore, measure again."""
+    import cgroupctl
+
+    with g.FakePod({"cpu.max": "max 100000"}, {"cpu.max": "20000 100000"}) as pod:
+        proc = pod.busy()
+        cg = cgroupctl.locate(pid=proc.pid)
+        paths = cgroupctl.read.all_limit_paths(cg)
+        before = g.raw_files(paths)
+        cpus_before = g.measure_cpu(pod.container, WINDOW_S)
+        applied = cgroupctl.set_limits(cg, cgroupctl.Limits(cpu_quota_us=60000))
+        cpu_max_set = g.read(pod.container / "cpu.max")
+        cpus_set = g.measure_cpu(pod.container, WINDOW_S)
+        cgroupctl.restore(cgroupctl.Snapshot.from_dict(applied.snapshot.to_dict()))
+        after = g.raw_files(paths)
+        cpus_restored = g.measure_cpu(pod.container, WINDOW_S)
+        return {
+            "done": [d.to_dict() for d in applied.done],
+            "limits": applied.limits.to_dict(),
+            "cpu_max_set": cpu_max_set,
+            "cpus_before": cpus_before,
+            "cpus_set": cpus_set,
+            "cpus_restored": cpus_restored,
+            "files_before": before,
+            "files_after": after,
+        }
+
+
+@scenario
+def parent_caps_child():
+    """On v2 a child's cpu.max above its parent's is accepted but capped; cgroupctl raises the pod
+    first, so the container really gets the new quota."""
+    import cgroupctl
+
+    with g.FakePod({"cpu.max": "30000 100000"}, {"cpu.max": "30000 100000"}) as pod:
+        proc = pod.busy()
+        cg = cgroupctl.locate(pid=proc.pid)
+        paths = cgroupctl.read.all_limit_paths(cg)
+        before = g.raw_files(paths)
+        # By hand, container only: the write succeeds, the parent caps.
+        g.write(pod.container / "cpu.max", "80000 100000")
+        by_hand = {"container_cpu_max": g.read(pod.container / "cpu.max"),
+                   "pod_cpu_max": g.read(pod.pod / "cpu.max"),
+                   "cpus": g.measure_cpu(pod.container, WINDOW_S)}
+        g.write(pod.container / "cpu.max", "30000 100000")
+        # Through cgroupctl.
+        state = cgroupctl.read_state(cg)
+        saved = cgroupctl.Snapshot(cgroups=cg, files=dict(state.files))
+        plan = cgroupctl.plan(state, cgroupctl.Limits(cpu_quota_us=80000))
+        cgroupctl.apply(plan)
+        via_cgroupctl = {"container_cpu_max": g.read(pod.container / "cpu.max"),
+                         "pod_cpu_max": g.read(pod.pod / "cpu.max"),
+                         "cpus": g.measure_cpu(pod.container, WINDOW_S)}
+        restore_plan = cgroupctl.plan_restore(cgroupctl.read_state(cg), saved)
+        cgroupctl.restore(saved)
+        return {
+            "by_hand": by_hand,
+            "via_cgroupctl": via_cgroupctl,
+            "plan": _steps(plan),
+            "restore_plan": _steps(restore_plan),
+            "files_before": before,
+            "files_after": g.raw_files(paths),
+        }
+
+
+@scenario
+def memory_max():
+    """Raise and lower memory.max under a process holding 32 MiB, stepping through the lowering
+    plan to observe memory.high staged before memory.max."""
+    import cgroupctl
+
+    with g.FakePod({"memory.max": str(256 * MIB)}, {"memory.max": str(128 * MIB)}) as pod:
+        holder = pod.hold(32 * MIB)
+        cg = cgroupctl.locate(pid=holder.pid)
+        paths = cgroupctl.read.all_limit_paths(cg)
+        before = g.raw_files(paths)
+        saved = cgroupctl.snapshot(cg)
+        usage = cgroupctl.read_usage(cg)
+
+        raise_plan = cgroupctl.plan(cgroupctl.read_state(cg), cgroupctl.Limits(memory_limit_bytes=192 * MIB))
+        cgroupctl.apply(raise_plan)
+        raised = g.raw_files(paths)
+
+        lower_plan = cgroupctl.plan(cgroupctl.read_state(cg), cgroupctl.Limits(memory_limit_bytes=64 * MIB))
+        observed = []
+        for step in lower_plan.steps:
+            cgroupctl.apply(cgroupctl.Plan((step,)))
+            observed.append({
+                "step": step.to_dict(),
+                "container": {n: g.read(pod.container / n) for n in ("memory.high", "memory.max")},
+                "pod": {n: g.read(pod.pod / n) for n in ("memory.high", "memory.max")},
+            })
+        lowered = g.raw_files(paths)
+        events = g.memory_events(pod.container)
+        holder_alive = holder.poll() is None
+        cgroupctl.restore(saved)
+        return {
+            "usage": usage.to_dict(),
+            "raise_plan": _steps(raise_plan),
+            "raised": raised,
+            "lower_plan": _steps(lower_plan),
+            "observed": observed,
+            "lowered": lowered,
+            "memory_events": events,
+            "holder_alive": holder_alive,
+            "files_before": before,
+            "files_after": g.raw_files(paths),
+        }
+
+
+@scenario
+def memory_below_usage():
+    """Lowering memory.max below what a process holds: refused without force (nothing written);
+    with force the kernel reclaims, fails, and OOM-kills it."""
+    import cgroupctl
+
+    with g.FakePod({"memory.max": "max"}, {"memory.max": str(128 * MIB)}) as pod:
+        holder = pod.hold(48 * MIB)
+        cg = cgroupctl.locate(pid=holder.pid)
+        paths = cgroupctl.read.all_limit_paths(cg)
+        before = g.raw_files(paths)
+        usage = cgroupctl.read_usage(cg)
+        refused = None
+        try:
+            cgroupctl.set_limits(cg, cgroupctl.Limits(memory_limit_bytes=16 * MIB))
+        except cgroupctl.BelowUsage as e:
+            refused = {"type": type(e).__name__, "message": str(e), "limit_bytes": e.limit_bytes,
+                       "unreclaimable_bytes": e.unreclaimable_bytes}
+        after_refusal = g.raw_files(paths)
+        holder_alive_after_refusal = holder.poll() is None
+        forced = cgroupctl.set_limits(cg, cgroupctl.Limits(memory_limit_bytes=16 * MIB), force=True)
+        holder_status = holder.wait(timeout=10)
+        events = g.memory_events(pod.container)
+        memory_max_forced = g.read(pod.container / "memory.max")
+        cgroupctl.restore(forced.snapshot)
+        return {
+            "usage": usage.to_dict(),
+            "refused": refused,
+            "after_refusal": after_refusal,
+            "holder_alive_after_refusal": holder_alive_after_refusal,
+            "forced_steps": [d.to_dict() for d in forced.done],
+            "memory_max_forced": memory_max_forced,
+            "holder_status": holder_status,
+            "memory_events": events,
+            "files_before": before,
+            "files_after": g.raw_files(paths),
+        }
+
+
+@scenario
+def restore_exact():
+    """Odd starting values on every file cgroupctl may write (container and pod), two changes on
+    top of each other, one restore: every file reads back byte for byte."""
+    import cgroupctl
+
+    pod_files = {"cpu.max": "150000 50000", "memory.max": str(300 * MIB), "memory.high": str(280 * MIB)}
+    ctr_files = {"cpu.max": "12345 50000", "memory.max": str(100 * MIB + 7 * 4096),
+                 "memory.high": str(90 * MIB), "memory.swap.max": "0"}
+    with g.FakePod(pod_files, ctr_files) as pod:
+        holder = pod.hold(8 * MIB)
+        cg = cgroupctl.locate(pid=holder.pid)
+        paths = cgroupctl.read.all_limit_paths(cg)
+        before = g.raw_files(paths)
+        first = cgroupctl.set_limits(cg, cgroupctl.Limits(cpu_quota_us=200000, memory_limit_bytes=400 * MIB))
+        middle = g.raw_files(paths)
+        cgroupctl.set_limits(cg, cgroupctl.Limits(cpu_quota_us=5000, cpu_period_us=10000,
+                                                  memory_limit_bytes=40 * MIB))
+        changed = g.raw_files(paths)
+        restored = cgroupctl.restore(cgroupctl.Snapshot.from_dict(first.snapshot.to_dict()))
+        return {
+            "paths": paths,
+            "files_before": before,
+            "files_middle": middle,
+            "files_changed": changed,
+            "restore_done": [d.to_dict() for d in restored.done],
+            "files_after": g.raw_files(paths),
+        }
 
 
 def main(argv: list[str]) -> int:

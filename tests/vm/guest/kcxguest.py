@@ -64,8 +64,10 @@ def _rmdir(path: pathlib.Path) -> None:
 
 
 def start_busy(cg: pathlib.Path) -> subprocess.Popen:
-    """A shell busy loop that moves itself into ``cg`` before it starts spinning."""
-    return subprocess.Popen(["/bin/sh", "-c", f"echo $$ > {cg}/cgroup.procs && while :; do :; done"])
+    """A shell busy loop, moved into ``cg`` before this returns."""
+    proc = subprocess.Popen(["/bin/sh", "-c", "while :; do :; done"])
+    write(cg / "cgroup.procs", str(proc.pid))
+    return proc
 
 
 def cpu_usage_usec(cg: pathlib.Path) -> int:
@@ -88,7 +90,7 @@ def hold_memory(cg: pathlib.Path, size_bytes: int) -> subprocess.Popen:
     """A Python child in ``cg`` that touches ``size_bytes`` of anonymous memory and keeps it."""
     code = (
         "import os, sys, time\n"
-        f"open('{cg}/cgroup.procs', 'w').write(str(os.getpid()))\n"
+        f"with open('{cg}/cgroup.procs', 'w') as f: f.write(str(os.getpid()))\n"
         f"buf = bytearray({size_bytes})\n"
         "for i in range(0, len(buf), 4096): buf[i] = 1\n"
         "print('ready', flush=True)\n"
@@ -101,11 +103,60 @@ def hold_memory(cg: pathlib.Path, size_bytes: int) -> subprocess.Popen:
     return proc
 
 
-def snapshot_files(cg: pathlib.Path, names: list[str]) -> dict[str, str]:
-    return {name: read(cg / name) for name in names}
+def raw_files(paths: list[str]) -> dict[str, str]:
+    """Exact contents (trailing newline included) of the files that exist."""
+    return {p: read(p) for p in paths if os.path.exists(p)}
+
+
+def memory_events(cg: pathlib.Path) -> dict[str, int]:
+    return {k: int(v) for k, v in (line.split() for line in read(cg / "memory.events").splitlines())}
 
 
 def emit(obj: object) -> None:
     """The driver's one result line; the host test parses the last stdout line."""
     sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
     sys.stdout.flush()
+
+
+# A pod and container laid out as a kubelet with the systemd cgroup driver does on cgroup v2.
+POD_UID = "3f1c2b8e-5d4a-4e6f-9a7b-1c2d3e4f5a6b"
+CONTAINER_ID = "c0ffee" + "0123456789abcdef" * 3 + "0a1b2c3d4e"
+POD_REL = (
+    "kubepods.slice/kubepods-burstable.slice/"
+    f"kubepods-burstable-pod{POD_UID.replace('-', '_')}.slice"
+)
+CONTAINER_REL = f"{POD_REL}/cri-containerd-{CONTAINER_ID}.scope"
+
+
+class FakePod:
+    """The pod and container cgroups with given initial files, processes in the container, and
+    everything killed and removed on exit."""
+
+    def __init__(self, pod_files: dict[str, str], container_files: dict[str, str]):
+        self.pod = make_cgroup(POD_REL)
+        self.container = make_cgroup(CONTAINER_REL)
+        self.procs: list[subprocess.Popen] = []
+        for name, value in pod_files.items():
+            write(self.pod / name, value)
+        for name, value in container_files.items():
+            write(self.container / name, value)
+
+    def busy(self) -> subprocess.Popen:
+        proc = start_busy(self.container)
+        self.procs.append(proc)
+        return proc
+
+    def hold(self, size_bytes: int) -> subprocess.Popen:
+        proc = hold_memory(self.container, size_bytes)
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> FakePod:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        remove_cgroup(CGROUP_ROOT / "kubepods.slice")
