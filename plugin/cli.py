@@ -269,7 +269,7 @@ def make_cli(open_backend: BackendOpener = backends.open_backend, clock: Clock =
         completer_class = get_completion_class(shell)
         assert completer_class is not None  # SHELLS are all built into click
         completer = completer_class(ctx.find_root().command, {}, PROG, COMPLETE_VAR)
-        click.echo(completer.source())
+        click.echo(completer.source(), nl=False)
         return EXIT_OK
 
     return group

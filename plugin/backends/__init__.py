@@ -265,9 +265,10 @@ _MISSING_BACKEND = {
 }
 
 
-def open_backend(conn: Connection) -> Backend:
-    """Import the backend ``conn`` asks for (only that one) and connect it."""
-    module_name = f"{__name__}.{conn.mode}"
+def open_backend(conn: Connection, package: str = __name__) -> Backend:
+    """Import the backend ``conn`` asks for (only that one, ``package.agent`` or ``package.cluster``)
+    and connect it."""
+    module_name = f"{package}.{conn.mode}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
