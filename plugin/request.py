@@ -34,6 +34,7 @@ _LABEL_NAME = re.compile(_DNS_LABEL, re.ASCII)
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[-A-Za-z0-9]*[A-Za-z0-9])?)*\.?",
                        re.ASCII)
 _POD_KINDS = ("pod", "pods", "po")
+_SUBCOMMANDS = ("status", "completion")
 _ADDRESS_ACCEPTS = "use unix:///path/to/agent.sock or host:port"
 
 
@@ -146,6 +147,7 @@ def build_invocation(flags: Flags) -> Invocation:
         if value is not None
     ]
     # Which pods. kubectl's TYPE/NAME form is accepted, so pod/status names a pod called "status".
+    typed_pod = flags.pod
     if flags.pod is not None:
         kind, slash, name = flags.pod.partition("/")
         if slash and kind in _POD_KINDS:
@@ -175,6 +177,12 @@ def build_invocation(flags: Flags) -> Invocation:
     if flags.reset and setters:
         raise UsageError(f"--reset restores the originals; it cannot be combined with {setters[0]}")
     if not flags.reset and not setters:
+        if flags.pod in _SUBCOMMANDS and flags.pod == typed_pod:
+            # "kubectl-chaos -n shop status": a subcommand is only recognised as the first word.
+            raise UsageError(
+                f'nothing to change for a pod named "{flags.pod}"; to run the {flags.pod} command put it '
+                f"first: kubectl-chaos {flags.pod} ..."
+            )
         raise UsageError("nothing to change: give --set-cpu, --set-memory or --set-bandwidth, or --reset")
     if flags.reset and flags.duration is not None:
         raise UsageError("--duration applies to a change; --reset ends the experiment now")

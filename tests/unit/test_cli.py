@@ -176,6 +176,9 @@ USAGE_CASES = [
      '--timeout: "0s" is zero; use a number with h, m or s, like 30s, 5m, 1h30m or 1.5h'),
     (["web"], "nothing to change: give --set-cpu, --set-memory or --set-bandwidth, or --reset"),
     (["web", "--dry-run"], "nothing to change: give --set-cpu, --set-memory or --set-bandwidth, or --reset"),
+    (["-n", "shop", "status"], 'nothing to change for a pod named "status"; to run the status command put it '
+     "first: kubectl-chaos status ..."),
+    (["pod/status"], "nothing to change: give --set-cpu, --set-memory or --set-bandwidth, or --reset"),
     (["web", "--reset", "--set-cpu", "1"], "--reset restores the originals; it cannot be combined with --set-cpu"),
     (["web", "--reset", "--duration", "5m"], "--duration applies to a change; --reset ends the experiment now"),
     (["web", "--set-cpu", "1", "--direction", "egress"], "--direction applies only to --set-bandwidth"),
