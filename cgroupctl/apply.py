@@ -44,7 +44,7 @@ def _meaning(path: str, err: int) -> str:
 def write_file(path: str, value: str) -> None:
     """One checked write: os.write reports the kernel's errno (a buffered file object can lose it)."""
     try:
-        fd = os.open(path, os.O_WRONLY)
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)  # O_TRUNC as echo does; kernfs ignores it
     except OSError as e:
         meaning = _meaning(path, e.errno or 0)
         raise WriteFailed(f"cannot open {path} to write {value!r}: {meaning}", path=path, value=value,
@@ -147,10 +147,7 @@ def restore(snapshot: Snapshot, force: bool = False) -> Applied:
     every file reads exactly as saved. Idempotent; files whose cgroup is gone are reported in
     ``skipped`` (nothing left to restore). A memory limit now below what the container cannot give
     back is refused (BelowUsage) unless forced."""
-    try:
-        state = read_state(snapshot.cgroups)
-    except NotFound:
-        return Applied(skipped=tuple(snapshot.files))
+    state = read_state(snapshot.cgroups, require_container=False)
     applied = apply(plan_restore(state, snapshot, force=force))
     now = read_files(list(snapshot.files))
     wrong = {p: (t, now[p]) for p, t in snapshot.files.items() if p in now and now[p] != t}

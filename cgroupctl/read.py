@@ -107,11 +107,12 @@ def read_usage(cg: ContainerCgroups) -> Usage:
     return read_usage_of(cg, cg.container)
 
 
-def read_state(cg: ContainerCgroups) -> State:
+def read_state(cg: ContainerCgroups, *, require_container: bool = True) -> State:
     """The exact content of every limit file of the container and the pod, and their usage: the
-    input of ``plan``."""
+    input of ``plan``. With ``require_container=False`` a container whose cgroup is gone is no
+    error (``restore`` still puts the pod back)."""
     files = read_files(all_limit_paths(cg))
-    if not any(p.startswith(d + "/") for p in files for d in (cg.container.cpu, cg.container.memory) if d):
+    if require_container and not any(p.startswith(d + "/") for p in files for d in (cg.container.cpu, cg.container.memory) if d):
         raise NotFound(f"no limit file found in the container cgroups {cg.container.to_dict()}:"
                        " has the container exited?")
     return State(cgroups=cg, files=files, container_usage=read_usage_of(cg, cg.container),

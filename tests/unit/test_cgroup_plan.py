@@ -1,0 +1,291 @@
+"""cgroupctl.plan: the ordering tables (pure, no files): pod around container, memsw around memory,
+v2 memory.high before memory.max, kernel bounds, memory safety."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cgroupctl import (
+    CONTAINER,
+    POD_AFTER,
+    POD_BEFORE,
+    UNLIMITED,
+    BelowUsage,
+    CgroupDirs,
+    Check,
+    ContainerCgroups,
+    Limits,
+    Mode,
+    OrderingError,
+    OutOfRange,
+    Plan,
+    Snapshot,
+    State,
+    Usage,
+    plan,
+    plan_restore,
+)
+
+MiB = 1 << 20
+V1_UNLIMITED = "9223372036854771712"
+DIRS = {"ctr": "/cg/pod/ctr", "pod": "/cg/pod"}
+
+
+def _text(value) -> str:
+    """A v1 memory file's content (the kernel shows no limit as PAGE_COUNTER_MAX in bytes)."""
+    return V1_UNLIMITED if value is UNLIMITED else str(value)
+
+
+def v1_state(*, ctr_q=50000, ctr_p=100000, pod_q=50000, pod_p=100000, ctr_mem=128 * MiB, ctr_memsw="same",
+             pod_mem=128 * MiB, pod_memsw=UNLIMITED, ctr_floor=30 * MiB, pod_floor=40 * MiB) -> State:
+    cpu = {"ctr": "/cg/cpu/pod/ctr", "pod": "/cg/cpu/pod"}
+    mem = {"ctr": "/cg/memory/pod/ctr", "pod": "/cg/memory/pod"}
+    if ctr_memsw == "same":
+        ctr_memsw = ctr_mem
+    files = {
+        f"{cpu['ctr']}/cpu.cfs_quota_us": "-1" if ctr_q is UNLIMITED else str(ctr_q),
+        f"{cpu['ctr']}/cpu.cfs_period_us": str(ctr_p),
+        f"{cpu['pod']}/cpu.cfs_quota_us": "-1" if pod_q is UNLIMITED else str(pod_q),
+        f"{cpu['pod']}/cpu.cfs_period_us": str(pod_p),
+        f"{mem['ctr']}/memory.limit_in_bytes": _text(ctr_mem),
+        f"{mem['ctr']}/memory.memsw.limit_in_bytes": _text(ctr_memsw),
+        f"{mem['pod']}/memory.limit_in_bytes": _text(pod_mem),
+        f"{mem['pod']}/memory.memsw.limit_in_bytes": _text(pod_memsw),
+    }
+    cg = ContainerCgroups(mode=Mode.HYBRID, container=CgroupDirs(cpu=cpu["ctr"], cpuacct=cpu["ctr"], memory=mem["ctr"]),
+                          pod=CgroupDirs(cpu=cpu["pod"], cpuacct=cpu["pod"], memory=mem["pod"]))
+    return State(cgroups=cg, files=files,
+                 container_usage=Usage(memory_usage_bytes=ctr_floor + 6 * MiB, memory_unreclaimable_bytes=ctr_floor),
+                 pod_usage=Usage(memory_usage_bytes=pod_floor + 8 * MiB, memory_unreclaimable_bytes=pod_floor))
+
+
+def v2_state(*, ctr_cpu="50000 100000", pod_cpu="50000 100000", ctr_max=str(128 * MiB), ctr_high="max",
+             ctr_swap="0", pod_max=str(128 * MiB), pod_high="max", ctr_floor=30 * MiB, pod_floor=40 * MiB) -> State:
+    files = {
+        f"{DIRS['ctr']}/cpu.max": ctr_cpu, f"{DIRS['pod']}/cpu.max": pod_cpu,
+        f"{DIRS['ctr']}/memory.max": ctr_max, f"{DIRS['ctr']}/memory.high": ctr_high,
+        f"{DIRS['ctr']}/memory.swap.max": ctr_swap,
+        f"{DIRS['pod']}/memory.max": pod_max, f"{DIRS['pod']}/memory.high": pod_high,
+        f"{DIRS['pod']}/memory.swap.max": "max",
+    }
+    d = {k: CgroupDirs(cpu=v, cpuacct=v, memory=v) for k, v in DIRS.items()}
+    return State(cgroups=ContainerCgroups(mode=Mode.V2, container=d["ctr"], pod=d["pod"]), files=files,
+                 container_usage=Usage(memory_usage_bytes=ctr_floor + 6 * MiB, memory_unreclaimable_bytes=ctr_floor),
+                 pod_usage=Usage(memory_usage_bytes=pod_floor + 8 * MiB, memory_unreclaimable_bytes=pod_floor))
+
+
+def table(p: Plan) -> list[tuple]:
+    """(stage, level, file, value) per write; ("check", level, file, max) per check."""
+    rows = []
+    for s in p.steps:
+        level = "ctr" if "/ctr/" in s.path else "pod"
+        name = s.path.rsplit("/", 1)[1]
+        rows.append((s.stage, level, name, s.max_bytes) if isinstance(s, Check) else (s.stage, level, name, s.value))
+    return rows
+
+
+# ---- v1 CPU ------------------------------------------------------------------------------------
+
+
+def test_v1_cpu_raise_goes_pod_first():
+    p = plan(v1_state(), Limits(cpu_quota_us=150000))
+    assert table(p) == [(POD_BEFORE, "pod", "cpu.cfs_quota_us", "150000"),
+                        (CONTAINER, "ctr", "cpu.cfs_quota_us", "150000")]
+
+
+def test_v1_cpu_lower_goes_pod_last_and_keeps_the_pods_other_part():
+    # Pod 250000 = this container 150000 + another 100000: the pod gives back only this part.
+    p = plan(v1_state(ctr_q=150000, pod_q=250000), Limits(cpu_quota_us=50000))
+    assert table(p) == [(CONTAINER, "ctr", "cpu.cfs_quota_us", "50000"),
+                        (POD_AFTER, "pod", "cpu.cfs_quota_us", "150000")]
+
+
+def test_v1_cpu_unlimited_pod_is_left_alone():
+    assert table(plan(v1_state(pod_q=UNLIMITED), Limits(cpu_quota_us=300000))) == [
+        (CONTAINER, "ctr", "cpu.cfs_quota_us", "300000")]
+
+
+def test_v1_cpu_unlimited_container_makes_the_pod_unlimited_first():
+    assert table(plan(v1_state(), Limits(cpu_quota_us=UNLIMITED))) == [
+        (POD_BEFORE, "pod", "cpu.cfs_quota_us", "-1"), (CONTAINER, "ctr", "cpu.cfs_quota_us", "-1")]
+
+
+def test_v1_cpu_from_unlimited_container_raises_pod_only_if_needed():
+    assert table(plan(v1_state(ctr_q=UNLIMITED, pod_q=100000), Limits(cpu_quota_us=50000))) == [
+        (CONTAINER, "ctr", "cpu.cfs_quota_us", "50000")]
+    assert table(plan(v1_state(ctr_q=UNLIMITED, pod_q=100000), Limits(cpu_quota_us=200000)))[0] == (
+        POD_BEFORE, "pod", "cpu.cfs_quota_us", "200000")
+
+
+def test_v1_cpu_keeps_the_containers_period_and_compares_ratios_in_the_pods_period():
+    # Container at 25000/50000 (0.5 CPU) -> 50000/50000 (1 CPU): the pod (period 100000) needs +50000.
+    p = plan(v1_state(ctr_q=25000, ctr_p=50000, pod_q=50000), Limits(cpu_quota_us=50000))
+    assert table(p) == [(POD_BEFORE, "pod", "cpu.cfs_quota_us", "100000"),
+                        (CONTAINER, "ctr", "cpu.cfs_quota_us", "50000")]
+
+
+@pytest.mark.parametrize("new_q, new_p, first", [
+    (20000, 10000, "cpu.cfs_quota_us"),   # 0.5 -> 2 CPU: (20000/100000) is the lower intermediate
+    (200000, 400000, "cpu.cfs_period_us"),  # 0.5 -> 0.5 CPU at a longer period: (50000/400000) lower
+])
+def test_v1_quota_and_period_both_change_through_the_lower_intermediate_ratio(new_q, new_p, first):
+    p = plan(v1_state(pod_q=UNLIMITED), Limits(cpu_quota_us=new_q, cpu_period_us=new_p))
+    assert [row[2] for row in table(p)][0] == first
+    assert {row[2]: row[3] for row in table(p)} == {"cpu.cfs_quota_us": str(new_q), "cpu.cfs_period_us": str(new_p)}
+
+
+@pytest.mark.parametrize("request_, fragment", [
+    (Limits(cpu_quota_us=500), "below the kernel's minimum 1000 us"),
+    (Limits(cpu_period_us=2_000_000), "outside the kernel's range"),
+    (Limits(cpu_shares=1024), "cpu_shares cannot be set"),
+    (Limits(memory_limit_bytes=0), "outside 1.."),
+    (Limits(memory_limit_bytes=-5), "outside 1.."),
+])
+def test_out_of_range_requests_are_refused_with_the_accepted_range(request_, fragment):
+    with pytest.raises(OutOfRange, match=fragment):
+        plan(v1_state(), request_)
+
+
+# ---- v1 memory ---------------------------------------------------------------------------------
+
+
+def test_v1_memory_raise_writes_pod_then_memsw_then_limit():
+    p = plan(v1_state(), Limits(memory_limit_bytes=256 * MiB))
+    assert table(p) == [(POD_BEFORE, "pod", "memory.limit_in_bytes", str(256 * MiB)),
+                        (CONTAINER, "ctr", "memory.memsw.limit_in_bytes", str(256 * MiB)),
+                        (CONTAINER, "ctr", "memory.limit_in_bytes", str(256 * MiB))]
+
+
+def test_v1_memory_lower_writes_limit_then_memsw_then_pod():
+    p = plan(v1_state(), Limits(memory_limit_bytes=64 * MiB))
+    assert table(p) == [(CONTAINER, "ctr", "memory.limit_in_bytes", str(64 * MiB)),
+                        (CONTAINER, "ctr", "memory.memsw.limit_in_bytes", str(64 * MiB)),
+                        (POD_AFTER, "pod", "memory.limit_in_bytes", str(64 * MiB))]
+
+
+def test_v1_memory_keeps_the_swap_allowance_and_a_limited_pod_memsw():
+    p = plan(v1_state(ctr_memsw=192 * MiB, pod_memsw=192 * MiB), Limits(memory_limit_bytes=256 * MiB))
+    assert table(p) == [(POD_BEFORE, "pod", "memory.memsw.limit_in_bytes", str(320 * MiB)),
+                        (POD_BEFORE, "pod", "memory.limit_in_bytes", str(256 * MiB)),
+                        (CONTAINER, "ctr", "memory.memsw.limit_in_bytes", str(320 * MiB)),
+                        (CONTAINER, "ctr", "memory.limit_in_bytes", str(256 * MiB))]
+
+
+def test_v1_memory_unlimited_lifts_memsw_first():
+    p = plan(v1_state(pod_mem=UNLIMITED), Limits(memory_limit_bytes=UNLIMITED))
+    assert table(p) == [(CONTAINER, "ctr", "memory.memsw.limit_in_bytes", "-1"),
+                        (CONTAINER, "ctr", "memory.limit_in_bytes", "-1")]
+
+
+def test_v1_memory_swap_below_memory_is_an_ordering_error():
+    with pytest.raises(OrderingError, match="below the memory limit"):
+        plan(v1_state(), Limits(memory_limit_bytes=128 * MiB, memory_swap_limit_bytes=64 * MiB))
+
+
+def test_memory_below_unreclaimable_usage_is_refused_with_the_usage_unless_forced():
+    with pytest.raises(BelowUsage) as info:
+        plan(v1_state(ctr_floor=100 * MiB), Limits(memory_limit_bytes=64 * MiB))
+    message = str(info.value)
+    assert str(100 * MiB) in message and "(100.0 MiB)" in message and str(64 * MiB) in message
+    assert info.value.unreclaimable_bytes == 100 * MiB
+    assert plan(v1_state(ctr_floor=100 * MiB), Limits(memory_limit_bytes=64 * MiB), force=True)
+
+
+def test_the_pod_limit_is_checked_against_the_pods_usage_too():
+    # The container fits, but the pod (this container + a sibling using 90 MiB) would not.
+    with pytest.raises(BelowUsage, match="pod cgroup"):
+        plan(v1_state(ctr_floor=10 * MiB, pod_floor=100 * MiB), Limits(memory_limit_bytes=32 * MiB))
+
+
+# ---- v2 ----------------------------------------------------------------------------------------
+
+
+def test_v2_cpu_is_one_write_pod_first_on_raise():
+    p = plan(v2_state(), Limits(cpu_quota_us=150000))
+    assert table(p) == [(POD_BEFORE, "pod", "cpu.max", "150000 100000"), (CONTAINER, "ctr", "cpu.max", "150000 100000")]
+
+
+def test_v2_memory_lower_goes_through_memory_high_and_a_usage_check():
+    p = plan(v2_state(), Limits(memory_limit_bytes=64 * MiB))
+    v = str(64 * MiB)
+    assert table(p) == [
+        (CONTAINER, "ctr", "memory.high", v), ("container", "ctr", "memory.current", 64 * MiB),
+        (CONTAINER, "ctr", "memory.max", v), (CONTAINER, "ctr", "memory.high", "max"),
+        (POD_AFTER, "pod", "memory.high", v), (POD_AFTER, "pod", "memory.current", 64 * MiB),
+        (POD_AFTER, "pod", "memory.max", v), (POD_AFTER, "pod", "memory.high", "max")]
+
+
+def test_v2_memory_lower_with_high_already_below_skips_the_high_step():
+    p = plan(v2_state(ctr_high=str(32 * MiB), pod_max="max"), Limits(memory_limit_bytes=64 * MiB))
+    assert table(p) == [("container", "ctr", "memory.current", 64 * MiB), (CONTAINER, "ctr", "memory.max", str(64 * MiB))]
+
+
+def test_v2_forced_lower_writes_memory_max_alone():
+    p = plan(v2_state(pod_max="max"), Limits(memory_limit_bytes=16 * MiB), force=True)
+    assert table(p) == [(CONTAINER, "ctr", "memory.max", str(16 * MiB))]
+
+
+def test_v2_memory_raise_and_swap():
+    p = plan(v2_state(pod_max="max"), Limits(memory_limit_bytes=256 * MiB, memory_swap_limit_bytes=320 * MiB))
+    assert table(p) == [(CONTAINER, "ctr", "memory.max", str(256 * MiB)),
+                        (CONTAINER, "ctr", "memory.swap.max", str(64 * MiB))]
+
+
+def test_nothing_to_change_is_an_empty_plan():
+    assert not plan(v1_state(), Limits(cpu_quota_us=50000, memory_limit_bytes=128 * MiB))
+    assert not plan(v2_state(), Limits())
+
+
+def test_plan_json_round_trip_and_stages():
+    p = plan(v2_state(), Limits(cpu_quota_us=150000, memory_limit_bytes=64 * MiB))
+    assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    assert [s.stage for s in p.pod_before.steps] == [POD_BEFORE]
+    assert all(s.stage == POD_AFTER for s in p.pod_after.steps) and len(p.pod_after) == 4
+    assert p.container.paths == (f"{DIRS['ctr']}/cpu.max", f"{DIRS['ctr']}/memory.high", f"{DIRS['ctr']}/memory.max")
+
+
+# ---- restore -----------------------------------------------------------------------------------
+
+
+def test_restore_puts_back_exact_texts_in_safe_order_v1():
+    before = v1_state()
+    after = v1_state(ctr_q=150000, pod_q=150000, ctr_mem=256 * MiB, pod_mem=256 * MiB)
+    p = plan_restore(after, Snapshot(cgroups=before.cgroups, files=dict(before.files)))
+    assert table(p) == [
+        (CONTAINER, "ctr", "cpu.cfs_quota_us", "50000"),
+        (CONTAINER, "ctr", "memory.limit_in_bytes", str(128 * MiB)),
+        (CONTAINER, "ctr", "memory.memsw.limit_in_bytes", str(128 * MiB)),
+        (POD_AFTER, "pod", "cpu.cfs_quota_us", "50000"),
+        (POD_AFTER, "pod", "memory.limit_in_bytes", str(128 * MiB)),
+    ]
+
+
+def test_restore_writes_saved_texts_verbatim_and_raises_pod_first():
+    before = v1_state(ctr_mem=UNLIMITED, pod_mem=UNLIMITED)
+    after = v1_state(ctr_mem=64 * MiB, pod_mem=64 * MiB, ctr_floor=1 * MiB, pod_floor=1 * MiB)
+    p = plan_restore(after, Snapshot(cgroups=before.cgroups, files=dict(before.files)))
+    assert table(p) == [
+        (POD_BEFORE, "pod", "memory.limit_in_bytes", V1_UNLIMITED),
+        (CONTAINER, "ctr", "memory.memsw.limit_in_bytes", V1_UNLIMITED),
+        (CONTAINER, "ctr", "memory.limit_in_bytes", V1_UNLIMITED),
+    ]
+
+
+def test_restore_v2_lowering_uses_memory_high_and_puts_saved_high_back():
+    before = v2_state(ctr_high=str(100 * MiB), pod_max="max")
+    after = v2_state(ctr_max=str(256 * MiB), ctr_high="max", pod_max="max")
+    p = plan_restore(after, Snapshot(cgroups=before.cgroups, files=dict(before.files)))
+    assert table(p) == [
+        (CONTAINER, "ctr", "memory.high", str(128 * MiB)), (CONTAINER, "ctr", "memory.current", 128 * MiB),
+        (CONTAINER, "ctr", "memory.max", str(128 * MiB)), (CONTAINER, "ctr", "memory.high", str(100 * MiB))]
+
+
+def test_restore_below_usage_is_refused_unless_forced():
+    before = v1_state()
+    after = v1_state(ctr_mem=256 * MiB, pod_mem=256 * MiB, ctr_floor=200 * MiB)
+    snap = Snapshot(cgroups=before.cgroups, files=dict(before.files))
+    with pytest.raises(BelowUsage):
+        plan_restore(after, snap)
+    assert plan_restore(after, snap, force=True)
