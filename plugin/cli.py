@@ -257,7 +257,7 @@ def make_cli(open_backend: BackendOpener = backends.open_backend, clock: Clock =
         return EXIT_OK
 
     @group.command("completion", context_settings=_CONTEXT, short_help="print a completion script")
-    @click.argument("shell", type=click.Choice(SHELLS))
+    @click.argument("shell", type=click.Choice(SHELLS), metavar="SHELL")
     @click.pass_context
     def completion_command(ctx: click.Context, shell: str) -> int:
         """Print the shell completion script for SHELL, e.g. source <(kubectl-chaos completion bash).

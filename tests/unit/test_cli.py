@@ -236,7 +236,7 @@ USAGE_CASES = [
     (["status", "-n", "UPPER"],
      '--namespace: "UPPER" is not a namespace name; names are up to 63 lower-case letters, digits and "-"'),
     (["completion", "powershell"],
-     "Invalid value for '{bash|zsh|fish}': 'powershell' is not one of 'bash', 'zsh', 'fish'."),
+     "Invalid value for 'SHELL': 'powershell' is not one of 'bash', 'zsh', 'fish'."),
 ]
 
 
