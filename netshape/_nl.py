@@ -25,9 +25,10 @@ from netshape.errors import NamespaceGone, NetlinkFailed
 from netshape.snapshot import TcObject
 
 ETH_P_ALL = 0x0003
-# Filters on the ingress hook: ffff:fff2 addresses the ingress side of both an "ingress" and a
-# "clsact" qdisc, so one parent value serves whichever of the two the device has.
-TC_H_INGRESS_FILTERS = 0xFFFFFFF2
+# Filters on the ingress hook hang off ffff: on an "ingress" qdisc (what tc and the CNI plugin
+# use) and off ffff:fff2 on a "clsact". The kernel accepts either for both, but tc then prints the
+# parent last used, so we use each qdisc's usual one to leave the dumps as they were.
+INGRESS_FILTER_PARENT = {"ingress": 0xFFFF0000, "clsact": 0xFFFFFFF2}
 
 CREATE = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
 REPLACE = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
@@ -184,7 +185,9 @@ class Session:
     def delete_filter(self, what: str, filt: TcObject, *, index: int) -> None:
         self._send(what, RTM_DELTFILTER, CHANGE, index, filt.handle, filt.parent, filt.info, filt.kind, None)
 
-    def add_redirect_filter(self, what: str, *, index: int, pref: int, to_index: int, classid: int) -> None:
+    def add_redirect_filter(
+        self, what: str, *, index: int, parent: int, pref: int, to_index: int, classid: int
+    ) -> None:
         # tc filter add dev VETH parent ffff:fff2 pref 1 protocol all u32 match u32 0 0 \
         #    action mirred egress redirect dev IFB
         self._call(
@@ -193,7 +196,7 @@ class Session:
             "add-filter",
             "u32",
             index,
-            parent=TC_H_INGRESS_FILTERS,
+            parent=parent,
             prio=pref,
             protocol=ETH_P_ALL,
             target=classid,

@@ -35,9 +35,9 @@ ETH_HEADER_BYTES = 14
 # Queue behind a TBF, beyond the burst: this much time at the shaped rate.
 TBF_QUEUE_TIME_S = 0.050
 
-# The kernel's packet scheduler clock: one tick is 64 ns (PSCHED_SHIFT 6, /proc/net/psched says
-# 000003e8 00000040: 1000 ns per 64 ticks... i.e. 15.625 ticks per microsecond). Burst times are
-# passed in ticks in a u32, which caps a burst at about 275 s of the rate.
+# The packet scheduler's clock: one tick is 64 ns (PSCHED_SHIFT 6; /proc/net/psched reads
+# "000003e8 00000040 ...", which tc turns into 1000/64 = 15.625 ticks per microsecond). Burst
+# times travel in ticks in a u32, which caps a burst at about 275 s of the rate.
 NS_PER_TICK = 64
 U32_MAX = 0xFFFFFFFF
 

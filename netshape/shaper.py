@@ -211,14 +211,19 @@ def _ingress_qdisc(qdiscs: list[TcObject]) -> TcObject | None:
     return next((q for q in qdiscs if q.parent == TC_H_INGRESS), None)
 
 
+def _ingress_filters(s: _nl.Session, veth_index: int) -> list[TcObject]:
+    ingress = _ingress_qdisc(s.qdiscs(veth_index))
+    if ingress is None or ingress.kind not in _nl.INGRESS_FILTER_PARENT:
+        return []
+    return s.filters(veth_index, _nl.INGRESS_FILTER_PARENT[ingress.kind])
+
+
 def _our_filters(s: _nl.Session, veth_index: int, ifb_index: int | None, links: list[_nl.Link]) -> list[TcObject]:
     """Our redirect filters on the veth's ingress hook: they redirect to our IFB or, when it
     is gone, to no device at all, at our preference."""
-    if _ingress_qdisc(s.qdiscs(veth_index)) is None:
-        return []
     existing = {link.index for link in links}
     found = []
-    for f in s.filters(veth_index, _nl.TC_H_INGRESS_FILTERS):
+    for f in _ingress_filters(s, veth_index):
         if f.redirect_ifindex is None or f.info >> 16 != OUR_FILTER_PREF:
             continue
         if f.redirect_ifindex == ifb_index or (ifb_index is None and f.redirect_ifindex not in existing):
@@ -237,7 +242,10 @@ def _shape_egress(s: _nl.Session, veth: _nl.Link, ifb_ifname: str, plan: Directi
     _install(s, ifb, plan, _root(s.qdiscs(ifb.index)))
 
     created = False
-    if _ingress_qdisc(s.qdiscs(veth.index)) is None:
+    ingress = _ingress_qdisc(s.qdiscs(veth.index))
+    if ingress is not None and ingress.kind not in _nl.INGRESS_FILTER_PARENT:
+        raise ShapeError(f"{veth.ifname} has an ingress-side qdisc {ingress.kind} netshape cannot add a filter to")
+    if ingress is None:
         # tc qdisc add dev VETH ingress
         s.send_qdisc(
             f"adding an ingress qdisc to {veth.ifname}",
@@ -253,6 +261,7 @@ def _shape_egress(s: _nl.Session, veth: _nl.Link, ifb_ifname: str, plan: Directi
         s.add_redirect_filter(
             f"adding the redirect from {veth.ifname} to {ifb.ifname}",
             index=veth.index,
+            parent=_nl.INGRESS_FILTER_PARENT[ingress.kind if ingress is not None else "ingress"],
             pref=OUR_FILTER_PREF,
             to_index=ifb.index,
             classid=OUR_CLASS_ID,
@@ -268,14 +277,13 @@ def _unshape(s: _nl.Session, host_ifname: str, target_key: str, snapshot: Snapsh
     if ifb is not None and ifb.kind != "ifb":
         ifb = None
     if veth is not None and snapshot.ingress_taken:
-        for f in _our_filters(s, veth.index, ifb.index if ifb else None, s.links()):
-            s.delete_filter(f"deleting our redirect filter on {veth.ifname}", f, index=veth.index)
+        _delete_our_filters(s, veth, ifb)
         ingress = _ingress_qdisc(s.qdiscs(veth.index))
         if (
             snapshot.ingress_qdisc_created
             and ingress is not None
             and ingress.kind == "ingress"
-            and not s.filters(veth.index, _nl.TC_H_INGRESS_FILTERS)
+            and not _ingress_filters(s, veth.index)
         ):
             s.delete_qdisc(f"deleting the ingress qdisc of {veth.ifname}", index=veth.index, parent=TC_H_INGRESS)
     if veth is not None and snapshot.root_taken:
@@ -295,7 +303,10 @@ def _unshape(s: _nl.Session, host_ifname: str, target_key: str, snapshot: Snapsh
                     kind=saved.kind,
                     options=saved.options if saved.options_hex else None,
                 )
-        elif root is not None:
+        elif root is not None and not (
+            snapshot.root_before is not None
+            and (root.kind, root.handle) == (snapshot.root_before.kind, snapshot.root_before.handle)
+        ):
             log.warning(
                 "root qdisc of %s is %s %s, not ours: someone replaced it; leaving it alone",
                 veth.ifname,
@@ -304,6 +315,27 @@ def _unshape(s: _nl.Session, host_ifname: str, target_key: str, snapshot: Snapsh
             )
     if ifb is not None and delete_ifb:
         s.delete_link(ifb)
+
+
+def _delete_our_filters(s: _nl.Session, veth: _nl.Link, ifb: _nl.Link | None) -> None:
+    ours = _our_filters(s, veth.index, ifb.index if ifb else None, s.links())
+    if not ours:
+        return
+    at_our_pref = [
+        f
+        for f in _ingress_filters(s, veth.index)
+        if f.info >> 16 == OUR_FILTER_PREF and f.handle & 0xFFF  # not the u32 hash-table headers
+    ]
+    if len(at_our_pref) == len(ours):
+        # Delete the whole u32 instance at our preference: deleting only the filter would leave
+        # an empty one behind ("fh 801: ht divisor 1") whenever another u32 instance shares the
+        # hook, because u32 keeps its hash tables while any instance of the block has filters.
+        s.delete_filter(
+            f"deleting our redirect filter on {veth.ifname}", dataclasses.replace(ours[0], handle=0), index=veth.index
+        )
+        return
+    for f in ours:
+        s.delete_filter(f"deleting our redirect filter on {veth.ifname}", f, index=veth.index)
 
 
 def _undo_new(s: _nl.Session, host_ifname: str, target_key: str, before: Snapshot, after: Snapshot) -> None:
