@@ -14,10 +14,18 @@ meta_pkg=${KUBECTL_CHAOS_VM_KERNEL_PKG:-linux-image-cloud-amd64}
 modules=(veth ifb sch_htb sch_tbf sch_ingress cls_u32 act_mirred)
 
 # The meta package depends on the current ABI's image, e.g. linux-image-6.1.0-56-cloud-amd64.
-pkg=$(apt-cache depends "$meta_pkg" 2>/dev/null |
-    awk '$1 ~ /Depends:/ && $2 ~ /^linux-image-[0-9]/ {print $2; exit}')
+resolve() {
+    apt-cache depends "$meta_pkg" 2>/dev/null |
+        awk '$1 ~ /Depends:/ && $2 ~ /^linux-image-[0-9]/ {print $2; exit}'
+}
+pkg=$(resolve)
 if [ -z "$pkg" ]; then
-    echo "setup-vm: cannot resolve $meta_pkg to a kernel package; run apt-get update first" >&2
+    # No package lists yet (a fresh machine whose other packages were all installed already).
+    apt-get update -qq
+    pkg=$(resolve)
+fi
+if [ -z "$pkg" ]; then
+    echo "setup-vm: cannot resolve $meta_pkg to a kernel package (is it in the configured apt sources?)" >&2
     exit 1
 fi
 release=${pkg#linux-image-}

@@ -396,6 +396,7 @@ class Vm:
         self._sock: socket.socket | None = None
         self._buf = b""
         self._next_id = 1
+        self._broken: str | None = None
 
     # paths inside the temporary directory
     @property
@@ -485,22 +486,33 @@ class Vm:
                 raise self._fail(f"qemu exited with status {self._proc.returncode} while waiting for {what}")
 
     def run(self, script: str, timeout_s: float = 60.0) -> VmResult:
-        """Run ``script`` with /bin/sh in the guest (cwd /root, PATH /bin) and return its result."""
+        """Run ``script`` with /bin/sh in the guest (cwd /root, PATH /bin) and return its result.
+
+        A script that outlives ``timeout_s`` is killed in the guest (``timed_out``, exit -9) and the
+        VM stays usable. When the VM itself stops answering, it is shut down and VmError raised
+        (with the console tail); later calls fail at once instead of waiting again.
+        """
         if self._sock is None:
-            raise VmError("the VM is not booted")
+            raise VmError(self._broken or "the VM is not booted")
         req_id = self._next_id
         self._next_id += 1
         request = {"op": "run", "id": req_id, "script": script, "timeout_s": timeout_s}
-        self._sock.sendall(json.dumps(request).encode() + b"\n")
-        # The guest gets the script's own timeout plus slack to answer over the serial line.
-        deadline = time.monotonic() + timeout_s + 30
-        begin = self._await(_BEGIN, deadline, f"script {req_id} to start answering")
-        end = self._await(_END, deadline, f"script {req_id} to finish answering")
-        if int(begin.group(1)) != req_id or int(end.group(1)) != req_id:
-            raise self._fail(f"answer for script {begin.group(1)} while waiting for {req_id}")
-        payload = self._buf[begin.end() : end.start()]
-        self._buf = self._buf[end.end() :]
-        result = json.loads(base64.decodebytes(payload))
+        try:
+            self._sock.sendall(json.dumps(request).encode() + b"\n")
+            # The guest kills the script at timeout_s; the slack covers answering over the serial line.
+            deadline = time.monotonic() + timeout_s + 30
+            begin = self._await(_BEGIN, deadline, f"script {req_id} to start answering")
+            end = self._await(_END, deadline, f"script {req_id} to finish answering")
+            if int(begin.group(1)) != req_id or int(end.group(1)) != req_id:
+                raise self._fail(f"answer for script {begin.group(1)} while waiting for {req_id}")
+            payload = self._buf[begin.end() : end.start()]
+            self._buf = self._buf[end.end() :]
+            result = json.loads(base64.decodebytes(payload))
+        except (OSError, ValueError, VmError) as e:
+            error = e if isinstance(e, VmError) else self._fail(f"control channel failed: {e!r}")
+            self._broken = f"the VM was shut down after an earlier failure: {str(error).splitlines()[0]}"
+            self.close(timeout_s=0)
+            raise error from None
         return VmResult(
             stdout=result["stdout"],
             exit_code=result["exit_code"],

@@ -26,9 +26,14 @@ FIGURES: dict[str, object] = {}
 
 
 @pytest.fixture(scope="session")
-def vm():
+def vm_prerequisites():
+    """Skip locally, fail in CI, when qemu, the kernel (scripts/setup-vm.sh) or busybox is missing."""
     missing = vm_support.missing_prerequisites()
     require(not missing, "the cgroup v2 VM: " + "; ".join(missing))
+
+
+@pytest.fixture(scope="session")
+def vm(vm_prerequisites):
     machine = vm_support.Vm(GUEST_FILES)
     start = time.monotonic()
     machine.boot()

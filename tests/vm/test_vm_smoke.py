@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import pathlib
+
+import pytest
+
+from tests.support.vm import Vm, VmError, run_in_vm
+
 # TCG and a host shared with other work make guest timing noisy; these bounds still tell a 0.3
 # CPU quota from 0.7 and from none.
 REL_TOLERANCE = 0.2
@@ -24,6 +30,31 @@ def test_guest_has_a_pure_cgroup2_with_cpu_memory_pids(vm):
 def test_exit_code_and_stderr_come_back(vm):
     result = vm.run("echo out; echo err >&2; exit 7", timeout_s=30)
     assert (result.stdout, result.stderr, result.exit_code) == ("out\n", "err\n", 7)
+
+
+def test_a_script_past_its_timeout_is_killed_and_the_vm_stays_usable(vm):
+    result = vm.run("echo started; sleep 60; echo never", timeout_s=1)
+    assert (result.timed_out, result.exit_code, result.stdout) == (True, -9, "started\n")
+    assert vm.run("echo alive", timeout_s=30).stdout == "alive\n"
+
+
+def test_run_in_vm_ships_files_and_directories(vm_prerequisites):
+    guest_dir = pathlib.Path(__file__).parent / "guest"
+    result = run_in_vm(
+        "cat /opt/t/data.txt; ls /opt/t/tree; /opt/t/tool.sh",
+        files={"/opt/t/data.txt": b"hello\n", "/opt/t/tool.sh": b"#!/bin/sh\nexit 3\n", "/opt/t/tree": guest_dir},
+        timeout_s=30,
+    )
+    shipped = sorted(p.name for p in guest_dir.iterdir() if p.suffix == ".py")
+    assert result.exit_code == 3, result.stderr
+    assert result.stdout.split("\n")[0] == "hello"
+    assert sorted(result.stdout.split("\n")[1:-1]) == shipped, "no __pycache__, every .py file"
+
+
+def test_a_guest_that_cannot_start_fails_with_the_console_tail(vm_prerequisites):
+    with pytest.raises(VmError, match="Kernel panic") as failure:
+        Vm(append="rdinit=/no-such-init", boot_timeout_s=60).boot()
+    assert "console.log" in str(failure.value)
 
 
 def test_cpu_max_written_by_hand_is_enforced(run_driver, figures):
