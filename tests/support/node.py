@@ -252,7 +252,8 @@ class TestNode:
         self.bridge: str | None = None
         self._lock_fd: int | None = None
         self.pods: dict[str, Pod] = {}
-        self.timings_s: dict[str, float] = {}
+        self.timings_s: dict[str, float] = {}  # start-up phases
+        self.pod_start_s: list[float] = []  # run_pod durations (cgroup, sandbox, containers)
         suffix = "" if _NODE_SEQ == 0 else f"-{_NODE_SEQ}"
         _NODE_SEQ += 1
         own = deepest_own_cgroup(pathlib.Path("/proc/self/cgroup").read_text())
@@ -413,8 +414,7 @@ class TestNode:
         except Exception as err:
             self.delete_pod(pod)
             raise self.error(f"starting pod {namespace}/{name} failed: {err}") from err
-        self.timings_s.setdefault("pods", 0.0)
-        self.timings_s["last_pod"] = time.monotonic() - t0
+        self.pod_start_s.append(time.monotonic() - t0)
         return pod
 
     def _create_and_start(self, pod: Pod, spec: ContainerSpec, attempt: int) -> str:
@@ -482,12 +482,16 @@ class TestNode:
         return sorted(p for p in CGROUP_ROOT.iterdir() if p.is_dir() and not p.is_symlink())
 
     def _record_cgroup_ancestors(self) -> None:
-        """Remember which ancestors of our cgroup base do not exist yet, to remove them at stop."""
+        """Remember which ancestors of our cgroup base do not exist yet, to remove them at stop.
+
+        A top-level directory (e.g. cpu/process_api) is shared with other workers' nodes and is
+        left alone: removing it could race with their mkdir below it.
+        """
         parts = [p for p in self.cgroup_base.split("/") if p]
         for hierarchy in self._controllers():
             missing = []
-            path = hierarchy
-            for part in parts[:-1]:
+            path = hierarchy / parts[0] if parts else hierarchy
+            for part in parts[1:-1]:
                 path = path / part
                 if not path.exists():
                     missing.append(path)
