@@ -38,17 +38,19 @@ def test_a_script_past_its_timeout_is_killed_and_the_vm_stays_usable(vm):
     assert vm.run("echo alive", timeout_s=30).stdout == "alive\n"
 
 
-def test_run_in_vm_ships_files_and_directories(vm_prerequisites):
+def test_run_in_vm_ships_files_directories_and_modules(vm_prerequisites):
     guest_dir = pathlib.Path(__file__).parent / "guest"
     result = run_in_vm(
-        "cat /opt/t/data.txt; ls /opt/t/tree; /opt/t/tool.sh",
+        "cat /opt/t/data.txt; grep -c '^veth ' /proc/modules; ls /opt/t/tree; /opt/t/tool.sh",
         files={"/opt/t/data.txt": b"hello\n", "/opt/t/tool.sh": b"#!/bin/sh\nexit 3\n", "/opt/t/tree": guest_dir},
         timeout_s=30,
+        modules=["veth"],
     )
     shipped = sorted(p.name for p in guest_dir.iterdir() if p.suffix == ".py")
     assert result.exit_code == 3, result.stderr
-    assert result.stdout.split("\n")[0] == "hello"
-    assert sorted(result.stdout.split("\n")[1:-1]) == shipped, "no __pycache__, every .py file"
+    lines = result.stdout.split("\n")
+    assert lines[:2] == ["hello", "1"], "file content, then the veth module loaded"
+    assert sorted(lines[2:-1]) == shipped, "no __pycache__, every .py file"
 
 
 def test_a_guest_that_cannot_start_fails_with_the_console_tail(vm_prerequisites):
