@@ -74,6 +74,20 @@ def test_parent_caps_child_so_cgroupctl_raises_the_pod_first(run_driver, figures
     assert r["files_after"] == r["files_before"], changes(r["files_before"], r["files_after"])
 
 
+def test_prepare_pod_raises_before_and_lowers_after_a_runtime_change(run_driver):
+    r = run_driver("pod-change")
+    up, down = r["raise"], r["lower"]
+    # Raise 0.3 -> 0.8: the pod is raised before the runtime touches the container, nothing after.
+    assert up["pod_before_runtime"] == "80000 100000\n"
+    assert [(short(d["path"]), d["value"]) for d in up["before_done"]] == [("pod/cpu.max", "80000 100000")]
+    assert up["finish_done"] == []
+    # Lower 0.8 -> 0.1: the pod keeps its quota until the container has given it back.
+    assert down["pod_before_runtime"] == "80000 100000\n"
+    assert down["before_done"] == []
+    assert [(short(d["path"]), d["value"]) for d in down["finish_done"]] == [("pod/cpu.max", "10000 100000")]
+    assert (down["pod_after"], down["container_after"]) == ("10000 100000\n", "10000 100000\n")
+
+
 def test_memory_max_raise_then_lower_stages_memory_high_first(run_driver, figures):
     r = run_driver("memory-max")
     figures["memory holder usage (32 MiB held): bytes"] = r["usage"]["memory_usage_bytes"]

@@ -134,6 +134,31 @@ def parent_caps_child():
 
 
 @scenario
+def pod_change():
+    """The agent's runtime path: prepare_pod changes the pod around a container change someone
+    else (the runtime, here a plain write) makes; raise then lower."""
+    import cgroupctl
+
+    with g.FakePod({"cpu.max": "30000 100000"}, {"cpu.max": "30000 100000"}) as pod:
+        proc = pod.busy()
+        cg = cgroupctl.locate(pid=proc.pid)
+        report = {}
+        for label, quota in (("raise", 80000), ("lower", 10000)):
+            change = cgroupctl.prepare_pod(cg, cgroupctl.Limits(cpu_quota_us=quota))
+            pod_before_runtime = g.read(pod.pod / "cpu.max")
+            g.write(pod.container / "cpu.max", f"{quota} 100000")
+            finished = change.finish()
+            report[label] = {
+                "pod_before_runtime": pod_before_runtime,
+                "before_done": [d.to_dict() for d in change.before.done],
+                "finish_done": [d.to_dict() for d in finished.done],
+                "pod_after": g.read(pod.pod / "cpu.max"),
+                "container_after": g.read(pod.container / "cpu.max"),
+            }
+        return report
+
+
+@scenario
 def memory_max():
     """Raise and lower memory.max under a process holding 32 MiB, stepping through the lowering
     plan to observe memory.high staged before memory.max."""
