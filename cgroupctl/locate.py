@@ -239,7 +239,8 @@ def locate(*, pid: int | None = None, cgroups_path: str | None = None, proc_root
     From ``pid`` (its /proc/PID/cgroup, resolved against the cgroup mount's root so that a cgroup
     namespace is handled) or, when no pid is given, from the runtime's ``cgroups_path`` (cgroupfs
     ``/kubepods/...`` or systemd ``slice:prefix:name``; looked for directly and then nested a few
-    levels down, as in kind). ``pid`` wins when both are given. Never returns a directory outside the
+    levels down, as in kind). ``pid`` wins when both are given; the cgroups path is the fallback
+    when the process cannot be read. Never returns a directory outside the
     cgroup mount. ``mode`` skips detection when the caller already knows it.
     """
     if pid is None and not cgroups_path:
@@ -249,8 +250,16 @@ def locate(*, pid: int | None = None, cgroups_path: str | None = None, proc_root
     if not hiers:
         raise NotFound(f"none of the controllers {CONTROLLERS} is mounted under {cgroup_root!r}")
     if pid is not None:
-        rels = _from_pid(pid, mode, hiers, proc_root, _read_mounts(proc_root))
-        what = f"process {pid}"
+        try:
+            rels = _from_pid(pid, mode, hiers, proc_root, _read_mounts(proc_root))
+            what = f"process {pid}"
+        except NotFound:
+            if not cgroups_path:
+                raise
+            # The process may have just exited or be invisible from this /proc: the runtime's
+            # path still names the cgroup.
+            rels = _from_cgroups_path(cgroups_path, hiers)
+            what = f"cgroups path {cgroups_path!r}"
     else:
         assert cgroups_path is not None
         rels = _from_cgroups_path(cgroups_path, hiers)

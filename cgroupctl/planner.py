@@ -106,12 +106,20 @@ def _memory_values(v2: bool, d: CgroupDirs | None, files: Mapping[str, str]) -> 
 # ---- emitting ordered writes for one cgroup ----------------------------------------------------
 
 
+_WHY_BY_STAGE = {
+    POD_BEFORE: "pod raised first: a container may not go above its pod",
+    CONTAINER: "the container's new value",
+    POD_AFTER: "pod lowered last: it must stay above the container",
+}
+
+
 class _Emitter:
     def __init__(self, files: Mapping[str, str], texts: Mapping[str, str] | None):
         self.files = files
         self.texts = texts or {}
 
     def write(self, path: str, value: str, stage: str, why: str) -> Write:
+        why = why or _WHY_BY_STAGE[stage]
         return Write(path=path, value=self.texts.get(path, value), previous=self.files.get(path),
                      stage=stage, why=why)
 
