@@ -20,6 +20,10 @@ import sys
 import threading
 import time
 
+# The engine forks helpers (pyroute2 enters pod network namespaces that way); gRPC's fork handlers
+# make those children crash now and then (SIGSEGV), and they have no use here.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 DEFAULT_LISTEN = "unix:///run/kubectl-chaos/agent.sock"
 DEFAULT_STATE_DIR = "/var/lib/kubectl-chaos"
 

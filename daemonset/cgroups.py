@@ -9,10 +9,13 @@ container stage; ``cgroup`` runs the whole plan.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from daemonset.types import UNLIMITED, ApplyFailed, InvalidRequest, Refused, TargetNotFound
+
+log = logging.getLogger("chaos-agent.cgroups")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,19 @@ def engine_error(err: Exception, what: str) -> Exception:
     if isinstance(err, ce.NotFound):
         return TargetNotFound(f"{what}: {err}")
     return ApplyFailed(f"{what}: {err}")
+
+
+def _without_pod_lowering(plan: Any) -> Any:
+    """The plan minus its ``pod-after`` stage, which only ever lowers the pod cgroup.
+
+    Lowering the pod with the container would keep the kubelet's sum, but on cgroup v1 a container
+    the kubelet (re)starts during the experiment gets its spec's quota, which the kernel refuses
+    above a lowered parent (EINVAL): the restart would fail. The container's own limit is what
+    binds; the pod goes back exactly to its original on revert.
+    """
+    import cgroupctl
+
+    return cgroupctl.Plan(tuple(s for s in plan.steps if s.stage != cgroupctl.POD_AFTER))
 
 
 class CgroupOps:
@@ -113,26 +129,30 @@ class CgroupOps:
             raise engine_error(e, what) from e
 
     def set_container(self, cg: Any, *, cpu_quota_us: int | None, memory_limit_bytes: int | None, force: bool) -> None:
-        """The whole plan, pod stages included, by direct writes."""
+        """The plan by direct writes: pod raised first where needed, never lowered (see ``_without_pod_lowering``)."""
         plan = self.plan(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force)
-        self._apply(plan, "writing the cgroup limits")
+        self._apply(_without_pod_lowering(plan), "writing the cgroup limits")
 
     def set_through(self, cg: Any, *, cpu_quota_us: int | None, memory_limit_bytes: int | None, force: bool,
                     runtime_call: Callable[[], None]) -> None:
-        """Pod stage before, ``runtime_call`` for the container, pod stage after; undo the pod on failure."""
+        """Pod stage before, ``runtime_call`` for the container, pod stage after; the pod put back on failure."""
         import cgroupctl
+        from cgroupctl import errors as ce
 
-        plan = self.plan(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force)
-        before = plan.pod_before
-        pod_snapshot = cgroupctl.snapshot(cg, list(before.paths)) if before else None
-        self._apply(before, "raising the pod cgroup")
+        limits = cgroupctl.Limits(cpu_quota_us=_cg_value(cpu_quota_us), memory_limit_bytes=_cg_value(memory_limit_bytes))
+        try:
+            change = cgroupctl.prepare_pod(cg, limits, force=force)
+        except ce.CgroupError as e:
+            raise engine_error(e, "raising the pod cgroup") from e
         try:
             runtime_call()
         except BaseException:
-            if pod_snapshot is not None:
-                cgroupctl.restore(pod_snapshot)
+            try:
+                change.abort()
+            except ce.CgroupError as e:
+                log.error("putting the pod cgroup back after a refused runtime call failed: %s", e)
             raise
-        self._apply(plan.pod_after, "lowering the pod cgroup")
+        # No change.finish(): the pod is never lowered during an experiment (see _without_pod_lowering).
 
     def snapshot(self, cg: Any) -> dict[str, Any]:
         """The exact content of every limit file of the container and its pod, JSON-ready."""
@@ -144,6 +164,12 @@ class CgroupOps:
             return cgroupctl.snapshot(cg, all_limit_paths(cg)).to_dict()
         except ce.CgroupError as e:
             raise engine_error(e, "saving the original cgroup limits") from e
+
+    def from_snapshot(self, snapshot: dict[str, Any]) -> Any:
+        """The cgroups a snapshot was taken of (to read them without asking the runtime)."""
+        from cgroupctl.model import ContainerCgroups
+
+        return ContainerCgroups.from_dict(snapshot["cgroups"])
 
     def refresh_container_snapshot(self, old: dict[str, Any], cg: Any) -> dict[str, Any]:
         """For a re-created container: its own files as they are now (the originals again), the pod's as first saved."""

@@ -354,10 +354,9 @@ class Engine:
             net = record["net"]
             ingress = desired.get(Resource.INGRESS.value)
             egress = desired.get(Resource.EGRESS.value)
-            snapshot = self.net.shape(net["host_ifname"], net["ifb_key"], ingress_bps=ingress, egress_bps=egress)
-            if net.get("snapshot") is None:
-                # Only the first shaping saw the veth as it was; later ones see our own qdiscs.
-                net["snapshot"] = snapshot
+            # The first shaping's snapshot saw the veth as it was; later calls extend it, never replace it.
+            net["snapshot"] = self.net.shape(net["host_ifname"], net["ifb_key"], ingress_bps=ingress,
+                                             egress_bps=egress, snapshot=net.get("snapshot"))
             for r in BANDWIDTH:
                 if desired.get(r.value) is not None:
                     record["methods"][r.value] = Method.NETLINK.value
@@ -430,8 +429,15 @@ class Engine:
             log.error("rollback on %s incomplete: %s", key, e)
 
     def _restore(self, record: dict[str, Any], info: Any | None, cg: Any | None) -> None:
-        """Put the originals back: runtime's view first (so containerd's store matches), then the exact files."""
+        """Put the originals back: the exact cgroup files first (cgroupctl orders pod and container
+        writes so the kernel accepts them), then the runtime's view, so containerd's store matches
+        and a later ``runc update`` re-applies the originals rather than the experiment."""
         errors: list[str] = []
+        if record.get("cgroup_snapshot") is not None:
+            try:
+                self.cgroups.restore(record["cgroup_snapshot"], container_alive=info is not None)
+            except Exception as e:
+                errors.append(f"cgroup restore: {e}")
         if info is not None and record.get("cri_used") and record.get("cri_original"):
             orig = record["cri_original"]
             via_cri = {name for name, m in record["methods"].items() if m == Method.CRI.value}
@@ -445,12 +451,7 @@ class Engine:
                 if fields:
                     self.cri.update_resources(info.id, **fields)
             except Exception as e:
-                errors.append(f"CRI restore: {e}")
-        if record.get("cgroup_snapshot") is not None:
-            try:
-                self.cgroups.restore(record["cgroup_snapshot"], container_alive=info is not None)
-            except Exception as e:
-                errors.append(f"cgroup restore: {e}")
+                errors.append(f"runtime restore: {e}")
         if record.get("net"):
             try:
                 self._unshape(record)
@@ -564,9 +565,11 @@ class Engine:
             t = ResolvedTarget.from_dict(rec["target"])
             if namespace and t.namespace != namespace:
                 continue
+            now = self._in_force_now(rec)
             resources = tuple(
                 ResourceResult(resource=Resource(n), original=rec["original"].get(n, UNLIMITED),
-                               previous=rec["original"].get(n, UNLIMITED), requested=v, in_force=v,
+                               previous=rec["original"].get(n, UNLIMITED), requested=v,
+                               in_force=now.get(Resource(n), v),
                                method=Method(rec["methods"].get(n, Method.AUTO.value)))
                 for n, v in rec["desired"].items()
             )
@@ -574,6 +577,19 @@ class Engine:
                                       started_at=rec["started_at"], expires_at=rec.get("expires_at"),
                                       drift_corrections=rec.get("drift_corrections", 0)))
         return sorted(out, key=lambda e: e.target.key)
+
+    def _in_force_now(self, rec: dict[str, Any]) -> dict[Resource, int]:
+        """What the kernel holds now for an experiment (no runtime call); empty where it cannot be read."""
+        out: dict[Resource, int] = {}
+        try:
+            cg = self.cgroups.from_snapshot(rec["cgroup_snapshot"])
+            readings = self.cgroups.read(cg)
+            out[Resource.CPU] = millicpu_of(readings.cpu_quota_us, readings.cpu_period_us)
+            out[Resource.MEMORY] = readings.memory_limit_bytes
+        except Exception:
+            pass
+        out.update(self._safe_rates(rec))
+        return out
 
     def _result(self, record: dict[str, Any], original_unused: dict[Resource, int], *, previous_values: dict[Resource, int],
                 in_force: dict[Resource, int] | None, dry_run: bool) -> ApplyResult:

@@ -40,12 +40,16 @@ class NetOps:
         except ne.ShapeError as e:
             raise _engine_error(e, f"finding the host veth of pid {pid}") from e
 
-    def shape(self, host_ifname: str, key: str, *, ingress_bps: int | None, egress_bps: int | None) -> dict[str, Any]:
+    def shape(self, host_ifname: str, key: str, *, ingress_bps: int | None, egress_bps: int | None,
+              snapshot: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Shape; ``snapshot`` is what an earlier call returned (kept: it saw the veth as it was)."""
         import netshape
         from netshape import errors as ne
+        from netshape.snapshot import Snapshot
 
         try:
-            snap = netshape.shape(host_ifname, key, ingress_bps=ingress_bps, egress_bps=egress_bps)
+            snap = netshape.shape(host_ifname, key, ingress_bps=ingress_bps, egress_bps=egress_bps,
+                                  snapshot=Snapshot.from_dict(snapshot) if snapshot else None)
         except ne.ShapeError as e:
             raise _engine_error(e, f"shaping {host_ifname}") from e
         return snap.to_dict()
@@ -55,19 +59,19 @@ class NetOps:
         from netshape import errors as ne
         from netshape.snapshot import Snapshot
 
-        snap = Snapshot.from_dict(snapshot) if snapshot is not None else None
+        snap = Snapshot.from_dict(snapshot) if snapshot else Snapshot(host_ifname=host_ifname, target_key=key)
         try:
             netshape.unshape(host_ifname, key, snap)
         except ne.ShapeError as e:
             raise _engine_error(e, f"removing the shaping of {host_ifname}") from e
 
     def read_rates(self, host_ifname: str, key: str) -> tuple[int, int]:
-        """(ingress_bps, egress_bps) in force; UNLIMITED where a direction is not shaped."""
+        """(ingress_bps, egress_bps) fully in force; UNLIMITED where a direction is not shaped (or undone)."""
         import netshape
         from netshape import errors as ne
 
         try:
-            rates = netshape.read_rates(host_ifname, key)
+            rates = netshape.check(host_ifname, key)
         except ne.ShapeError as e:
             raise _engine_error(e, f"reading the rates of {host_ifname}") from e
         return (

@@ -165,6 +165,9 @@ class FakeCgroups:
         return {"cgroups": {"pod": {}}, "files": {"quota": c.quota_us, "memory": c.memory,
                                                   "pod_quota": self.w.pod_quota[(ns, pod)], "id": cg}}
 
+    def from_snapshot(self, snap):
+        return snap["files"]["id"]
+
     def refresh_container_snapshot(self, old, cg):
         new = self.snapshot(cg)
         new["files"]["pod_quota"] = old["files"]["pod_quota"]
@@ -187,7 +190,7 @@ class FakeNet:
     def find_host_veth(self, pid):
         return "veth-fake"
 
-    def shape(self, host, key, *, ingress_bps, egress_bps):
+    def shape(self, host, key, *, ingress_bps, egress_bps, snapshot=None):
         if self.w.shape_fails:
             raise ApplyFailed("shaping veth-fake: netlink says no")
         old = self.w.rates.get(key, (UNLIMITED, UNLIMITED))

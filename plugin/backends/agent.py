@@ -1,0 +1,197 @@
+"""Node-local backend: talk to one node's chaos-agent over its gRPC API (``--agent-address``).
+
+grpc and the generated stubs are imported in ``connect`` only, so ``kubectl-chaos --help`` does not
+pay for them; nothing here imports ``kubernetes``.
+
+For a TCP address the agent requires TLS with a client certificate: give the files in
+``KUBECTL_CHAOS_TLS_CA``, ``KUBECTL_CHAOS_TLS_CERT`` and ``KUBECTL_CHAOS_TLS_KEY``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from plugin.backends import (
+    RESOURCE_BANDWIDTH_EGRESS,
+    RESOURCE_BANDWIDTH_INGRESS,
+    RESOURCE_CPU,
+    RESOURCE_MEMORY,
+    ApplyResult,
+    ChaosRequest,
+    Connection,
+    ExperimentStatus,
+    ResetResult,
+    ResourceChange,
+    TargetResult,
+)
+from plugin.errors import BackendError, UsageError, one_line
+
+# What gRPC says when nothing answers at the address (as opposed to an agent answering UNAVAILABLE
+# because the container runtime does not).
+_TRANSPORT_FAILURES = ("failed to connect", "Connection refused", "No such file", "Socket closed", "connection reset",
+                       "Permission denied", "DNS resolution failed")
+_TLS_ENV = ("KUBECTL_CHAOS_TLS_CA", "KUBECTL_CHAOS_TLS_CERT", "KUBECTL_CHAOS_TLS_KEY")
+
+
+def connect(conn: Connection) -> AgentBackend:
+    return AgentBackend(conn)
+
+
+def _when(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+class AgentBackend:
+    """The plugin's Backend over the agent's Apply / Revert / List."""
+
+    def __init__(self, conn: Connection):
+        import grpc
+
+        from daemonset.api.gen import agent_pb2, agent_pb2_grpc
+
+        assert conn.agent_address is not None
+        self._grpc = grpc
+        self._pb = agent_pb2
+        self.address = conn.agent_address
+        self.timeout_s = conn.timeout_s
+        target = self.address.grpc_target
+        if self.address.scheme == "unix":
+            self._channel = grpc.insecure_channel(target)
+        else:
+            missing = [v for v in _TLS_ENV if not os.environ.get(v)]
+            if missing:
+                raise UsageError(
+                    f"the agent at {target} is reached over TCP, which needs TLS with a client certificate: "
+                    f"set {', '.join(missing)} (or use a unix:// address on the node)"
+                )
+            ca, cert, key = (open(os.environ[v], "rb").read() for v in _TLS_ENV)
+            creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+            self._channel = grpc.secure_channel(target, creds)
+        self._stub = agent_pb2_grpc.AgentStub(self._channel)
+        self._resource_names = {
+            agent_pb2.RESOURCE_CPU: RESOURCE_CPU,
+            agent_pb2.RESOURCE_MEMORY: RESOURCE_MEMORY,
+            agent_pb2.RESOURCE_INGRESS: RESOURCE_BANDWIDTH_INGRESS,
+            agent_pb2.RESOURCE_EGRESS: RESOURCE_BANDWIDTH_EGRESS,
+        }
+        self._method_names = {
+            agent_pb2.METHOD_AUTO: "auto",
+            agent_pb2.METHOD_CRI: "cri",
+            agent_pb2.METHOD_CGROUP: "cgroup",
+            agent_pb2.METHOD_NETLINK: "tc",
+        }
+
+    # -- plumbing --
+
+    def _call(self, method: Any, request: Any, what: str) -> Any:
+        grpc = self._grpc
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else None
+            details = one_line((err.details() if hasattr(err, "details") else "") or str(code))
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise BackendError(f"the chaos-agent at {self.address} did not answer {what} within "
+                                   f"{self.timeout_s:g}s") from None
+            if code == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _TRANSPORT_FAILURES):
+                raise BackendError(f"cannot reach the chaos-agent at {self.address}: {details}") from None
+            raise BackendError(f"{what} failed: {details}") from None
+
+    def _value(self, q: Any) -> int | None:
+        return None if q.unlimited else q.value
+
+    def _change(self, r: Any, *, expires_at: datetime | None, dry_run: bool, kind: str) -> ResourceChange:
+        return ResourceChange(
+            resource=self._resource_names.get(r.resource, str(r.resource)),
+            previous=self._value(r.previous),
+            requested=self._value(r.requested),
+            read_back=None if dry_run else self._value(r.in_force),
+            method=self._method_names.get(r.method, "auto"),
+            expires_at=expires_at,
+        )
+
+    def _target(self, req: ChaosRequest) -> Any:
+        if req.selector is not None:
+            raise UsageError("-l/--selector needs cluster mode; with --agent-address name one pod")
+        return self._pb.Target(namespace=req.namespace or "default", pod=req.pod or "", container=req.container or "")
+
+    # -- Backend --
+
+    def default_namespace(self) -> str:
+        return "default"
+
+    def apply(self, req: ChaosRequest) -> ApplyResult:
+        pb = self._pb
+        changes = pb.Changes()
+        if req.cpu_millicpu is not None:
+            changes.cpu_millicpu = req.cpu_millicpu
+        if req.memory_bytes is not None:
+            changes.memory_bytes = req.memory_bytes
+        if req.ingress_bps is not None:
+            changes.ingress_bps = req.ingress_bps
+        if req.egress_bps is not None:
+            changes.egress_bps = req.egress_bps
+        request = pb.ApplyRequest(
+            target=self._target(req),
+            changes=changes,
+            method={"auto": pb.METHOD_AUTO, "cri": pb.METHOD_CRI, "cgroup": pb.METHOD_CGROUP}[req.method],
+            force=req.force,
+            dry_run=req.dry_run,
+        )
+        if req.duration_s is not None:
+            request.duration_s = req.duration_s
+        resp = self._call(self._stub.Apply, request, "apply")
+        expires = _when(resp.expires_at_unix_s) if resp.HasField("expires_at_unix_s") else None
+        t = resp.target
+        return ApplyResult(
+            targets=(TargetResult(
+                namespace=t.namespace, pod=t.pod, container=t.container, node=t.node_name or None,
+                experiment_id=resp.experiment_id or None,
+                changes=tuple(self._change(r, expires_at=expires, dry_run=resp.dry_run, kind="apply")
+                              for r in resp.resources),
+            ),),
+            dry_run=resp.dry_run,
+        )
+
+    def reset(self, req: ChaosRequest) -> ResetResult:
+        resp = self._call(self._stub.Revert, self._pb.RevertRequest(target=self._target(req), dry_run=req.dry_run),
+                          "reset")
+        t = resp.target
+        return ResetResult(
+            targets=(TargetResult(
+                namespace=t.namespace, pod=t.pod, container=t.container, node=t.node_name or None,
+                changes=tuple(self._change(r, expires_at=None, dry_run=resp.dry_run, kind="reset")
+                              for r in resp.resources),
+            ),),
+            dry_run=resp.dry_run,
+        )
+
+    def status(self, namespace: str | None) -> Sequence[ExperimentStatus]:
+        resp = self._call(self._stub.List, self._pb.ListRequest(namespace=namespace or ""), "status")
+        out = []
+        for e in resp.experiments:
+            expires = _when(e.expires_at_unix_s) if e.HasField("expires_at_unix_s") else None
+            changes = tuple(
+                ResourceChange(
+                    resource=self._resource_names.get(r.resource, str(r.resource)),
+                    previous=self._value(r.original),
+                    requested=self._value(r.requested),
+                    read_back=self._value(r.in_force),
+                    method=self._method_names.get(r.method, "auto"),
+                    expires_at=expires,
+                )
+                for r in e.resources
+            )
+            t = e.target
+            out.append(ExperimentStatus(
+                namespace=t.namespace, pod=t.pod, container=t.container, changes=changes, node=t.node_name or None,
+                experiment_id=e.experiment_id, started_at=_when(e.started_at_unix_s),
+                message=f"{e.drift_corrections} drift correction(s)" if e.drift_corrections else "",
+            ))
+        return out
+
+    def close(self) -> None:
+        self._channel.close()
