@@ -20,8 +20,15 @@ def _cri_api() -> tuple[Callable[[pathlib.Path], list[pathlib.Path]], Callable[[
     return generate.generate, lambda written, out: REPO_ROOT / written.relative_to(out)
 
 
+def _agent_api() -> tuple[Callable[[pathlib.Path], list[pathlib.Path]], Callable[[pathlib.Path, pathlib.Path], pathlib.Path]]:
+    from daemonset.api import generate
+
+    return generate.generate, lambda written, out: generate.GEN_DIR / written.relative_to(out)
+
+
 GENERATORS = {
     "cri_api (python -m cri_api.generate)": _cri_api,
+    "agent API (python -m daemonset.api.generate)": _agent_api,
 }
 
 
