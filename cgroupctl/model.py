@@ -77,7 +77,8 @@ class Limits:
     ``memory_swap_limit_bytes`` has the CRI meaning: memory plus swap (v1 memory.memsw.limit_in_bytes;
     on v2 cgroupctl writes memory.swap.max = this minus the memory limit). When a request leaves it
     ``None``, a memory change keeps the swap allowance the container has (containerd sets memsw equal
-    to the memory limit: no swap, and it stays so).
+    to the memory limit: no swap, and it stays so). A container gaining its first memory limit
+    while its swap is unlimited gets no swap (memsw = the limit on v1, memory.swap.max 0 on v2).
 
     ``cpu_shares``, ``cpu_weight`` and ``memory_high_bytes`` are reported by ``read_limits`` only:
     they are requests or throttles, not limits, and ``plan`` refuses to set them.
@@ -118,11 +119,11 @@ class Usage:
     (the kubelet's working set: usage minus inactive file pages)."""
 
     cpu_usage_ns: int | None = None
-    nr_periods: int | None = None
     nr_throttled: int | None = None
     throttled_ns: int | None = None
     memory_usage_bytes: int | None = None
     memory_unreclaimable_bytes: int | None = None
+    nr_periods: int | None = None
 
     @property
     def memory_reclaimable_bytes(self) -> int | None:

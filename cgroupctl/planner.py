@@ -343,10 +343,14 @@ def _swap_total(request: Limits, cur: Mapping[str, LimitValue], new_limit: Limit
     if "swap" not in cur:
         return None
     cur_limit, swap = cur["limit"], cur["swap"]
-    if v2:
-        return None  # memory.swap.max is independent of memory.max: leave it
     if swap is UNLIMITED:
+        if cur_limit is UNLIMITED and new_limit is not UNLIMITED:
+            # A container gaining its first memory limit gets no swap, as containerd sets it up
+            # for a container created with a limit; else swap would blunt the new limit.
+            return new_limit
         return None
+    if v2:
+        return None  # a finite memory.swap.max is independent of memory.max: leave it
     if new_limit is UNLIMITED:
         return UNLIMITED
     if cur_limit is UNLIMITED:

@@ -227,3 +227,19 @@ def test_cpu_use_tracks_the_new_quota(tree, millicpu):
     # The quota caps use; a loaded machine (locally) may give less. CI runs alone: 5% of the quota.
     low = 0.05 if in_ci() else 0.5
     assert quota * (1 - low) <= used <= quota * 1.05, f"used {used:.3f} CPU with a quota of {quota} CPU"
+
+
+def test_restore_puts_back_unlimited_exactly_as_the_kernel_showed_it(tree):
+    child = tree.start("alloc", 4 * MiB)
+    # A container without a memory limit: memsw first, then the limit (the kernel's order).
+    tree.set("ctr", "memory.memsw.limit_in_bytes", -1)
+    tree.set("ctr", "memory.limit_in_bytes", -1)
+    tree.set("ctr", "cpu.cfs_quota_us", -1)
+    cg = locate(pid=child.pid)
+    original = snapshot(cg)
+    assert read_limits(cg).memory_limit_bytes is UNLIMITED and read_limits(cg).cpu_quota_us is UNLIMITED
+    set_limits(cg, Limits(cpu_quota_us=20000, memory_limit_bytes=64 * MiB))
+    assert tree.read("ctr", "memory.memsw.limit_in_bytes") == str(64 * MiB)
+    restore(original)
+    assert _all_files(cg) == original.files
+    assert tree.read("ctr", "memory.limit_in_bytes") == original.files[str(tree.ctr["memory"] / "memory.limit_in_bytes")]

@@ -289,3 +289,16 @@ def test_restore_below_usage_is_refused_unless_forced():
     with pytest.raises(BelowUsage):
         plan_restore(after, snap)
     assert plan_restore(after, snap, force=True)
+
+
+def test_a_first_memory_limit_comes_without_swap_as_containerd_sets_it():
+    p = plan(v1_state(ctr_mem=UNLIMITED, ctr_memsw=UNLIMITED, pod_mem=UNLIMITED), Limits(memory_limit_bytes=64 * MiB))
+    assert table(p) == [(CONTAINER, "ctr", "memory.limit_in_bytes", str(64 * MiB)),
+                        (CONTAINER, "ctr", "memory.memsw.limit_in_bytes", str(64 * MiB))]
+    p = plan(v2_state(ctr_max="max", ctr_swap="max", pod_max="max"), Limits(memory_limit_bytes=64 * MiB))
+    assert table(p) == [(CONTAINER, "ctr", "memory.high", str(64 * MiB)), ("container", "ctr", "memory.current", 64 * MiB),
+                        (CONTAINER, "ctr", "memory.max", str(64 * MiB)), (CONTAINER, "ctr", "memory.high", "max"),
+                        (CONTAINER, "ctr", "memory.swap.max", "0")]
+    # An explicitly unlimited swap beside a finite limit is left as it is.
+    p = plan(v1_state(ctr_memsw=UNLIMITED, pod_mem=UNLIMITED), Limits(memory_limit_bytes=64 * MiB))
+    assert table(p) == [(CONTAINER, "ctr", "memory.limit_in_bytes", str(64 * MiB))]
