@@ -49,8 +49,12 @@ def write_file(path: str, value: str) -> None:
         meaning = _meaning(path, e.errno or 0)
         raise WriteFailed(f"cannot open {path} to write {value!r}: {meaning}", path=path, value=value,
                           errno=e.errno, meaning=meaning) from None
+    data = value.encode()
     try:
-        os.write(fd, value.encode())
+        written = os.write(fd, data)
+        if written != len(data):
+            raise WriteFailed(f"short write to {path}: {written} of {len(data)} bytes of {value!r}", path=path,
+                              value=value, meaning="short write")
     except OSError as e:
         meaning = _meaning(path, e.errno or 0)
         raise WriteFailed(f"writing {value!r} to {path} failed with {errno_mod.errorcode.get(e.errno or 0, e.errno)}:"
@@ -125,14 +129,20 @@ def apply(plan: Plan) -> Applied:
             read_back = _write_and_verify(step.path, step.value)
             written.append(step)
             done.append(Done(path=step.path, value=step.value, read_back=read_back))
-        except CgroupError as e:
+        except (CgroupError, OSError) as raised:
+            e = raised if isinstance(raised, CgroupError) else WriteFailed(
+                f"{step.path}: {raised.strerror or raised}", path=step.path,
+                value=getattr(step, "value", ""), errno=raised.errno,
+                meaning=_meaning(step.path, raised.errno or 0))
             if isinstance(e, WriteFailed) and e.meaning == "read-back differs":
                 written.append(step)  # the kernel took something: put the old value back too
             failures = _rollback(written)
             note = (f"; rolled back {len(written)} earlier write(s)" if not failures
                     else f"; ROLLBACK FAILED, cgroup left changed: {'; '.join(failures)}")
             e.args = (f"{e.args[0] if e.args else e}{note if written else ''}",)
-            raise
+            if e is raised:
+                raise
+            raise e from raised
     return Applied(done=tuple(done), elapsed_s=time.perf_counter() - started)
 
 
