@@ -605,7 +605,8 @@ class FakeKubeAPI:
             raise ApiError(400, "BadRequest", str(e)) from None
 
     def create(self, obj: dict, namespace: str | None = None, *, field_validation: str = "",
-               warnings: list[str] | None = None) -> dict:
+               warnings: list[str] | None = None, dry_run: bool = False, keep_uid: bool = False) -> dict:
+        """Create ``obj``. ``keep_uid`` (tests seeding pods that mirror real ones) keeps its uid."""
         rtype = self._type_of(obj)
         obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
@@ -639,11 +640,14 @@ class FakeKubeAPI:
                     ("namespaces", "", namespace) not in self._objects:
                 raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found',
                                {"name": namespace, "kind": "namespaces"})
-            meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(),
-                        resourceVersion=str(self._next_rv()))
+            uid = meta.get("uid") if keep_uid and meta.get("uid") else str(uuid.uuid4())
+            meta.update(uid=uid, creationTimestamp=_now())
             meta.pop("deletionTimestamp", None)
             if rtype.custom:
                 meta["generation"] = 1
+            if dry_run:
+                return copy.deepcopy(obj)
+            meta["resourceVersion"] = str(self._next_rv())
             self._objects[key] = obj
             self._record("ADDED", key, obj, None)
             return copy.deepcopy(obj)
@@ -679,7 +683,7 @@ class FakeKubeAPI:
 
     def update(self, rtype: ResourceType, namespace: str | None, name: str, obj: dict,
                subresource: str | None = None, *, require_rv: bool = True, field_validation: str = "",
-               warnings: list[str] | None = None) -> dict:
+               warnings: list[str] | None = None, dry_run: bool = False) -> dict:
         with self._lock:
             key = (rtype.group_resource, namespace or "", name)
             current = self._objects.get(key)
@@ -729,8 +733,8 @@ class FakeKubeAPI:
                         raise ApiError(422, "Invalid", f'{rtype.group_resource} "{name}" is being deleted: '
                                        f"no new finalizers can be added: {sorted(added)}")
             new = self._admit(rtype, new, field_validation, warnings)
-            if new == current:
-                return copy.deepcopy(current)
+            if new == current or dry_run:
+                return copy.deepcopy(new)
             if rtype.custom and {k: v for k, v in new.items() if k not in ("metadata", "status")} != \
                     {k: v for k, v in current.items() if k not in ("metadata", "status")}:
                 new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
@@ -1075,22 +1079,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     "metadata": {"resourceVersion": str(rv)}, "items": items}
         if body is None and r.verb in ("create", "update", "patch"):
             raise ApiError(400, "BadRequest", "the request body is empty")
+        dry_run = q.get("dryRun") == "All"
+        if q.get("dryRun") not in (None, "All"):
+            raise ApiError(400, "BadRequest", f"unsupported dryRun value {q.get('dryRun')!r}; accepted: All")
         if r.verb == "create":
-            if q.get("dryRun"):
-                raise ApiError(400, "BadRequest", "dryRun is not supported by the fake API server")
             body.setdefault("apiVersion", r.rtype.group_version)
             body.setdefault("kind", r.rtype.kind)
             if body.get("kind") != r.rtype.kind:
                 raise ApiError(400, "BadRequest", f"the kind {body.get('kind')!r} does not match {r.rtype.kind!r}")
-            return api.create(body, r.namespace, field_validation=validation, warnings=warnings)
+            return api.create(body, r.namespace, field_validation=validation, warnings=warnings, dry_run=dry_run)
         if r.verb == "update":
             return api.update(r.rtype, r.namespace, r.name, body, r.subresource, field_validation=validation,
-                              warnings=warnings)
+                              warnings=warnings, dry_run=dry_run)
         if r.verb == "patch":
             return api.patch(r.rtype, r.namespace, r.name, body, self.headers.get("Content-Type", ""),
-                             r.subresource, require_rv=False, field_validation=validation, warnings=warnings)
+                             r.subresource, require_rv=False, field_validation=validation, warnings=warnings,
+                             dry_run=dry_run)
         if r.subresource:
             raise ApiError(405, "MethodNotAllowed", "DELETE on a subresource is not allowed")
+        if dry_run:
+            return api.get(r.rtype, r.namespace, r.name)
         return api.delete(r.rtype, r.namespace, r.name, (body or {}).get("preconditions"))
 
     def _watch(self, r: _Request, user: str) -> None:
@@ -1108,7 +1116,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._chunk(event)
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
+        except (OSError, ssl.SSLError):  # the client went away (closed its watch)
             pass
         self.close_connection = True
 

@@ -1,0 +1,307 @@
+"""Cluster mode end to end: the kubectl-chaos executable -> fake API server -> the agent's
+controller -> the engine -> real containerd and real cgroups on the test node -> status -> output.
+
+The pods in the fake API mirror real pods on the test node (same namespace, name and uid;
+``spec.nodeName`` is the agent's node). The agent authenticates with its own token, bound to the
+manifests' own ClusterRole, and the plugin runs as a user bound to the manifests' user role, so
+RBAC mistakes in the manifests fail here. Effects are checked in the cgroup files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from daemonset import crd
+from tests.cluster.conftest import MANIFESTS
+from tests.support.node import ContainerSpec
+
+NODE = "test-node"
+KUBECTL_CHAOS = os.path.join(os.path.dirname(sys.executable), "kubectl-chaos")
+
+
+def role(file: str, name: str) -> dict:
+    return next(d for d in yaml.safe_load_all((MANIFESTS / file).read_text())
+                if d and d["kind"] == "ClusterRole" and d["metadata"]["name"] == name)
+
+
+class Agent:
+    """The agent's two halves in this process: the engine on the real node and the controller."""
+
+    def __init__(self, node, fakeapi, workdir: pathlib.Path):
+        from kubernetes import config
+
+        self.node = node
+        self.state_dir = workdir / "state"
+        token = fakeapi.add_user("system:serviceaccount:kubectl-chaos:chaos-agent")
+        fakeapi.bind("system:serviceaccount:kubectl-chaos:chaos-agent", role("rbac.yaml", "kubectl-chaos-agent"))
+        path = fakeapi.write_kubeconfig(workdir / "agent-kubeconfig",
+                                        [("system:serviceaccount:kubectl-chaos:chaos-agent", token)])
+        self.client = config.new_client_from_config(config_file=path)
+        self.engine = None
+        self.controller = None
+
+    def start(self) -> Agent:
+        from cri_api import RuntimeClient
+        from daemonset.controller import Controller
+        from daemonset.engine import Engine
+
+        self.engine = Engine(RuntimeClient(str(self.node.socket)), state_dir=str(self.state_dir), node_name=NODE,
+                             drift_interval_s=1.0)
+        self.engine.start()
+        self.controller = Controller(self.engine, self.client, NODE, state_dir=str(self.state_dir), resync_s=5.0,
+                                     watch_timeout_s=30)
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+@pytest.fixture
+def cluster(node, fakeapi, tmp_path):
+    """(fakeapi, agent, run): ``run(*args)`` runs kubectl-chaos as user alice (the user role, in "shop")."""
+    fakeapi.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+    token = fakeapi.add_user("alice")
+    fakeapi.bind("alice", role("user-role.yaml", "kubectl-chaos-user"), namespace="shop")
+    kubeconfig = fakeapi.write_kubeconfig(tmp_path / "alice-kubeconfig", [("alice", token)], namespace="shop")
+    agent = Agent(node, fakeapi, tmp_path).start()
+
+    def run(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "KUBECONFIG": kubeconfig}
+        return subprocess.run([KUBECTL_CHAOS, *args], env=env, capture_output=True, text=True, timeout=timeout_s)
+
+    try:
+        yield fakeapi, agent, run
+    finally:
+        agent.stop()
+
+
+def mirror(fakeapi, pod, *, node: str = NODE, labels: dict | None = None, annotations: dict | None = None) -> dict:
+    """Put a real test-node pod into the fake API, as a kubelet-registered pod would be."""
+    return fakeapi.create({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid, "labels": labels or {},
+                     "annotations": annotations or {}},
+        "spec": {"nodeName": node, "containers": [{"name": n, "image": "busybox"} for n in pod.specs]},
+        "status": {"phase": "Running"},
+    }, keep_uid=True)
+
+
+def quota_us(pod, container: str = "app") -> int:
+    return int((pod.container_cgroup_dir("cpu", container) / "cpu.cfs_quota_us").read_text())
+
+
+def memory_limit(pod, container: str = "app") -> int:
+    return int((pod.container_cgroup_dir("memory", container) / "memory.limit_in_bytes").read_text())
+
+
+def chaos_objects(fakeapi, namespace: str = "shop") -> list[dict]:
+    return fakeapi.list(fakeapi.resource_type(crd.GROUP, crd.PLURAL), namespace)[0]
+
+
+def events(fakeapi, pod_name: str, namespace: str = "shop") -> list[tuple[str, str]]:
+    items = fakeapi.list(fakeapi.resource_type("", "events"), namespace)[0]
+    items.sort(key=lambda e: int(e["metadata"]["resourceVersion"]))
+    return [(e["reason"], e["message"]) for e in items if e["involvedObject"]["name"] == pod_name]
+
+
+def wait_for(condition, timeout_s: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def test_apply_status_reset_through_the_api(cluster, pods):
+    fakeapi, agent, run = cluster
+    pod = pods.run("web-1", "shop", [ContainerSpec(cpu_millicpu=1000, memory_bytes=256 * 2**20)])
+    mirror(fakeapi, pod)
+    assert quota_us(pod) == 100_000
+
+    out = run("--set-cpu=500m", "--set-memory=128Mi", "web-1")
+    assert out.returncode == 0, out.stderr
+    assert quota_us(pod) == 50_000
+    assert memory_limit(pod) == 128 * 2**20
+    assert "500m" in out.stdout and "128Mi" in out.stdout, out.stdout
+
+    (obj,) = chaos_objects(fakeapi)
+    assert obj["metadata"]["name"] == "web-1.app"
+    assert obj["metadata"]["ownerReferences"][0]["uid"] == pod.uid
+    assert obj["metadata"]["finalizers"] == [crd.finalizer_for(NODE)]
+    (entry,) = obj["status"]["targets"]
+    assert entry["phase"] == "Applied" and entry["node"] == NODE and entry["container"] == "app"
+    changes = {c["resource"]: c for c in entry["changes"]}
+    assert changes["cpu"]["original"] == 1000 and changes["cpu"]["applied"] == 500
+    assert changes["memory"]["original"] == 256 * 2**20 and changes["memory"]["applied"] == 128 * 2**20
+    assert obj["status"]["phase"] == "Applied"
+    assert [reason for reason, _ in events(fakeapi, "web-1")] == ["Applied"]
+
+    status = run("status", "-o", "json")
+    assert status.returncode == 0, status.stderr
+    assert "web-1" in status.stdout
+
+    # A second change on the same container goes on top; the originals stay the first ones.
+    out = run("--set-cpu=250m", "web-1")
+    assert out.returncode == 0, out.stderr
+    assert quota_us(pod) == 25_000
+    assert memory_limit(pod) == 128 * 2**20
+
+    out = run("--reset", "web-1")
+    assert out.returncode == 0, out.stderr
+    assert quota_us(pod) == 100_000
+    assert memory_limit(pod) == 256 * 2**20
+    assert chaos_objects(fakeapi) == []
+    assert [reason for reason, _ in events(fakeapi, "web-1")] == ["Applied", "Applied", "Reverted"]
+
+    out = run("--reset", "web-1")
+    assert out.returncode == 1 and "no experiment on pod shop/web-1" in out.stderr
+
+
+def test_delete_while_agent_down_reverts_on_restart(cluster, pods):
+    fakeapi, agent, run = cluster
+    pod = pods.run("web-2", "shop", [ContainerSpec(cpu_millicpu=800)])
+    mirror(fakeapi, pod)
+    out = run("--set-cpu=200m", "web-2")
+    assert out.returncode == 0, out.stderr
+    assert quota_us(pod) == 20_000
+
+    agent.stop()
+    rtype = fakeapi.resource_type(crd.GROUP, crd.PLURAL)
+    fakeapi.delete(rtype, "shop", "web-2.app")
+    held = fakeapi.get(rtype, "shop", "web-2.app")  # the agent's finalizer holds it
+    assert held["metadata"]["deletionTimestamp"]
+    assert quota_us(pod) == 20_000
+
+    agent.start()
+    wait_for(lambda: quota_us(pod) == 80_000, what="the revert after the restart")
+    wait_for(lambda: chaos_objects(fakeapi) == [], what="the object to be removed")
+
+
+def test_restart_keeps_experiment_and_reset_still_works(cluster, pods):
+    fakeapi, agent, run = cluster
+    pod = pods.run("web-3", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, pod)
+    assert run("--set-cpu=300m", "web-3").returncode == 0
+    agent.stop()
+    agent.start()
+    assert agent.controller.idle(10)
+    assert quota_us(pod) == 30_000  # still in force, not re-applied twice, not reverted
+    assert [reason for reason, _ in events(fakeapi, "web-3")] == ["Applied"]
+    out = run("--reset", "web-3")
+    assert out.returncode == 0, out.stderr
+    assert quota_us(pod) == 100_000
+
+
+def test_duration_expires_and_status_says_so(cluster, pods):
+    fakeapi, agent, run = cluster
+    pod = pods.run("web-4", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, pod)
+    out = run("--set-cpu=400m", "--duration=2s", "web-4")
+    assert out.returncode == 0, out.stderr
+    assert quota_us(pod) == 40_000
+    wait_for(lambda: quota_us(pod) == 100_000, timeout_s=8, what="the expiry")
+    rtype = fakeapi.resource_type(crd.GROUP, crd.PLURAL)
+    obj = wait_for(lambda: (o := fakeapi.get(rtype, "shop", "web-4.app"))["status"]["phase"] == "Reverted"
+                   and not o["metadata"].get("finalizers") and o, what="status Reverted and the finalizer dropped")
+    assert "expired" in obj["status"]["targets"][0]["message"]
+
+
+def test_deleting_the_pod_deletes_its_experiment(cluster, pods):
+    fakeapi, agent, run = cluster
+    pod = pods.run("web-5", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, pod)
+    assert run("--set-cpu=500m", "web-5").returncode == 0
+    pod.delete()  # the kubelet's part
+    fakeapi.delete(fakeapi.resource_type("", "pods"), "shop", "web-5")  # the API's part; GC follows
+    wait_for(lambda: chaos_objects(fakeapi) == [], what="the garbage-collected experiment to go")
+    assert agent.engine.list("shop") == []
+
+
+def test_selector_targets_many_pods(cluster, pods):
+    fakeapi, agent, run = cluster
+    web = [pods.run(f"many-{i}", "shop", [ContainerSpec(cpu_millicpu=1000)]) for i in range(2)]
+    other = pods.run("other", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    for p in web:
+        mirror(fakeapi, p, labels={"app": "many"})
+    mirror(fakeapi, other, labels={"app": "other"})
+    out = run("--set-cpu=600m", "-l", "app=many", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    assert [quota_us(p) for p in web] == [60_000, 60_000]
+    assert quota_us(other) == 100_000
+    (obj,) = chaos_objects(fakeapi)
+    assert sorted(t["pod"] for t in obj["status"]["targets"]) == ["many-0", "many-1"]
+    out = run("--reset", "-l", "app=many")
+    assert out.returncode == 0, out.stderr
+    assert [quota_us(p) for p in web] == [100_000, 100_000]
+
+
+def test_default_container_annotation_and_errors_list_what_exists(cluster, pods):
+    fakeapi, agent, run = cluster
+    pod = pods.run("duo", "shop", [ContainerSpec(name="main", cpu_millicpu=1000),
+                                   ContainerSpec(name="side", cpu_millicpu=1000)])
+    mirror(fakeapi, pod, annotations={crd.DEFAULT_CONTAINER_ANNOTATION: "side"})
+    out = run("--set-cpu=500m", "-c", "nope", "duo")
+    assert out.returncode == 1 and "main, side" in out.stderr, out.stderr
+    out = run("--set-cpu=500m", "nope-pod")
+    assert out.returncode == 1 and "pods in shop:" in out.stderr and "duo" in out.stderr, out.stderr
+    out = run("--set-cpu=500m", "duo")
+    assert out.returncode == 0, out.stderr
+    assert quota_us(pod, "side") == 50_000 and quota_us(pod, "main") == 100_000
+    assert run("--reset", "duo").returncode == 0
+
+
+def test_an_agent_that_never_answers(cluster):
+    fakeapi, agent, run = cluster
+    fakeapi.create({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "lonely", "namespace": "shop"},
+                    "spec": {"nodeName": "node-without-agent", "containers": [{"name": "app"}]},
+                    "status": {"phase": "Running"}})
+    started = time.monotonic()
+    out = run("--set-cpu=500m", "--timeout=2s", "lonely")
+    assert out.returncode == 1
+    assert time.monotonic() - started < 15
+    assert "no answer from the chaos-agent on node node-without-agent within 2s" in out.stderr, out.stderr
+    assert "removed the ResourceChaos again" in out.stderr
+    assert chaos_objects(fakeapi) == []
+
+
+def test_rbac_refusals_are_one_line(cluster, tmp_path):
+    fakeapi, agent, run = cluster
+    token = fakeapi.add_user("bob")  # no rights at all
+    path = fakeapi.write_kubeconfig(tmp_path / "bob", [("bob", token)], namespace="shop")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "KUBECONFIG": path}
+    out = subprocess.run([KUBECTL_CHAOS, "--set-cpu=500m", "web-1"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip().count("\n") == 0
+    assert 'not allowed: pods "web-1" is forbidden: User "bob" cannot get resource "pods"' in out.stderr
+
+
+def test_status_lists_across_namespaces_as_admin(cluster, pods, kubeconfig, tmp_path):
+    fakeapi, agent, run = cluster
+    pod = pods.run("web-6", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, pod)
+    assert run("--set-cpu=700m", "web-6").returncode == 0
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "KUBECONFIG": kubeconfig}
+    out = subprocess.run([KUBECTL_CHAOS, "status", "-A", "-o", "json"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert "web-6" in json.dumps(data)
+    assert run("--reset", "web-6").returncode == 0
