@@ -207,8 +207,8 @@ def _pod_target(pod_cur: LimitValue, ctr_cur: LimitValue, ctr_new: LimitValue) -
     """The pod keeps what it had beyond this container's part: pod_new = pod + (new - old), and never
     less than the container's new limit. An unlimited pod stays so; an unlimited container makes the
     pod unlimited (or the pod would still cap it)."""
-    if pod_cur is UNLIMITED:
-        return UNLIMITED
+    if pod_cur is UNLIMITED or ctr_new == ctr_cur:
+        return pod_cur
     if ctr_new is UNLIMITED:
         return UNLIMITED
     assert isinstance(pod_cur, int) and isinstance(ctr_new, int)

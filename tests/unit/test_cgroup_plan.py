@@ -302,3 +302,8 @@ def test_a_first_memory_limit_comes_without_swap_as_containerd_sets_it():
     # An explicitly unlimited swap beside a finite limit is left as it is.
     p = plan(v1_state(ctr_memsw=UNLIMITED, pod_mem=UNLIMITED), Limits(memory_limit_bytes=64 * MiB))
     assert table(p) == [(CONTAINER, "ctr", "memory.limit_in_bytes", str(64 * MiB))]
+
+
+def test_changing_only_the_period_of_an_unlimited_container_leaves_the_pod_alone():
+    assert table(plan(v1_state(ctr_q=UNLIMITED), Limits(cpu_period_us=50000))) == [
+        (CONTAINER, "ctr", "cpu.cfs_period_us", "50000")]
