@@ -143,3 +143,26 @@ def test_to_dict_round_trip():
     proc_root, cgroup_root = _roots("hybrid-systemd-containerd")
     cg = locate(pid=4242, proc_root=proc_root, cgroup_root=cgroup_root)
     assert ContainerCgroups.from_dict(cg.to_dict()) == cg
+
+
+def test_committed_fixture_trees_are_what_build_py_makes(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cgroup_fixture_build", FIXTURES / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    build.main(str(tmp_path))
+
+    def tree(root: pathlib.Path) -> dict[str, str]:
+        out = {}
+        for path in sorted(root.rglob("*")):
+            rel = str(path.relative_to(root))
+            if rel.startswith("build.py") or "__pycache__" in rel:
+                continue
+            if path.is_symlink():
+                out[rel] = "-> " + os.readlink(path)
+            elif path.is_file():
+                out[rel] = path.read_text()
+        return out
+
+    assert tree(tmp_path) == tree(FIXTURES)
