@@ -232,7 +232,7 @@ class Engine:
             self._check_bandwidth_owner(record)
 
         if req.dry_run:
-            return self._result(record, previous, previous_values=previous, in_force=None, dry_run=True)
+            return self._result(record, set(changes), previous_values=previous, in_force=None, dry_run=True)
 
         record["phase"] = "applying"
         self.store.save(target.key, record)
@@ -257,7 +257,7 @@ class Engine:
                 r.value, target.describe(), _fmt(r, previous[r]), _fmt(r, in_force[r]), record["methods"][r.value],
                 f", expires at {_iso(record['expires_at'])}" if record.get("expires_at") else "",
             )
-        return self._result(record, previous, previous_values=previous, in_force=in_force, dry_run=False)
+        return self._result(record, set(changes), previous_values=previous, in_force=in_force, dry_run=False)
 
     def _new_record(self, req: ApplyRequest, info: Any, target: ResolvedTarget, cg: Any, before: Readings,
                     changes: dict[Resource, int]) -> dict[str, Any]:
@@ -591,11 +591,14 @@ class Engine:
         out.update(self._safe_rates(rec))
         return out
 
-    def _result(self, record: dict[str, Any], original_unused: dict[Resource, int], *, previous_values: dict[Resource, int],
+    def _result(self, record: dict[str, Any], changed: set[Resource], *, previous_values: dict[Resource, int],
                 in_force: dict[Resource, int] | None, dry_run: bool) -> ApplyResult:
+        """The resources this request changed (others of the experiment stay as they were)."""
         resources = []
         for name, want in record["desired"].items():
             r = Resource(name)
+            if r not in changed:
+                continue
             resources.append(ResourceResult(
                 resource=r,
                 original=record["original"].get(name, UNLIMITED),
