@@ -1,0 +1,191 @@
+"""The agent's gRPC surface and its state store, without a runtime: conversions, status codes,
+socket handling, flags, atomic records."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from daemonset import agent as agent_main
+from daemonset.api.gen import agent_pb2, agent_pb2_grpc
+from daemonset.server import ListenError, apply_request_from_pb, clear_stale_socket, serve, unix_path
+from daemonset.state import StateStore
+from daemonset.types import (
+    UNLIMITED,
+    ApplyResult,
+    Conflict,
+    Denied,
+    ExperimentInfo,
+    InvalidRequest,
+    Method,
+    Refused,
+    ResolvedTarget,
+    Resource,
+    ResourceResult,
+    RevertResult,
+    RuntimeUnavailable,
+    TargetNotFound,
+)
+
+TARGET = ResolvedTarget("default", "web", "app", "c" * 64, "uid", "n1")
+
+
+class ScriptedEngine:
+    """Answers with a fixed result or raises a given engine error; records what it was asked."""
+
+    def __init__(self):
+        self.raise_error: Exception | None = None
+        self.seen = []
+
+    def apply(self, req):
+        self.seen.append(req)
+        if self.raise_error:
+            raise self.raise_error
+        return ApplyResult("e1", TARGET, (ResourceResult(Resource.CPU, 500, 500, 200, 200, Method.CRI),), 1.5e9)
+
+    def revert(self, req):
+        self.seen.append(req)
+        if self.raise_error:
+            raise self.raise_error
+        return RevertResult(TARGET, (ResourceResult(Resource.INGRESS, UNLIMITED, 8000, UNLIMITED, UNLIMITED,
+                                                    Method.NETLINK),), True)
+
+    def list(self, namespace=None):
+        self.seen.append(namespace)
+        return [ExperimentInfo("e1", TARGET, (), 1.0, None, 2)]
+
+
+@pytest.fixture
+def served(tmp_path):
+    engine = ScriptedEngine()
+    sock = tmp_path / "a.sock"
+    server = serve(engine, f"unix://{sock}", max_workers=4)
+    channel = grpc.insecure_channel(f"unix://{sock}")
+    try:
+        yield engine, agent_pb2_grpc.AgentStub(channel), channel, sock
+    finally:
+        channel.close()
+        server.stop(0)
+
+
+def test_apply_round_trip(served):
+    engine, stub, _, _ = served
+    req = agent_pb2.ApplyRequest(target=agent_pb2.Target(namespace="default", pod="web"),
+                                 changes=agent_pb2.Changes(cpu_millicpu=200, egress_bps=8000), duration_s=30,
+                                 method=agent_pb2.METHOD_CGROUP, dry_run=True)
+    resp = stub.Apply(req, timeout=5)
+    seen = engine.seen[0]
+    assert seen.target.container is None and seen.changes.cpu_millicpu == 200 and seen.changes.memory_bytes is None
+    assert seen.changes.egress_bps == 8000 and seen.duration_s == 30 and seen.method is Method.CGROUP and seen.dry_run
+    assert resp.experiment_id == "e1" and resp.target.container == "app" and resp.expires_at_unix_s == 1.5e9
+    [r] = resp.resources
+    assert (r.resource, r.previous.value, r.in_force.value, r.method) == (
+        agent_pb2.RESOURCE_CPU, 500, 200, agent_pb2.METHOD_CRI)
+
+
+def test_revert_and_list_round_trip(served):
+    engine, stub, _, _ = served
+    resp = stub.Revert(agent_pb2.RevertRequest(target=agent_pb2.Target(namespace="default", pod="web")), timeout=5)
+    assert resp.was_active and resp.resources[0].in_force.unlimited and resp.resources[0].previous.value == 8000
+    listed = stub.List(agent_pb2.ListRequest(namespace="default"), timeout=5)
+    assert listed.experiments[0].drift_corrections == 2 and not listed.experiments[0].HasField("expires_at_unix_s")
+    assert engine.seen[-1] == "default"
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (InvalidRequest("bad"), grpc.StatusCode.INVALID_ARGUMENT),
+        (TargetNotFound("no pod"), grpc.StatusCode.NOT_FOUND),
+        (Denied("denied"), grpc.StatusCode.PERMISSION_DENIED),
+        (Refused("below usage"), grpc.StatusCode.FAILED_PRECONDITION),
+        (Conflict("shaped elsewhere"), grpc.StatusCode.ABORTED),
+        (RuntimeUnavailable("no runtime"), grpc.StatusCode.UNAVAILABLE),
+        (RuntimeError("boom"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_errors_become_status_codes_and_server_keeps_serving(served, error, code):
+    engine, stub, channel, _ = served
+    engine.raise_error = error
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Apply(agent_pb2.ApplyRequest(target=agent_pb2.Target(namespace="default", pod="web")), timeout=5)
+    assert err.value.code() == code and str(error) in err.value.details()
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="kubectl_chaos.agent.v1.Agent"))
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_socket_is_0600(served):
+    *_, sock = served
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+
+
+def test_request_conversion_rejects_missing_target_and_unknown_method():
+    with pytest.raises(InvalidRequest, match="target is missing"):
+        apply_request_from_pb(agent_pb2.ApplyRequest())
+    with pytest.raises(InvalidRequest, match="method 9"):
+        apply_request_from_pb(agent_pb2.ApplyRequest(target=agent_pb2.Target(namespace="a", pod="b"), method=9))
+    with pytest.raises(InvalidRequest, match="METHOD_NETLINK|accepted"):
+        apply_request_from_pb(agent_pb2.ApplyRequest(target=agent_pb2.Target(namespace="a", pod="b"),
+                                                     method=agent_pb2.METHOD_NETLINK))
+
+
+def test_stale_socket_removed_live_one_refused(tmp_path):
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # bound, never listening: what a killed agent leaves
+    clear_stale_socket(str(stale))
+    assert not stale.exists()
+    live = tmp_path / "live.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(live))
+    server.listen(1)
+    try:
+        with pytest.raises(ListenError, match="another process is serving"):
+            clear_stale_socket(str(live))
+    finally:
+        server.close()
+    regular = tmp_path / "file"
+    regular.write_text("x")
+    with pytest.raises(ListenError, match="not a socket"):
+        clear_stale_socket(str(regular))
+
+
+def test_tcp_needs_tls():
+    with pytest.raises(ListenError, match="needs TLS"):
+        serve(ScriptedEngine(), "127.0.0.1:0")
+    with pytest.raises(SystemExit):
+        agent_main.parse_args(["--listen", "127.0.0.1:9999"])
+
+
+def test_flags_and_defaults(monkeypatch):
+    monkeypatch.setenv("NODE_NAME", "n7")
+    monkeypatch.setenv("POD_NAMESPACE", "chaos-system")
+    args = agent_main.parse_args([])
+    assert args.listen == "unix:///run/kubectl-chaos/agent.sock" and args.state_dir == "/var/lib/kubectl-chaos"
+    assert args.node_name == "n7" and args.deny_namespaces == "kube-system,chaos-system"
+    assert unix_path("unix:///run/x.sock") == "/run/x.sock" and unix_path("unix:rel.sock") == "rel.sock"
+    assert unix_path("10.0.0.1:5") is None
+
+
+def test_state_store_atomic_and_tolerant(tmp_path):
+    store = StateStore(tmp_path)
+    store.save("default/web/app", {"phase": "active", "n": 1})
+    store.save("default/web/app", {"phase": "active", "n": 2})
+    [rec] = list(store.load_all())
+    assert rec["n"] == 2 and rec["key"] == "default/web/app"
+    files = os.listdir(store.root)
+    assert len(files) == 1 and stat.S_IMODE(os.stat(store.root / files[0]).st_mode) == 0o600
+    # leftovers of a write interrupted before its rename, and a torn record, do not stop a start
+    (store.root / ".tmp-abc.json.123").write_text("{partial")
+    (store.root / "broken.json").write_text("{not json")
+    assert [r["n"] for r in store.load_all()] == [2]
+    assert not (store.root / ".tmp-abc.json.123").exists() and (store.root / "broken.corrupt").exists()
+    store.delete("default/web/app")
+    store.delete("default/web/app")  # idempotent
+    assert list(store.load_all()) == []
