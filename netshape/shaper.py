@@ -63,13 +63,38 @@ def shape(
         )
         before = snapshot or Snapshot(host_ifname=host_ifname, target_key=target_key)
         snap = before
+        root_was_ours = False
+        ifb_existed = s.link(ifb_name(target_key)) is not None
         try:
             if ingress_plan is not None:
-                snap = _shape_root(s, veth, ingress_plan, snap)
+                objects = _root_objects(s, veth.index)
+                root = _root(objects)
+                root_was_ours = root is not None and root.handle == OUR_ROOT_HANDLE
+                if not snap.root_taken:
+                    # Ours already there but no snapshot handed in: what was before is unknown,
+                    # and the kernel's default is the best we can restore.
+                    saved = None if root_was_ours else record_root(veth.ifname, objects)
+                    snap = dataclasses.replace(snap, root_taken=True, root_before=saved)
+                _install(s, veth, ingress_plan, root)
             if egress_plan is not None:
-                snap = _shape_egress(s, veth, ifb_name(target_key), egress_plan, snap)
+                if not snap.ingress_taken:
+                    created = _ingress_qdisc(s.qdiscs(veth.index)) is None
+                    snap = dataclasses.replace(snap, ingress_taken=True, ingress_qdisc_created=created)
+                _shape_egress(s, veth, ifb_name(target_key), egress_plan)
         except ShapeError:
-            _undo_new(s, host_ifname, target_key, before, snap)
+            # Take back what this call set up; leave what earlier calls did.
+            try:
+                _unshape(
+                    s,
+                    host_ifname,
+                    target_key,
+                    snap,
+                    root=ingress_plan is not None and not before.root_taken and not root_was_ours,
+                    ingress=egress_plan is not None and not before.ingress_taken and not ifb_existed,
+                    delete_ifb=not ifb_existed,
+                )
+            except ShapeError:
+                log.exception("undoing a failed shape of %s", host_ifname)
             raise
     return snap
 
@@ -77,8 +102,10 @@ def shape(
 def unshape(host_ifname: str, target_key: str, snapshot: Snapshot, *, netns: str | None = None) -> None:
     """Put the veth back as the snapshot recorded and delete our IFB. Idempotent.
 
-    A missing veth (the pod was deleted) counts as already restored; our IFB is deleted anyway.
-    Qdiscs and filters that are not ours are never touched.
+    Whatever is recognisably ours goes, also where the snapshot does not record taking it (an
+    agent that lost its state passes ``Snapshot(host_ifname, target_key)``: our root qdisc then
+    gives way to the kernel's default). A missing veth (the pod was deleted) counts as already
+    restored; our IFB is deleted anyway. Qdiscs and filters that are not ours are never touched.
     """
     with _nl.session(netns) as s:
         _unshape(s, host_ifname, target_key, snapshot)
@@ -194,19 +221,6 @@ def _root_objects(s: _nl.Session, index: int) -> list[TcObject]:
     return qdiscs + s.classes(index) + s.filters(index, root.handle)
 
 
-def _shape_root(s: _nl.Session, veth: _nl.Link, plan: DirectionPlan, snap: Snapshot) -> Snapshot:
-    objects = _root_objects(s, veth.index)
-    root = _root(objects)
-    ours = root is not None and root.handle == OUR_ROOT_HANDLE
-    if not snap.root_taken:
-        # Ours already there but no snapshot handed in: what was before is unknown, and
-        # the kernel's default is the best we can restore.
-        before = None if ours else record_root(veth.ifname, objects)
-        snap = dataclasses.replace(snap, root_taken=True, root_before=before)
-    _install(s, veth, plan, root)
-    return snap
-
-
 def _ingress_qdisc(qdiscs: list[TcObject]) -> TcObject | None:
     return next((q for q in qdiscs if q.parent == TC_H_INGRESS), None)
 
@@ -231,7 +245,7 @@ def _our_filters(s: _nl.Session, veth_index: int, ifb_index: int | None, links: 
     return found
 
 
-def _shape_egress(s: _nl.Session, veth: _nl.Link, ifb_ifname: str, plan: DirectionPlan, snap: Snapshot) -> Snapshot:
+def _shape_egress(s: _nl.Session, veth: _nl.Link, ifb_ifname: str, plan: DirectionPlan) -> None:
     ifb = s.link(ifb_ifname)
     if ifb is not None and ifb.kind != "ifb":
         raise ShapeError(f"device {ifb_ifname} exists in {s.where} but is a {ifb.kind}, not an ifb; not touching it")
@@ -241,7 +255,6 @@ def _shape_egress(s: _nl.Session, veth: _nl.Link, ifb_ifname: str, plan: Directi
         s.set_up(ifb)
     _install(s, ifb, plan, _root(s.qdiscs(ifb.index)))
 
-    created = False
     ingress = _ingress_qdisc(s.qdiscs(veth.index))
     if ingress is not None and ingress.kind not in _nl.INGRESS_FILTER_PARENT:
         raise ShapeError(f"{veth.ifname} has an ingress-side qdisc {ingress.kind} netshape cannot add a filter to")
@@ -256,7 +269,6 @@ def _shape_egress(s: _nl.Session, veth: _nl.Link, ifb_ifname: str, plan: Directi
             kind="ingress",
             options=None,
         )
-        created = True
     if not _our_filters(s, veth.index, ifb.index, s.links()):
         s.add_redirect_filter(
             f"adding the redirect from {veth.ifname} to {ifb.ifname}",
@@ -266,29 +278,37 @@ def _shape_egress(s: _nl.Session, veth: _nl.Link, ifb_ifname: str, plan: Directi
             to_index=ifb.index,
             classid=OUR_CLASS_ID,
         )
-    if not snap.ingress_taken:
-        snap = dataclasses.replace(snap, ingress_taken=True, ingress_qdisc_created=created)
-    return snap
 
 
-def _unshape(s: _nl.Session, host_ifname: str, target_key: str, snapshot: Snapshot, delete_ifb: bool = True) -> None:
+def _unshape(
+    s: _nl.Session,
+    host_ifname: str,
+    target_key: str,
+    snapshot: Snapshot,
+    *,
+    root: bool = True,
+    ingress: bool = True,
+    delete_ifb: bool = True,
+) -> None:
+    """Remove what is recognisably ours (``root``/``ingress`` pick the directions), putting
+    back what the snapshot recorded."""
     veth = s.link(host_ifname)
     ifb = s.link(ifb_name(target_key))
     if ifb is not None and ifb.kind != "ifb":
         ifb = None
-    if veth is not None and snapshot.ingress_taken:
+    if veth is not None and ingress:
         _delete_our_filters(s, veth, ifb)
-        ingress = _ingress_qdisc(s.qdiscs(veth.index))
+        hook = _ingress_qdisc(s.qdiscs(veth.index))
         if (
             snapshot.ingress_qdisc_created
-            and ingress is not None
-            and ingress.kind == "ingress"
+            and hook is not None
+            and hook.kind == "ingress"
             and not _ingress_filters(s, veth.index)
         ):
             s.delete_qdisc(f"deleting the ingress qdisc of {veth.ifname}", index=veth.index, parent=TC_H_INGRESS)
-    if veth is not None and snapshot.root_taken:
-        root = _root(s.qdiscs(veth.index))
-        if root is not None and root.handle == OUR_ROOT_HANDLE:
+    if veth is not None and root:
+        current = _root(s.qdiscs(veth.index))
+        if current is not None and current.handle == OUR_ROOT_HANDLE:
             saved = snapshot.root_before
             if saved is None:
                 s.delete_qdisc(f"deleting our qdisc at the root of {veth.ifname}", index=veth.index, parent=TC_H_ROOT)
@@ -303,15 +323,20 @@ def _unshape(s: _nl.Session, host_ifname: str, target_key: str, snapshot: Snapsh
                     kind=saved.kind,
                     options=saved.options if saved.options_hex else None,
                 )
-        elif root is not None and not (
-            snapshot.root_before is not None
-            and (root.kind, root.handle) == (snapshot.root_before.kind, snapshot.root_before.handle)
+        elif (
+            snapshot.root_taken
+            and current is not None
+            and current.handle != 0
+            and not (
+                snapshot.root_before is not None
+                and (current.kind, current.handle) == (snapshot.root_before.kind, snapshot.root_before.handle)
+            )
         ):
             log.warning(
                 "root qdisc of %s is %s %s, not ours: someone replaced it; leaving it alone",
                 veth.ifname,
-                root.kind,
-                fmt_handle(root.handle),
+                current.kind,
+                fmt_handle(current.handle),
             )
     if ifb is not None and delete_ifb:
         s.delete_link(ifb)
@@ -336,19 +361,6 @@ def _delete_our_filters(s: _nl.Session, veth: _nl.Link, ifb: _nl.Link | None) ->
         return
     for f in ours:
         s.delete_filter(f"deleting our redirect filter on {veth.ifname}", f, index=veth.index)
-
-
-def _undo_new(s: _nl.Session, host_ifname: str, target_key: str, before: Snapshot, after: Snapshot) -> None:
-    """After a failed shape: take back the directions this call took over, keep earlier ones."""
-    undo = dataclasses.replace(
-        after,
-        root_taken=after.root_taken and not before.root_taken,
-        ingress_taken=after.ingress_taken and not before.ingress_taken,
-    )
-    try:
-        _unshape(s, host_ifname, target_key, undo, delete_ifb=not before.ingress_taken)
-    except ShapeError:
-        log.exception("undoing a failed shape of %s", host_ifname)
 
 
 def _our_rate_bps(s: _nl.Session, index: int) -> int | None:

@@ -266,3 +266,26 @@ def test_root_qdisc_handle_is_ours(pair):
     snap = _shape(pair, ingress_bps=10_000_000)
     assert any(h == OUR_ROOT_HANDLE for _k, h, _p, _o in _root_options(pair))
     _unshape(pair, snap)
+
+
+def test_unshape_without_snapshot_removes_what_is_ours(pair):
+    before, links_before = pair.dumps(), pair.host_links()
+    _shape(pair, ingress_bps=10_000_000, egress_bps=10_000_000)
+    _unshape(pair, netshape.Snapshot(pair.host_ifname, KEY))  # the agent lost its state
+    # The ingress qdisc we added stays (the snapshot that said we added it is lost), empty.
+    assert pair.dumps().replace("qdisc ingress ffff: parent ffff:fff1 ---------------- \n", "") == before
+    assert pair.host_links() == links_before
+
+
+def test_failed_shape_takes_back_only_its_own_part(pair):
+    first = _shape(pair, egress_bps=10_000_000)
+    state = pair.dumps()
+    pair.tc("qdisc", "add", "dev", pair.host_ifname, "root", "handle", "1:", "htb")
+    pair.tc("class", "add", "dev", pair.host_ifname, "parent", "1:", "classid", "1:1", "htb", "rate", "1mbit")
+    with pytest.raises(netshape.Unrestorable):
+        _shape(pair, ingress_bps=10_000_000, egress_bps=20_000_000, snapshot=first)
+    # Egress shaping from the first call is intact.
+    assert netshape.check(pair.host_ifname, KEY, netns=pair.host_ns) == netshape.Rates(None, 10_000_000)
+    pair.tc("qdisc", "del", "dev", pair.host_ifname, "root")
+    assert pair.dumps() == state
+    _unshape(pair, first)
