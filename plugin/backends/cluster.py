@@ -42,7 +42,7 @@ class ClusterBackend:
     """The Backend protocol over the Kubernetes API (see plugin.backends)."""
 
     def __init__(self, conn: Connection, *, api_client: Any = None):
-        from kubernetes import client, config
+        from kubernetes import config
 
         self.conn = conn
         self.timeout_s = conn.timeout_s
@@ -55,8 +55,7 @@ class ClusterBackend:
                                f"{', context ' + conn.context if conn.context else ''}): {e}") from None
         # Fail fast on an unreachable API server instead of retrying for long.
         self.client.configuration.retries = 1
-        self.core = client.CoreV1Api(self.client)
-        self.custom = client.CustomObjectsApi(self.client)
+        self.api = _Kube(self.client)
 
     def default_namespace(self) -> str:
         return self._namespace
@@ -99,12 +98,12 @@ class ClusterBackend:
             if created:
                 body = crd.build(namespace, spec, name=crd.object_name(req.pod, spec.container) if req.pod else None,
                                  owners=pods, selector_text=req.selector)
-                obj = self.custom.create_namespaced_custom_object(crd.GROUP, crd.VERSION, namespace, crd.PLURAL, body)
+                obj = self.api.request("POST", _chaos_path(namespace), body=body)
             else:
-                obj = self.custom.patch_namespaced_custom_object(
-                    crd.GROUP, crd.VERSION, namespace, crd.PLURAL, existing["metadata"]["name"],
-                    {"metadata": {"resourceVersion": existing["metadata"]["resourceVersion"]},
-                     "spec": _spec_patch(spec)})
+                obj = self.api.request("PATCH", _chaos_path(namespace, existing["metadata"]["name"]),
+                                       body={"metadata": {"resourceVersion": existing["metadata"]["resourceVersion"]},
+                                             "spec": _spec_patch(spec)},
+                                       content_type="application/merge-patch+json")
             name = obj["metadata"]["name"]
             generation = obj["metadata"].get("generation", 1)
             expected = {p["metadata"]["name"]: p for p in pods}
@@ -150,7 +149,7 @@ class ClusterBackend:
                 if req.dry_run:
                     results.extend(_reset_results(namespace, obj, obj, dry_run=True))
                     continue
-                self.custom.delete_namespaced_custom_object(crd.GROUP, crd.VERSION, namespace, crd.PLURAL, name)
+                self.api.request("DELETE", _chaos_path(namespace, name))
                 last, timed_out = self._wait(namespace, name, obj, lambda o: False, until_deleted=True)
                 if timed_out:
                     nodes = sorted({e.get("node", "?") for e in (last.get("status") or {}).get("targets") or []})
@@ -163,10 +162,7 @@ class ClusterBackend:
 
     def status(self, namespace: str | None) -> Sequence[ExperimentStatus]:
         with _api_errors(self):
-            if namespace is None:
-                listing = self.custom.list_cluster_custom_object(crd.GROUP, crd.VERSION, crd.PLURAL)
-            else:
-                listing = self.custom.list_namespaced_custom_object(crd.GROUP, crd.VERSION, namespace, crd.PLURAL)
+            listing = self.api.request("GET", _chaos_path(namespace))
         out = []
         for obj in listing["items"]:
             ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
@@ -198,21 +194,11 @@ class ClusterBackend:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def _get_json(self, fn, *args, **kwargs) -> dict:
-        resp = fn(*args, _preload_content=False, **kwargs)
-        if not 200 <= resp.status <= 299:
-            from kubernetes.client.exceptions import ApiException
-
-            raise ApiException(status=resp.status, reason=_status_message(resp.data))
-        return json.loads(resp.data)
-
     def _target_pods(self, namespace: str, req: ChaosRequest) -> list[dict]:
-        from kubernetes.client.exceptions import ApiException
-
         if req.pod is not None:
             try:
-                pod = self._get_json(self.core.read_namespaced_pod, req.pod, namespace)
-            except ApiException as e:
+                pod = self.api.request("GET", f"/api/v1/namespaces/{namespace}/pods/{req.pod}")
+            except ApiError as e:
                 if e.status != 404:
                     raise
                 raise BackendError(f"pod {namespace}/{req.pod} not found; {self._pods_hint(namespace)}") from None
@@ -222,7 +208,7 @@ class ClusterBackend:
             crd.parse_selector(req.selector or "")
         except crd.SpecError as e:
             raise BackendError(str(e)) from None
-        listing = self._get_json(self.core.list_namespaced_pod, namespace, label_selector=req.selector)
+        listing = self.api.request("GET", f"/api/v1/namespaces/{namespace}/pods", query={"labelSelector": req.selector})
         pods = [p for p in listing["items"] if not p["metadata"].get("deletionTimestamp")]
         if not pods:
             raise BackendError(f"no pod in {namespace} matches -l {req.selector}; {self._pods_hint(namespace)}")
@@ -234,7 +220,7 @@ class ClusterBackend:
     def _pods_hint(self, namespace: str) -> str:
         try:
             names = sorted(p["metadata"]["name"] for p in
-                           self._get_json(self.core.list_namespaced_pod, namespace)["items"])
+                           self.api.request("GET", f"/api/v1/namespaces/{namespace}/pods")["items"])
         except Exception:
             return f"(cannot list the pods of {namespace})"
         if not names:
@@ -243,17 +229,14 @@ class ClusterBackend:
         return f"pods in {namespace}: {shown}"
 
     def _list_experiments(self, namespace: str) -> list[dict]:
-        return self.custom.list_namespaced_custom_object(crd.GROUP, crd.VERSION, namespace, crd.PLURAL)["items"]
+        return self.api.request("GET", _chaos_path(namespace))["items"]
 
     def _find(self, namespace: str, req: ChaosRequest, container: str | None) -> dict | None:
         """The ResourceChaos this request continues: same pod and container, or the same selector."""
-        from kubernetes.client.exceptions import ApiException
-
         if req.pod is not None:
             try:
-                return self.custom.get_namespaced_custom_object(crd.GROUP, crd.VERSION, namespace, crd.PLURAL,
-                                                                crd.object_name(req.pod, container))
-            except ApiException as e:
+                return self.api.request("GET", _chaos_path(namespace, crd.object_name(req.pod, container)))
+            except ApiError as e:
                 if e.status == 404:
                     return None
                 raise
@@ -275,9 +258,6 @@ class ClusterBackend:
 
     def _wait(self, namespace: str, name: str, obj: dict, done, *, until_deleted: bool = False) -> tuple[dict, bool]:
         """Watch the object until ``done(obj)`` (or it is deleted); (last object seen, timed out?)."""
-        from kubernetes.client.exceptions import ApiException
-        from kubernetes.watch.watch import iter_resp_lines
-
         deadline = time.monotonic() + self.timeout_s
         last = obj
         rv = obj["metadata"]["resourceVersion"]
@@ -288,21 +268,18 @@ class ClusterBackend:
             if left <= 0:
                 return last, True
             expired = False
-            resp = self.custom.list_namespaced_custom_object(
-                crd.GROUP, crd.VERSION, namespace, crd.PLURAL, field_selector=f"metadata.name={name}", watch=True,
-                resource_version=rv, timeout_seconds=max(1, math.ceil(left)), _preload_content=False,
-                _request_timeout=(10, left + 10))
+            resp = self.api.request("GET", _chaos_path(namespace), stream=True, timeout_s=left + 10, query={
+                "fieldSelector": f"metadata.name={name}", "watch": "true", "resourceVersion": rv,
+                "timeoutSeconds": str(max(1, math.ceil(left)))})
             try:
-                if not 200 <= resp.status <= 299:
-                    raise ApiException(status=resp.status, reason=_status_message(resp.data))
-                for line in iter_resp_lines(resp):
+                for line in _lines(resp):
                     if not line.strip():
                         continue
                     event = json.loads(line)
                     current = event.get("object") or {}
                     if event.get("type") == "ERROR":
                         if current.get("code") != 410:
-                            raise ApiException(status=current.get("code"), reason=current.get("message"))
+                            raise ApiError(current.get("code", 500), current.get("message", "watch failed"))
                         expired = True  # our resource version is too old: read the object afresh
                         break
                     rv = current["metadata"].get("resourceVersion", rv)
@@ -315,9 +292,8 @@ class ClusterBackend:
                 resp.release_conn()
             if expired:
                 try:
-                    last = self.custom.get_namespaced_custom_object(crd.GROUP, crd.VERSION, namespace, crd.PLURAL,
-                                                                    name)
-                except ApiException as e:
+                    last = self.api.request("GET", _chaos_path(namespace, name))
+                except ApiError as e:
                     if e.status == 404 and until_deleted:
                         return last, False
                     raise
@@ -330,8 +306,7 @@ class ClusterBackend:
         if existing is None:
             body = crd.build(namespace, spec, name=crd.object_name(req.pod, spec.container) if req.pod else None,
                              owners=pods, selector_text=req.selector)
-            self.custom.create_namespaced_custom_object(crd.GROUP, crd.VERSION, namespace, crd.PLURAL, body,
-                                                        dry_run="All")
+            self.api.request("POST", _chaos_path(namespace), body=body, query={"dryRun": "All"})
         results = list(failed)
         for pod in pods:
             pod_name = pod["metadata"]["name"]
@@ -343,9 +318,67 @@ class ClusterBackend:
 
     def _delete_quietly(self, namespace: str, name: str) -> None:
         try:
-            self.custom.delete_namespaced_custom_object(crd.GROUP, crd.VERSION, namespace, crd.PLURAL, name)
+            self.api.request("DELETE", _chaos_path(namespace, name))
         except Exception:
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+
+class ApiError(Exception):
+    """An error answer of the API server: its status code and the Status message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class _Kube:
+    """Plain JSON requests through the kubeconfig's ApiClient (its auth, TLS and proxy settings).
+
+    The generated API classes are not used: ``CoreV1Api`` alone takes about 0.6 s to import (it
+    builds hundreds of pydantic models), more than everything else this command does.
+    """
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    def request(self, method: str, path: str, *, query: dict[str, str] | None = None, body: Any = None,
+                content_type: str = "application/json", stream: bool = False, timeout_s: float | None = None) -> Any:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        method, url, headers, body, _ = self.client.param_serialize(
+            method, path, query_params=list((query or {}).items()) or None, header_params=headers, body=body,
+            auth_settings=["BearerToken"])
+        resp = self.client.call_api(method, url, headers, body,
+                                    _request_timeout=(10, timeout_s) if timeout_s else (10, 60))
+        if not 200 <= resp.status <= 299:
+            raise ApiError(resp.status, _status_message(resp.read()))
+        if stream:
+            return resp.response
+        return json.loads(resp.read())
+
+
+def _chaos_path(namespace: str | None, name: str | None = None) -> str:
+    base = f"/apis/{crd.GROUP}/{crd.VERSION}"
+    path = f"{base}/namespaces/{namespace}/{crd.PLURAL}" if namespace else f"{base}/{crd.PLURAL}"
+    return f"{path}/{name}" if name else path
+
+
+def _lines(resp: Any):
+    """The JSON lines of a watch stream."""
+    pending = b""
+    for chunk in resp.stream(amt=None, decode_content=False):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.decode()
+    if pending.strip():
+        yield pending.decode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,14 +491,11 @@ class _api_errors:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is None or isinstance(exc, BackendError):
             return False
-        from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
         host = self.backend.client.configuration.host
-        if isinstance(exc, ApiException):
-            message = exc.reason
-            if exc.body:
-                message = _status_message(exc.body.encode() if isinstance(exc.body, str) else exc.body)
+        if isinstance(exc, ApiError):
+            message = exc.message
             if exc.status == 401:
                 raise BackendError(f"the API server at {host} does not accept these credentials (401): {message}") \
                     from None

@@ -409,7 +409,7 @@ class RequestRecord:
     user: str | None
     code: int
     content_type: str = ""
-    extra: dict = field(default_factory=dict)
+    at_s: float = field(default_factory=time.monotonic)  # when the answer went out
 
 
 class FakeKubeAPI:
