@@ -29,7 +29,7 @@ TARGET_KEY = "bench/bandwidth"
 def measure(vp, direction: str, rate_bps: int) -> float:
     # At 1 Mbit/s a second carries only ~80 packets and the receiver reads them in bunches, so a
     # longer window keeps the bunching out of the figure.
-    duration_s, omit_s = (10, 2) if rate_bps <= 1_000_000 else (3, 1)
+    duration_s, omit_s = (15, 2) if rate_bps <= 1_000_000 else (3, 1)
     if direction == "ingress":  # into the pod: the host sends
         return iperf3_goodput_bps(
             server_ns=vp.pod_ns, client_ns=vp.host_ns, server_addr=POD_ADDR, duration_s=duration_s, omit_s=omit_s
