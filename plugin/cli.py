@@ -26,7 +26,7 @@ from plugin.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ChaosError, UsageErr
 from plugin.output import FORMATS, render_result, render_status
 from plugin.request import Flags, build_connection, build_invocation, check_namespace
 
-__all__ = ["PROG", "COMPLETE_VAR", "cli", "main", "make_cli"]
+__all__ = ["PROG", "COMPLETE_VAR", "cli", "complete_main", "kubectl_complete", "main", "make_cli"]
 
 PROG = "kubectl-chaos"
 COMPLETE_VAR = "_KUBECTL_CHAOS_COMPLETE"
@@ -79,6 +79,7 @@ Exit status:
 \b
 Shell completion:
   source <(kubectl-chaos completion bash)      (or zsh, fish)
+  kubectl chaos <TAB> (kubectl >= 1.26) runs kubectl_complete-chaos, installed with kubectl-chaos
 """
 
 
@@ -98,6 +99,10 @@ class _ChaosGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         prog_name = prog_name or PROG
         complete_var = complete_var or COMPLETE_VAR
+        words = sys.argv[1:] if args is None else list(args)
+        if standalone_mode and words[:1] == [COBRA_COMPLETE]:
+            # cobra's hidden completion command, which kubectl_complete-<plugin> wrappers call.
+            sys.exit(kubectl_complete(self, words[1:], click.get_text_stream("stdout")))
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         sys.exit(self._run(args, prog_name, complete_var, **extra))
@@ -128,6 +133,47 @@ class _ApplyCommand(click.Command):
         formatter.write_usage(prog, " ".join(self.collect_usage_pieces(ctx)))
 
 
+# --- kubectl's plugin completion (cobra's protocol) ---------------------------------------------
+
+#: The hidden word cobra programs answer completion requests on (``kubectl-chaos __complete ARGS``).
+COBRA_COMPLETE = "__complete"
+# cobra's ShellCompDirective bits (spf13/cobra completions.go), printed as ":<n>" after the candidates.
+_DIRECTIVE_ERROR = 1
+_DIRECTIVE_DEFAULT = 0  # no candidates of ours: let the shell complete file names
+_DIRECTIVE_NO_FILE_COMP = 4
+_DIRECTIVE_FILTER_DIRS = 16
+
+
+def kubectl_complete(command: click.Command, args: list[str], out) -> int:
+    """Answer a completion request the way kubectl expects from a plugin (kubectl >= 1.26).
+
+    ``kubectl chaos web --set-<TAB>`` runs ``kubectl_complete-chaos web --set-``: ``args`` are the
+    words after "chaos", the last one being completed (possibly ""). The answer is one candidate per
+    line (``value<TAB>description``), then ``:<directive>``. Always exit status 0.
+    """
+    from click.shell_completion import ShellComplete
+
+    words = list(args) or [""]
+    directive = _DIRECTIVE_NO_FILE_COMP
+    lines = []
+    try:
+        completer = ShellComplete(command, {}, PROG, COMPLETE_VAR)
+        items = completer.get_completions(words[:-1], words[-1])
+    except Exception:  # noqa: BLE001 - a half-typed command line must never print a traceback
+        items, directive = [], _DIRECTIVE_ERROR
+    for item in items:
+        if item.type == "file":
+            directive = _DIRECTIVE_DEFAULT
+        elif item.type == "dir":
+            directive = _DIRECTIVE_FILTER_DIRS
+        else:
+            help_text = one_line(item.help or "").replace("\t", " ")
+            lines.append(f"{item.value}\t{help_text}" if help_text else str(item.value))
+    out.write("".join(line + "\n" for line in lines) + f":{directive}\n")
+    out.flush()
+    return EXIT_OK
+
+
 def _complete_first_word(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     # Pod names would need the cluster; the subcommands are known here.
     helps = {"status": "list active experiments", "completion": "print a completion script"}
@@ -142,7 +188,12 @@ def _connection_options(func):
                 metavar="ADDRESS",
                 help="Node-local mode: talk to this node's chaos-agent at unix:///path or host:port.",
             ),
-            click.option("--kubeconfig", metavar="PATH", help="Cluster mode: the kubeconfig file to use."),
+            click.option(
+                "--kubeconfig",
+                metavar="PATH",
+                type=click.Path(),  # no checks here; a path completes as file names
+                help="Cluster mode: the kubeconfig file to use.",
+            ),
             click.option("--context", metavar="NAME", help="Cluster mode: the kubeconfig context to use."),
             click.option(
                 "--timeout",
@@ -281,6 +332,12 @@ cli = make_cli()
 def main(argv: list[str] | None = None) -> None:
     """The ``kubectl-chaos`` entry point; exits with 0, 1 (request failed) or 2 (usage)."""
     cli.main(args=argv, prog_name=PROG, complete_var=COMPLETE_VAR)
+
+
+def complete_main(argv: list[str] | None = None) -> None:
+    """The ``kubectl_complete-chaos`` entry point: kubectl runs it to complete ``kubectl chaos ...``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    sys.exit(kubectl_complete(cli, args, click.get_text_stream("stdout")))
 
 
 if __name__ == "__main__":

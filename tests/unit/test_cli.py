@@ -620,6 +620,37 @@ def test_completion_of_words(harness):
     assert harness.opened == []
 
 
+def kubectl_answer(words: list[str], command=None) -> list[str]:
+    import io
+
+    from plugin.cli import cli, kubectl_complete
+
+    out = io.StringIO()
+    assert kubectl_complete(command or cli, words, out) == 0
+    return out.getvalue().splitlines()
+
+
+def test_kubectl_protocol_answers_candidates_then_a_directive():
+    assert kubectl_answer([]) == ["status\tlist active experiments", "completion\tprint a completion script", ":4"]
+    assert kubectl_answer(["web", "--direction", "e"]) == ["egress", ":4"]
+    assert kubectl_answer(["status", "--all"]) == [
+        "--all-namespaces\tExperiments in every namespace.", ":4"
+    ]
+    assert kubectl_answer(["web", "--kubeconfig", "/et"]) == [":0"]
+    # A half-typed, even invalid, command line still completes.
+    assert kubectl_answer(["web", "--set-cpu", "abc", "--method", "bogus", "--out"])[0].startswith("--output\t")
+
+
+def test_kubectl_protocol_reports_a_failing_completer_as_an_error_directive():
+    import click
+
+    def broken(ctx, param, incomplete):
+        raise RuntimeError("boom")
+
+    command = click.Command("x", params=[click.Argument(["thing"], shell_complete=broken)])
+    assert kubectl_answer([""], command) == [":1"]
+
+
 def test_request_is_frozen():
     request = ChaosRequest(namespace="default", pod="web", cpu_millicpu=500)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -120,3 +120,12 @@ def test_bash_completion_through_bash(env, words, cword, expected):
     proc = subprocess.run([bash, "--norc", "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == expected
+
+
+def test_cobra_complete_word_answers_like_kubectl_complete_chaos(env):
+    # The usual kubectl_complete-<plugin> wrapper scripts run "kubectl <plugin> __complete ARGS".
+    proc = run(env, "__complete", "web", "--direction", "")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "egress\ningress\nboth\n:4\n", "")
+    direct = subprocess.run([str(BIN / "kubectl_complete-chaos"), "web", "--direction", ""], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert (direct.returncode, direct.stdout) == (0, proc.stdout)

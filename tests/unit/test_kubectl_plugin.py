@@ -64,3 +64,30 @@ def test_kubectl_passes_exit_status_and_message_through(kubectl):
         "write 2Mbit for megabits/s or 2MBps for megabytes/s\n"
     )
     assert proc.stdout == ""
+
+
+COMPLETE_EXE = BIN / "kubectl_complete-chaos"
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        (["web", "--set-"], ["--set-cpu\tNew CPU limit: 500m, 0.5, 2.",
+                             "--set-memory\tNew memory limit: 256Mi, 2Gi, 1G.",
+                             "--set-bandwidth\tNew bandwidth: 2Mbps (bits), 2MBps (bytes), 500kbit.", ":4"]),
+        (["st"], ["status\tlist active experiments", ":4"]),
+        (["web", "--direction", ""], ["egress", "ingress", "both", ":4"]),
+        (["web", "--method=c"], ["cri", "cgroup", ":4"]),
+        (["status", "-o", "j"], ["json", ":4"]),
+        (["web", "--set-cpu", ""], [":4"]),  # a value to type: no file names either
+        (["web", "--kubeconfig", ""], [":0"]),  # a path: the shell completes file names
+    ],
+)  # fmt: skip
+def test_kubectl_completes_the_plugin_through_kubectl_complete_chaos(kubectl, words, expected):
+    # kubectl >= 1.26 runs kubectl_complete-chaos with the words after "chaos" and relays cobra's
+    # answer: candidates (value<TAB>description), then ":<directive>".
+    require(COMPLETE_EXE.exists(), f"the installed kubectl_complete-chaos entry point at {COMPLETE_EXE}")
+    proc = kubectl("__complete", "chaos", *words)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == expected
+    assert f"About to call: {COMPLETE_EXE} {' '.join(words)}" in proc.stderr
