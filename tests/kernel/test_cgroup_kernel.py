@@ -169,9 +169,12 @@ def test_raise_cpu_above_the_pod_quota(tree):
         write_file(str(tree.ctr["cpu"] / "cpu.cfs_quota_us"), "150000")
     set_limits(cg, Limits(cpu_quota_us=150000))
     assert (tree.read("pod", "cpu.cfs_quota_us"), tree.read("ctr", "cpu.cfs_quota_us")) == ("150000", "150000")
-    # And back down: container first, pod last.
-    set_limits(cg, Limits(cpu_quota_us=20000))
-    assert (tree.read("pod", "cpu.cfs_quota_us"), tree.read("ctr", "cpu.cfs_quota_us")) == ("20000", "20000")
+    # Back down: the container only; the pod keeps room for a container re-created from its spec.
+    applied = set_limits(cg, Limits(cpu_quota_us=20000))
+    assert (tree.read("pod", "cpu.cfs_quota_us"), tree.read("ctr", "cpu.cfs_quota_us")) == ("150000", "20000")
+    # Restore of that second change: container back to 150000 (the pod never went below it).
+    restore(applied.snapshot)
+    assert (tree.read("pod", "cpu.cfs_quota_us"), tree.read("ctr", "cpu.cfs_quota_us")) == ("150000", "150000")
 
 
 def test_period_and_quota_change_together_under_a_limited_pod(tree):

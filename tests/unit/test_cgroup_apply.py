@@ -86,16 +86,17 @@ def test_v2_usage_check_stops_before_memory_max_and_undoes_memory_high(tmp_path)
     assert _contents([ctr / "memory.high", ctr / "memory.max"]) == before
 
 
-def test_prepare_pod_raises_the_pod_only_and_finish_lowers_it(tree):
+def test_prepare_pod_raises_the_pod_only_and_finish_never_lowers_it(tree):
     pod_cpu = pathlib.Path(tree.pod.cpu)
     ctr_before = read_limits(tree)
     change = prepare_pod(tree, Limits(cpu_quota_us=150000, memory_limit_bytes=64 * MiB))
-    # Raised CPU at the pod; the memory lowering waits for finish(); the container untouched.
+    # Raised CPU at the pod; the memory lowering leaves the pod; the container untouched.
     assert read_limits(tree, pod=True).cpu_quota_us == 150000
     assert read_limits(tree, pod=True).memory_limit_bytes == 128 * MiB
     assert read_limits(tree) == ctr_before
     change.finish()
-    assert read_limits(tree, pod=True).memory_limit_bytes == 64 * MiB
+    assert read_limits(tree, pod=True).memory_limit_bytes == 128 * MiB
+    assert read_limits(tree, pod=True).cpu_quota_us == 150000
     assert pod_cpu.exists()
 
 

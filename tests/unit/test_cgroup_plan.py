@@ -95,11 +95,17 @@ def test_v1_cpu_raise_goes_pod_first():
                         (CONTAINER, "ctr", "cpu.cfs_quota_us", "150000")]
 
 
-def test_v1_cpu_lower_goes_pod_last_and_keeps_the_pods_other_part():
-    # Pod 250000 = this container 150000 + another 100000: the pod gives back only this part.
+def test_v1_cpu_lower_leaves_the_pod_as_it_is():
+    # A lowering never lowers the pod: a container re-created from its spec must still fit under it.
     p = plan(v1_state(ctr_q=150000, pod_q=250000), Limits(cpu_quota_us=50000))
-    assert table(p) == [(CONTAINER, "ctr", "cpu.cfs_quota_us", "50000"),
-                        (POD_AFTER, "pod", "cpu.cfs_quota_us", "150000")]
+    assert table(p) == [(CONTAINER, "ctr", "cpu.cfs_quota_us", "50000")]
+
+
+def test_v1_cpu_raise_keeps_the_pods_other_part():
+    # Pod 250000 = this container 150000 + another 100000: the pod grows by what this one gains.
+    p = plan(v1_state(ctr_q=150000, pod_q=250000), Limits(cpu_quota_us=300000))
+    assert table(p) == [(POD_BEFORE, "pod", "cpu.cfs_quota_us", "400000"),
+                        (CONTAINER, "ctr", "cpu.cfs_quota_us", "300000")]
 
 
 def test_v1_cpu_unlimited_pod_is_left_alone():
@@ -158,11 +164,10 @@ def test_v1_memory_raise_writes_pod_then_memsw_then_limit():
                         (CONTAINER, "ctr", "memory.limit_in_bytes", str(256 * MiB))]
 
 
-def test_v1_memory_lower_writes_limit_then_memsw_then_pod():
+def test_v1_memory_lower_writes_limit_then_memsw_and_leaves_the_pod():
     p = plan(v1_state(), Limits(memory_limit_bytes=64 * MiB))
     assert table(p) == [(CONTAINER, "ctr", "memory.limit_in_bytes", str(64 * MiB)),
-                        (CONTAINER, "ctr", "memory.memsw.limit_in_bytes", str(64 * MiB)),
-                        (POD_AFTER, "pod", "memory.limit_in_bytes", str(64 * MiB))]
+                        (CONTAINER, "ctr", "memory.memsw.limit_in_bytes", str(64 * MiB))]
 
 
 def test_v1_memory_keeps_the_swap_allowance_and_a_limited_pod_memsw():
@@ -193,10 +198,11 @@ def test_memory_below_unreclaimable_usage_is_refused_with_the_usage_unless_force
     assert plan(v1_state(ctr_floor=100 * MiB), Limits(memory_limit_bytes=64 * MiB), force=True)
 
 
-def test_the_pod_limit_is_checked_against_the_pods_usage_too():
-    # The container fits, but the pod (this container + a sibling using 90 MiB) would not.
-    with pytest.raises(BelowUsage, match="pod cgroup"):
-        plan(v1_state(ctr_floor=10 * MiB, pod_floor=100 * MiB), Limits(memory_limit_bytes=32 * MiB))
+def test_a_lowering_is_not_refused_for_a_siblings_usage():
+    # The container fits; the pod (this container + a sibling using 90 MiB) is not lowered, so the
+    # sibling's usage cannot refuse the change and nothing in the pod is squeezed.
+    p = plan(v1_state(ctr_floor=10 * MiB, pod_floor=100 * MiB), Limits(memory_limit_bytes=32 * MiB))
+    assert [w[1] for w in table(p)] == ["ctr", "ctr"]
 
 
 # ---- v2 ----------------------------------------------------------------------------------------
@@ -212,9 +218,7 @@ def test_v2_memory_lower_goes_through_memory_high_and_a_usage_check():
     v = str(64 * MiB)
     assert table(p) == [
         (CONTAINER, "ctr", "memory.high", v), ("container", "ctr", "memory.current", 64 * MiB),
-        (CONTAINER, "ctr", "memory.max", v), (CONTAINER, "ctr", "memory.high", "max"),
-        (POD_AFTER, "pod", "memory.high", v), (POD_AFTER, "pod", "memory.current", 64 * MiB),
-        (POD_AFTER, "pod", "memory.max", v), (POD_AFTER, "pod", "memory.high", "max")]
+        (CONTAINER, "ctr", "memory.max", v), (CONTAINER, "ctr", "memory.high", "max")]
 
 
 def test_v2_memory_lower_with_high_already_below_skips_the_high_step():
@@ -242,7 +246,7 @@ def test_plan_json_round_trip_and_stages():
     p = plan(v2_state(), Limits(cpu_quota_us=150000, memory_limit_bytes=64 * MiB))
     assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     assert [s.stage for s in p.pod_before.steps] == [POD_BEFORE]
-    assert all(s.stage == POD_AFTER for s in p.pod_after.steps) and len(p.pod_after) == 4
+    assert len(p.pod_after) == 0  # the memory lowering leaves the pod alone
     assert p.container.paths == (f"{DIRS['ctr']}/cpu.max", f"{DIRS['ctr']}/memory.high", f"{DIRS['ctr']}/memory.max")
 
 

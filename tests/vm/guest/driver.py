@@ -136,7 +136,7 @@ def parent_caps_child():
 @scenario
 def pod_change():
     """The agent's runtime path: prepare_pod changes the pod around a container change someone
-    else (the runtime, here a plain write) makes; raise then lower."""
+    else (the runtime, here a plain write) makes; raise then lower (which leaves the pod raised)."""
     import cgroupctl
 
     with g.FakePod({"cpu.max": "30000 100000"}, {"cpu.max": "30000 100000"}) as pod:
