@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -262,6 +263,7 @@ def test_kubectl_discovers_and_prints_columns(fakeapi, kube, kubeconfig, tmp_pat
     header, row = out.stdout.splitlines()
     assert header.split() == ["NAME", "TARGET", "CPU", "MEMORY", "BANDWIDTH", "PHASE", "AGE"]
     assert row.split()[:2] == ["c1", "500"]
+    assert re.fullmatch(r"\d+s", row.split()[-1]), row  # a date column prints as an age
     out = subprocess.run([KUBECTL, "get", "pods", "-A", "-o", "name"], env=env, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 0, out.stderr

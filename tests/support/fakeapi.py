@@ -896,7 +896,11 @@ class FakeKubeAPI:
             columns.append({"name": "Age", "type": "date", "format": "", "description": "age", "priority": 0})
         rows = []
         for obj in items:
-            cells = [obj["metadata"]["name"]] + [json_path(obj, c["jsonPath"]) for c in rtype.printer_columns]
+            cells = [obj["metadata"]["name"]]
+            for col in rtype.printer_columns:
+                value = json_path(obj, col["jsonPath"])
+                # The server prints date columns as ages ("12s", "5m"), as kubectl shows them.
+                cells.append(_age(value) if col.get("type") == "date" and value else value)
             if len(cells) < len(columns):
                 cells.append(_age(obj["metadata"].get("creationTimestamp")))
             rows.append({"cells": cells, "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
@@ -910,6 +914,9 @@ def _age(timestamp: str | None) -> str:
         return "<unknown>"
     created = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
     seconds = int((datetime.datetime.now(datetime.timezone.utc) - created).total_seconds())
+    if seconds < -1:
+        return "<invalid>"  # as the API server prints a date in the future
+    seconds = max(seconds, 0)
     return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200 else f"{seconds // 3600}h"
 
 
