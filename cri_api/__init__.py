@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from cri_api.errors import CallFailed, CRIError, InvalidRequest, NotFound, NotRunning, RuntimeUnreachable
+from cri_api.errors import (
+    CallFailed,
+    CRIError,
+    InvalidRequest,
+    NotFound,
+    NotRunning,
+    RuntimeUnreachable,
+    Unimplemented,
+)
 from cri_api.merge import merge_resources
 from cri_api.types import UNLIMITED, ContainerInfo, ExecResult, HugepageLimit, LinuxResources, VersionInfo
 
@@ -27,6 +35,7 @@ __all__ = [
     "NotRunning",
     "RuntimeClient",
     "RuntimeUnreachable",
+    "Unimplemented",
     "VersionInfo",
     "merge_resources",
 ]

@@ -10,7 +10,15 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from cri_api import endpoint as _endpoint
-from cri_api.errors import CallFailed, CRIError, NotFound, NotRunning, RuntimeUnreachable
+from cri_api.errors import (
+    CallFailed,
+    CRIError,
+    InvalidRequest,
+    NotFound,
+    NotRunning,
+    RuntimeUnreachable,
+    Unimplemented,
+)
 from cri_api.merge import merge_resources
 from cri_api.types import ContainerInfo, ExecResult, LinuxResources, VersionInfo
 
@@ -27,6 +35,12 @@ def _listing(names: Iterable[str]) -> str:
         return "none"
     shown = ", ".join(names[:_LISTED_MAX])
     return shown + (f" (and {len(names) - _LISTED_MAX} more)" if len(names) > _LISTED_MAX else "")
+
+
+def _check_timeout(timeout_s: object) -> float:
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+        raise InvalidRequest(f"timeout_s={timeout_s!r} is not accepted: give a number of seconds > 0")
+    return float(timeout_s)
 
 
 class RuntimeClient:
@@ -46,9 +60,9 @@ class RuntimeClient:
         self._grpc = grpc
         self._pb = api_pb2
         self._convert = convert
+        self.timeout_s = _check_timeout(timeout_s)
         target, self.tried = _endpoint.resolve(endpoint, host_root=host_root)
         self.endpoint: str = target
-        self.timeout_s = timeout_s
         self._channel = grpc.insecure_channel(
             target,
             options=[
@@ -75,7 +89,7 @@ class RuntimeClient:
         return f"RuntimeClient(endpoint={self.endpoint!r}, timeout_s={self.timeout_s})"
 
     def _call(self, stub: Any, method: str, request: Any, timeout_s: float | None = None, what: str = "") -> Any:
-        timeout = self.timeout_s if timeout_s is None else timeout_s
+        timeout = self.timeout_s if timeout_s is None else _check_timeout(timeout_s)
         try:
             return getattr(stub, method)(request, timeout=timeout)
         except self._grpc.RpcError as err:
@@ -90,11 +104,25 @@ class RuntimeClient:
             tried = f"; probed: {', '.join(self.tried)}" if self.tried else ""
             return RuntimeUnreachable(
                 f"container runtime at {self.endpoint} is unreachable during {method}: {details}"
-                + (f" (is a runtime listening on {path}?)" if path else "")
+                + (f" ({_endpoint.diagnose(path)})" if path else "")
                 + tried,
                 endpoint=self.endpoint,
                 tried=self.tried,
             )
+        if code == codes.UNIMPLEMENTED:
+            if "unknown service" in details:
+                # containerd without its CRI plugin (disabled, or it failed to load) or a runtime that
+                # speaks only the old v1alpha2 API answers every runtime.v1 call like this.
+                service = details.rsplit(" ", 1)[-1]
+                message = (
+                    f"the runtime at {self.endpoint} answers but does not serve the CRI service {service} "
+                    f"(UNIMPLEMENTED: {details} during {method}): containerd needs its CRI plugin "
+                    "io.containerd.grpc.v1.cri enabled and loaded (see 'ctr plugins ls'); CRI runtime.v1 "
+                    "needs containerd >= 1.6 or CRI-O >= 1.23"
+                )
+            else:
+                message = f"the runtime at {self.endpoint} does not implement {method} (UNIMPLEMENTED: {details})"
+            return Unimplemented(message, method=method, code="UNIMPLEMENTED", details=details)
         if code == codes.NOT_FOUND:
             return NotFound(f"{method}: {what or 'object'} not found at {self.endpoint}: {details}", wanted=what)
         name = code.name if code is not None else "UNKNOWN"

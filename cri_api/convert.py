@@ -6,6 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from cri_api.errors import InvalidRequest
 from cri_api.types import ContainerInfo, HugepageLimit, LinuxResources
 from cri_api.v1 import api_pb2
 
@@ -50,7 +51,18 @@ def resources_from_proto(msg: api_pb2.LinuxContainerResources) -> LinuxResources
     )
 
 
+# Limits where CRI reads 0 as "not specified": a 0 here would silently mean "unset", never "zero".
+_NO_ZERO_FIELDS = ("cpu_period_us", "cpu_quota_us", "cpu_shares", "memory_limit_bytes", "memory_swap_limit_bytes")
+
+
 def resources_to_proto(res: LinuxResources) -> api_pb2.LinuxContainerResources:
+    """The message for ``res``; None becomes CRI's 0 ("not specified"), and a 0 of ours is refused."""
+    zeros = [name for name in _NO_ZERO_FIELDS if getattr(res, name) == 0]
+    if zeros:
+        raise InvalidRequest(
+            f"{', '.join(f'{name}=0' for name in zeros)} cannot be sent: CRI reads 0 as 'not specified'; "
+            "use None to leave a field unset, or a value >= 1 (cri_api.UNLIMITED for no limit)"
+        )
     return api_pb2.LinuxContainerResources(
         cpu_period=_zero_if_unset(res.cpu_period_us),
         cpu_quota=_zero_if_unset(res.cpu_quota_us),

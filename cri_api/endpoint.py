@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Mapping
 
@@ -19,13 +20,22 @@ DEFAULT_SOCKETS = (
 )
 
 
+_HOST_PORT = re.compile(r"[^/]+:[0-9]+")
+
+
 def to_target(endpoint: str) -> str:
-    """A gRPC target for ``endpoint``: "unix:///path" for a path or unix URL, else as given."""
+    """A gRPC target for ``endpoint``: "unix:///abs/path" for a path or unix URL, else as given.
+
+    A path may be relative (to the working directory) and need not say "unix://", as crictl
+    allows; "host:port" and other "scheme://" targets go to gRPC unchanged.
+    """
     if endpoint.startswith("unix://"):
         return "unix://" + "/" + endpoint[len("unix://") :].lstrip("/")
-    if endpoint.startswith("/"):
-        return "unix://" + endpoint
-    return endpoint
+    if endpoint.startswith("unix:"):
+        return "unix://" + os.path.abspath(endpoint[len("unix:") :])
+    if "://" in endpoint or _HOST_PORT.fullmatch(endpoint):
+        return endpoint
+    return "unix://" + os.path.abspath(endpoint)
 
 
 def socket_path(target: str) -> str | None:
@@ -33,6 +43,20 @@ def socket_path(target: str) -> str | None:
     if target.startswith("unix://"):
         return target[len("unix://") :]
     return None
+
+
+def diagnose(path: str) -> str:
+    """Why nothing may answer at the socket ``path``: missing, not a socket, or nobody listening."""
+    question = f"is a runtime listening on {path}?"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"{question} it does not exist"
+    except OSError as err:
+        return f"{question} {err.strerror}"
+    if not stat.S_ISSOCK(mode):
+        return f"{question} it is not a socket"
+    return question
 
 
 def _is_socket(path: str) -> bool:

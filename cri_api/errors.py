@@ -44,5 +44,9 @@ class CallFailed(CRIError):
         self.details = details
 
 
+class Unimplemented(CallFailed):
+    """The runtime answers gRPC but not this CRI call (no CRI plugin, or not CRI runtime.v1)."""
+
+
 class InvalidRequest(CRIError, ValueError):
     """A value handed to the client cannot be sent (e.g. a zero that CRI would read as "unset")."""

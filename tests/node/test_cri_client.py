@@ -19,6 +19,7 @@ from cri_api import (
     NotRunning,
     RuntimeClient,
     RuntimeUnreachable,
+    Unimplemented,
 )
 from tests.support.node import CGROUP_ROOT, ContainerSpec, TestNode
 
@@ -212,3 +213,37 @@ def test_teardown_leaves_nothing_behind():
     assert not [h.name for h in CGROUP_ROOT.iterdir() if (h / base.lstrip("/")).exists()]
     assert _gone(pid)
     assert all(_gone(shim) for shim in shims.stdout.split()), f"shims {shims.stdout.split()} outlived the node"
+
+
+def test_containerd_without_its_cri_plugin_is_named_as_such(node, tmp_path):
+    # The runtime is up and answers gRPC, but with io.containerd.grpc.v1.cri disabled it has no
+    # runtime.v1 service: the error says so instead of a bare UNIMPLEMENTED.
+    sock = tmp_path / "c.sock"
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'version = 2\nroot = "{tmp_path / "root"}"\nstate = "{tmp_path / "state"}"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n'
+        '[debug]\n  address = ""\n[metrics]\n  address = ""\n'
+    )
+    with open(tmp_path / "containerd.log", "wb") as log:
+        proc = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "containerd.log").read_text()[-2000:]
+            time.sleep(0.05)
+        with RuntimeClient(str(sock), timeout_s=5) as client:
+            with pytest.raises(Unimplemented) as err:
+                client.version()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert str(err.value) == (
+        f"the runtime at unix://{sock} answers but does not serve the CRI service runtime.v1.RuntimeService "
+        "(UNIMPLEMENTED: unknown service runtime.v1.RuntimeService during Version): containerd needs its CRI "
+        "plugin io.containerd.grpc.v1.cri enabled and loaded (see 'ctr plugins ls'); CRI runtime.v1 needs "
+        "containerd >= 1.6 or CRI-O >= 1.23"
+    )
+    assert isinstance(err.value, CallFailed) and err.value.code == "UNIMPLEMENTED"

@@ -74,3 +74,20 @@ def test_importing_cri_api_does_not_import_grpc():
     code = "import sys, cri_api; cri_api.LinuxResources(); print('grpc' in sys.modules, 'google.protobuf' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize(
+    ("given", "target"),
+    [
+        ("containerd.sock", "unix://{cwd}/containerd.sock"),
+        ("run/x.sock", "unix://{cwd}/run/x.sock"),
+        ("unix:run/x.sock", "unix://{cwd}/run/x.sock"),
+        ("unix:/run/x.sock", "unix:///run/x.sock"),
+        ("dns:///cri.example:1234", "dns:///cri.example:1234"),
+        ("node-1.example:1234", "node-1.example:1234"),
+    ],
+)
+def test_a_path_without_scheme_is_a_unix_socket_relative_to_the_working_directory(given, target, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert to_target(given) == target.format(cwd=tmp_path)
+    assert resolve(given, env={}) == (target.format(cwd=tmp_path), ())

@@ -12,7 +12,16 @@ from concurrent import futures
 import grpc
 import pytest
 
-from cri_api import CallFailed, InvalidRequest, NotFound, NotRunning, RuntimeClient, RuntimeUnreachable
+from cri_api import (
+    CallFailed,
+    InvalidRequest,
+    LinuxResources,
+    NotFound,
+    NotRunning,
+    RuntimeClient,
+    RuntimeUnreachable,
+    Unimplemented,
+)
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
 RUNNING, EXITED = api_pb2.CONTAINER_RUNNING, api_pb2.CONTAINER_EXITED
@@ -186,4 +195,60 @@ def test_an_unimplemented_call_is_a_call_failure(runtime):
 def test_unreachable_socket_names_the_endpoint(tmp_path):
     with RuntimeClient(str(tmp_path / "none.sock"), timeout_s=2) as client:
         with pytest.raises(RuntimeUnreachable, match=rf"container runtime at unix://{tmp_path}/none.sock is unreachable during Version"):
+            client.version()
+
+
+def test_a_method_the_runtime_lacks_is_named(runtime):
+    # (A Go runtime without the whole service says "unknown service ...": tests/node has that case.)
+    _, client = runtime
+    with pytest.raises(Unimplemented, match=rf"^the runtime at {client.endpoint} does not implement Status \(UNIMPLEMENTED: ") as err:
+        client.status()
+    assert (err.value.method, err.value.code) == ("Status", "UNIMPLEMENTED")
+    with pytest.raises(Unimplemented, match=r"does not implement ListImages \(UNIMPLEMENTED: "):
+        client.list_images()  # this server has no ImageService at all
+
+
+def test_a_zero_limit_is_never_sent_even_through_the_raw_update(runtime):
+    fake, client = runtime
+    with pytest.raises(InvalidRequest, match=r"^cpu_quota_us=0, memory_limit_bytes=0 cannot be sent: CRI reads 0 as 'not specified'"):
+        client.update_container_resources("web-2", LinuxResources(cpu_quota_us=0, memory_limit_bytes=0))
+    assert fake.updates == []
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1, float("nan"), float("inf"), "5", True])
+def test_a_timeout_must_be_positive_seconds(runtime, tmp_path, timeout_s):
+    _, client = runtime
+    with pytest.raises(InvalidRequest, match=rf"^timeout_s={timeout_s!r} is not accepted: give a number of seconds > 0$"):
+        RuntimeClient(str(tmp_path / "x.sock"), timeout_s=timeout_s)
+    with pytest.raises(InvalidRequest, match=r"^timeout_s="):
+        client.version(timeout_s=timeout_s)
+
+
+def test_a_runtime_that_never_answers_times_out_after_the_deadline(tmp_path):
+    import socket
+    import time
+
+    path = tmp_path / "silent.sock"
+    silent = socket.socket(socket.AF_UNIX)
+    silent.bind(str(path))
+    silent.listen(8)  # accepts connections, never speaks HTTP/2
+    try:
+        with RuntimeClient(str(path), timeout_s=0.3) as client:
+            t0 = time.monotonic()
+            with pytest.raises(CallFailed, match=r"Version failed at unix://.*silent.sock: DEADLINE_EXCEEDED: no answer within 0.3 s") as err:
+                client.version()
+            assert time.monotonic() - t0 < 3
+            assert err.value.code == "DEADLINE_EXCEEDED"
+    finally:
+        silent.close()
+
+
+def test_unreachable_says_whether_the_socket_is_missing_or_not_a_socket(tmp_path):
+    not_socket = tmp_path / "file.sock"
+    not_socket.write_text("")
+    with RuntimeClient(str(not_socket), timeout_s=2) as client:
+        with pytest.raises(RuntimeUnreachable, match=rf"\(is a runtime listening on {not_socket}\? it is not a socket\)$"):
+            client.version()
+    with RuntimeClient(str(tmp_path / "none.sock"), timeout_s=2) as client:
+        with pytest.raises(RuntimeUnreachable, match=r"\? it does not exist\)$"):
             client.version()
