@@ -186,7 +186,7 @@ def _connection_options(func):
             click.option(
                 "--agent-address",
                 metavar="ADDRESS",
-                help="Node-local mode: talk to this node's chaos-agent at unix:///path or host:port.",
+                help="Node-local mode: talk to this node's chaos-agent at unix:///path (or /path) or host:port.",
             ),
             click.option(
                 "--kubeconfig",

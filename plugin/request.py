@@ -71,11 +71,15 @@ class Invocation:
 
 
 def parse_agent_address(text: str, flag: str = "--agent-address") -> AgentAddress:
-    """``unix:///abs/path`` or ``host:port`` (IPv6 as ``[::1]:port``)."""
+    """``unix:///abs/path`` (also ``/abs/path`` or ``unix:/abs/path``) or ``host:port`` (IPv6 as ``[::1]:port``)."""
     stripped = text.strip()
     shown = '"' + stripped + '"'
     if not stripped:
         raise UsageError(f"{flag}: empty value; {_ADDRESS_ACCEPTS}")
+    if stripped.startswith("/"):
+        stripped = "unix://" + stripped  # a bare absolute path is a socket, as crictl and gRPC take it
+    elif stripped.startswith("unix:/") and not stripped.startswith("unix://"):
+        stripped = "unix://" + stripped[len("unix:"):]
     if stripped.startswith("unix:"):
         path = stripped[len("unix://"):] if stripped.startswith("unix://") else ""
         if not path.startswith("/") or path == "/" or "\0" in path:
@@ -86,6 +90,11 @@ def parse_agent_address(text: str, flag: str = "--agent-address") -> AgentAddres
         return AgentAddress(scheme="unix", path=path)
     if "://" in stripped:
         raise UsageError(f"{flag}: {shown} has an unsupported scheme; {_ADDRESS_ACCEPTS}")
+    if ":" not in stripped and ("/" in stripped or stripped.endswith(".sock")):
+        raise UsageError(
+            f"{flag}: {shown} is a relative path; a unix socket needs an absolute path like "
+            "unix:///run/chaos-agent/agent.sock"
+        )
     if stripped.startswith("["):
         host, sep, port_text = stripped[1:].partition("]:")
         if not sep:

@@ -151,6 +151,9 @@ def parse_cpu(text: str, flag: str = "--set-cpu") -> int:
             f"{flag}: {shown} has unit {_quote(num.unit)}; CPU takes only m (millicores) or no unit "
             f"(cores): {_CPU_ACCEPTS}"
         )
+    if num.unit and num.exponent:
+        # A Kubernetes quantity has an exponent or a suffix, never both ("1.5e3m" is refused there).
+        raise UsageError(f"{flag}: {shown} has both an exponent and a unit; {_CPU_ACCEPTS}")
     if num.negative and num.value != 0:
         raise UsageError(f"{flag}: {shown} is negative; {_CPU_ACCEPTS}")
     millicpu = num.value if num.unit == "m" else num.value * 1000

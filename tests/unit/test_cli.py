@@ -363,6 +363,7 @@ def test_apply_defaults_and_flags_reach_the_request(harness):
         ("node-1.example:9443", "node-1.example:9443"),
         ("[fd00::7]:9443", "[fd00::7]:9443"),
         ("unix:///var/run/chaos-agent.sock", "unix:///var/run/chaos-agent.sock"),
+        ("/var/run/chaos-agent.sock", "unix:///var/run/chaos-agent.sock"),
     ],
 )
 def test_agent_address_forms(harness, address, target):

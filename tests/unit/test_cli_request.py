@@ -66,6 +66,25 @@ def test_agent_address_refused(text):
     assert str(info.value).startswith("--agent-address: ")
 
 
+@pytest.mark.parametrize(
+    ("text", "target"),
+    [("/run/chaos/agent.sock", "unix:///run/chaos/agent.sock"), ("unix:/run/a.sock", "unix:///run/a.sock")],
+)
+def test_agent_address_as_a_bare_absolute_path(text, target):
+    assert parse_agent_address(text) == AgentAddress("unix", path=target[len("unix://"):])
+    assert parse_agent_address(text).grpc_target == target
+
+
+@pytest.mark.parametrize("text", ["agent.sock", "run/chaos/agent.sock", "./agent.sock"])
+def test_agent_address_relative_path_is_named_as_such(text):
+    with pytest.raises(UsageError) as info:
+        parse_agent_address(text)
+    assert str(info.value) == (
+        f'--agent-address: "{text}" is a relative path; a unix socket needs an absolute path like '
+        "unix:///run/chaos-agent/agent.sock"
+    )
+
+
 def test_time_format_same_day_and_other_day_and_naive_is_utc():
     now = datetime(2026, 11, 22, 23, 0, tzinfo=timezone.utc)
     assert format_time(now + timedelta(minutes=30), now) == "23:30:00Z"

@@ -114,6 +114,7 @@ def test_cpu_accepted(text, millicpu):
         ("0x10", '--set-cpu: "0x10" has unit "x10"; CPU takes only m (millicores) or no unit (cores): '
          "use millicores like 500m or cores like 0.5 or 2"),
         ("١", '--set-cpu: "١" is not a CPU quantity; use millicores like 500m or cores like 0.5 or 2'),
+        ("1.5e3m", '--set-cpu: "1.5e3m" has both an exponent and a unit; use millicores like 500m or cores like 0.5 or 2'),
     ],
 )
 def test_cpu_refused(text, message):
