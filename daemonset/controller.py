@@ -434,7 +434,9 @@ class Controller:
                     entries.append(reverted)
         if entries:
             self._write_status(key, entries)
-        if not self.owners.of_object(namespace, name) and self.finalizer in (obj["metadata"].get("finalizers") or []):
+        with self._cache_lock:
+            latest = self._rcs.get(key, obj)  # _set_finalizer may have stored a newer copy
+        if not self.owners.of_object(namespace, name) and self.finalizer in (latest["metadata"].get("finalizers") or []):
             self._set_finalizer(key, present=False)
 
     def _ensure(self, obj: dict, spec: crd.ChaosSpec, pod: dict, container: str, ckey: str,

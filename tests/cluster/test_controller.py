@@ -1,0 +1,106 @@
+"""The agent's controller on its own: ResourceChaos objects written straight to the fake API server,
+effects read from the real cgroups of the test node and from the objects' status and Events."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemonset import crd
+from tests.cluster.helpers import NODE, chaos_objects, events, mirror, quota_us, wait_for
+from tests.support.node import ContainerSpec
+
+
+@pytest.fixture
+def api(cluster):
+    fakeapi, agent, _ = cluster
+    return fakeapi, agent
+
+
+def create(fakeapi, name: str, spec: crd.ChaosSpec, namespace: str = "shop") -> dict:
+    return fakeapi.create(crd.build(namespace, spec, name=name))
+
+
+def status_of(fakeapi, name: str, namespace: str = "shop") -> dict:
+    return fakeapi.get(fakeapi.resource_type(crd.GROUP, crd.PLURAL), namespace, name).get("status") or {}
+
+
+def phase_of(fakeapi, name: str, pod: str, namespace: str = "shop") -> str | None:
+    entry = crd.target_entry(status_of(fakeapi, name, namespace), pod)
+    return entry["phase"] if entry else None
+
+
+def test_second_experiment_on_a_container_is_refused(api, pods):
+    fakeapi, agent = api
+    pod = pods.run("solo", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, pod)
+    create(fakeapi, "first", crd.ChaosSpec(pod="solo", container="app", cpu_millicpu=500))
+    wait_for(lambda: phase_of(fakeapi, "first", "solo") == "Applied", what="first Applied")
+    create(fakeapi, "second", crd.ChaosSpec(pod="solo", container="app", cpu_millicpu=100))
+    wait_for(lambda: phase_of(fakeapi, "second", "solo") == "Failed", what="second Failed")
+    message = crd.target_entry(status_of(fakeapi, "second"), "solo")["message"]
+    assert "already changed by ResourceChaos shop/first" in message
+    assert quota_us(pod) == 50_000
+    assert ("Failed", message) in events(fakeapi, "solo")
+
+
+def test_pod_leaving_the_selector_is_reverted(api, pods):
+    fakeapi, agent = api
+    pod = pods.run("labelled", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, pod, labels={"chaos": "yes"})
+    create(fakeapi, "by-label", crd.ChaosSpec(selector={"matchLabels": {"chaos": "yes"}}, cpu_millicpu=300))
+    wait_for(lambda: quota_us(pod) == 30_000, what="the apply")
+    pods_type = fakeapi.resource_type("", "pods")
+    fakeapi.patch(pods_type, "shop", "labelled", {"metadata": {"labels": {"chaos": "no"}}},
+                  "application/merge-patch+json")
+    wait_for(lambda: quota_us(pod) == 100_000, what="the revert")
+    entry = wait_for(lambda: (e := crd.target_entry(status_of(fakeapi, "by-label"), "labelled"))
+                     and e["phase"] == "Reverted" and e, what="status Reverted")
+    assert entry["message"] == "reverted: pod no longer matches"
+    assert entry["changes"][0]["restored"] == 1000
+
+
+def test_denied_namespace_fails_with_the_engines_reason(api, pods):
+    fakeapi, agent = api
+    pod = pods.run("core", "kube-system", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, pod)
+    create(fakeapi, "core", crd.ChaosSpec(pod="core", container="app", cpu_millicpu=500), namespace="kube-system")
+    wait_for(lambda: phase_of(fakeapi, "core", "core", "kube-system") == "Failed", what="Failed")
+    assert "denied" in crd.target_entry(status_of(fakeapi, "core", "kube-system"), "core")["message"]
+    assert quota_us(pod) == 100_000
+    rtype = fakeapi.resource_type(crd.GROUP, crd.PLURAL)
+    wait_for(lambda: not fakeapi.get(rtype, "kube-system", "core")["metadata"].get("finalizers"),
+             what="the finalizer to go: nothing applied, nothing to hold")
+
+
+def test_pods_of_other_nodes_are_left_to_their_agents(api, pods):
+    fakeapi, agent = api
+    pod = pods.run("elsewhere", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, pod, node="another-node")
+    create(fakeapi, "elsewhere", crd.ChaosSpec(pod="elsewhere", container="app", cpu_millicpu=500))
+    assert agent.controller.idle(5)
+    assert status_of(fakeapi, "elsewhere") == {}
+    assert quota_us(pod) == 100_000
+
+
+def test_watch_resumes_after_410_gone(api, pods):
+    fakeapi, agent = api
+    agent.stop()
+    agent.watch_timeout_s = 1  # reconnect every second, from the last resource version seen
+    agent.start()
+    fakeapi.compact()  # every resource version the agent holds is now too old: 410 on reconnect
+    pod = pods.run("late", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    import time
+
+    time.sleep(1.5)
+    mirror(fakeapi, pod)
+    create(fakeapi, "late", crd.ChaosSpec(pod="late", container="app", cpu_millicpu=500))
+    wait_for(lambda: quota_us(pod) == 50_000, timeout_s=15, what="the apply after a re-list")
+    assert any(r.method == "WATCH" for r in fakeapi.requests)
+    fakeapi.delete(fakeapi.resource_type(crd.GROUP, crd.PLURAL), "shop", "late")
+    wait_for(lambda: quota_us(pod) == 100_000, timeout_s=15, what="the revert")
+    wait_for(lambda: chaos_objects(fakeapi) == [], what="the object to go")
+
+
+def test_node_name_and_finalizer(api):
+    fakeapi, agent = api
+    assert agent.controller.finalizer == crd.finalizer_for(NODE)
