@@ -123,7 +123,8 @@ class ClusterBackend:
                                                 experiment_id=f"{namespace}/{name}",
                                                 error=_no_answer(pod, entry, self.timeout_s)))
                     continue
-                results.append(_target_result(namespace, name, entry, spec, generation))
+                before = crd.target_entry((existing or {}).get("status"), pod_name) if existing else None
+                results.append(_target_result(namespace, name, entry, crd.spec_of(final or obj), before))
             if req.pod is not None:
                 result = results[0]
                 if result.error:
@@ -443,11 +444,14 @@ def _parse_time(text: str | None) -> datetime.datetime | None:
         return None
 
 
-def _target_result(namespace: str, name: str, entry: dict, spec: crd.ChaosSpec, generation: int) -> TargetResult:
+def _target_result(namespace: str, name: str, entry: dict, spec: crd.ChaosSpec, before: dict | None) -> TargetResult:
+    """One pod's answer; ``before`` is its status entry before this request (a change on top of another)."""
     requested = spec.requested()
     expires = _parse_time(entry.get("expiresAt"))
-    changes = tuple(ResourceChange(c["resource"], c.get("original"), requested.get(c["resource"]), c.get("applied"),
-                                   c.get("method", ""), expires)
+    was = {c["resource"]: c.get("applied") for c in (before or {}).get("changes") or []
+           if (before or {}).get("phase") == crd.APPLIED}
+    changes = tuple(ResourceChange(c["resource"], was.get(c["resource"], c.get("original")),
+                                   requested.get(c["resource"]), c.get("applied"), c.get("method", ""), expires)
                     for c in entry.get("changes") or [])
     error = entry.get("message") or "failed" if entry["phase"] == crd.FAILED else None
     return TargetResult(namespace, entry["pod"], entry.get("container", ""), changes=changes, node=entry.get("node"),

@@ -205,3 +205,48 @@ def test_status_lists_across_namespaces_as_admin(cluster, pods, kubeconfig, tmp_
     data = json.loads(out.stdout)
     assert "web-6" in json.dumps(data)
     assert run("--reset", "web-6").returncode == 0
+
+
+def test_dry_run_creates_nothing(cluster, pods):
+    fakeapi, agent, run = cluster
+    pod = pods.run("dry", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, pod)
+    out = run("--set-cpu=500m", "--dry-run", "dry")
+    assert out.returncode == 0, out.stderr
+    assert chaos_objects(fakeapi) == []
+    assert quota_us(pod) == 100_000
+    assert any(r.method == "POST" and "dryRun=All" in r.path for r in fakeapi.requests)
+
+
+def test_unreachable_api_server_is_one_line(tmp_path):
+    kubeconfig = tmp_path / "kc"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: gone\n"
+        "clusters: [{name: gone, cluster: {server: 'https://127.0.0.1:9'}}]\n"
+        "users: [{name: u, user: {token: t}}]\ncontexts: [{name: gone, context: {cluster: gone, user: u}}]\n")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "KUBECONFIG": str(kubeconfig)}
+    out = subprocess.run([KUBECTL_CHAOS, "--set-cpu=500m", "web"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: cannot reach the Kubernetes API at https://127.0.0.1:9"), out.stderr
+    assert out.stderr.count("\n") == 1
+    out = subprocess.run([KUBECTL_CHAOS, "--context=nope", "--set-cpu=500m", "web"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and "context" in out.stderr and "nope" in out.stderr, out.stderr
+
+
+def test_bandwidth_both_ways_through_the_api(cluster, pods):
+    fakeapi, agent, run = cluster
+    pod = pods.run("net", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, pod)
+    out = run("--set-bandwidth=10Mbit", "net", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    (obj,) = chaos_objects(fakeapi)
+    changes = {c["resource"]: c for c in obj["status"]["targets"][0]["changes"]}
+    assert set(changes) == {"bandwidth-ingress", "bandwidth-egress"}
+    for change in changes.values():
+        assert change["original"] is None  # no limit before
+        assert abs(change["applied"] - 10_000_000) <= 100_000  # read back from the kernel (HTB rounds)
+    out = run("--reset", "net")
+    assert out.returncode == 0, out.stderr
+    assert agent.engine.list("shop") == []
