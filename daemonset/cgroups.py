@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,15 @@ def _cg_value(value: int | None) -> Any:
     return CG_UNLIMITED if value == UNLIMITED else value
 
 
+def _readings(lim: Any) -> Readings:
+    return Readings(
+        cpu_quota_us=_int(lim.cpu_quota_us) if lim.cpu_quota_us is not None else UNLIMITED,
+        cpu_period_us=int(lim.cpu_period_us or 100_000),
+        memory_limit_bytes=_int(lim.memory_limit_bytes) if lim.memory_limit_bytes is not None else UNLIMITED,
+        memsw_limit_bytes=_int(lim.memory_swap_limit_bytes) if lim.memory_swap_limit_bytes is not None else None,
+    )
+
+
 def engine_error(err: Exception, what: str) -> Exception:
     from cgroupctl import errors as ce
 
@@ -70,19 +80,45 @@ def _without_pod_lowering(plan: Any) -> Any:
 class CgroupOps:
     """locate, read, plan-check, set, snapshot and restore a container's (and its pod's) cgroups."""
 
+    _CACHE_MAX = 4096
+
     def __init__(self, cgroup_root: str = "/sys/fs/cgroup", proc_root: str = "/proc"):
         self.cgroup_root = cgroup_root
         self.proc_root = proc_root
+        # (pid, cgroups path) -> directories: a running container's cgroups never move, and its
+        # cgroups path names the container, so a reused pid cannot hit a stale entry.
+        self._located: dict[tuple[int | None, str | None], Any] = {}
 
     def locate(self, *, pid: int | None, cgroups_path: str | None) -> Any:
         import cgroupctl
         from cgroupctl import errors as ce
 
+        key = (pid, cgroups_path)
+        cg = self._located.get(key)
+        if cg is not None and os.path.isdir(cg.container.cpu or cg.container.memory or "/nonexistent"):
+            return cg
         try:
-            return cgroupctl.locate(pid=pid, cgroups_path=cgroups_path, proc_root=self.proc_root,
-                                    cgroup_root=self.cgroup_root)
+            cg = cgroupctl.locate(pid=pid, cgroups_path=cgroups_path, proc_root=self.proc_root,
+                                  cgroup_root=self.cgroup_root)
         except ce.CgroupError as e:
             raise engine_error(e, f"locating the cgroups of pid {pid} ({cgroups_path})") from e
+        if len(self._located) >= self._CACHE_MAX:
+            self._located.clear()
+        self._located[key] = cg
+        return cg
+
+    def read_for_plan(self, cg: Any) -> tuple[Readings, Any]:
+        """The container's limits and cgroupctl's ``State`` (what ``check`` plans from) in one read."""
+        import cgroupctl
+        from cgroupctl import errors as ce
+        from cgroupctl.read import limits_from_files
+
+        try:
+            state = cgroupctl.read_state(cg)
+            lim = limits_from_files(cg, cg.container, dict(state.files))
+        except ce.CgroupError as e:
+            raise engine_error(e, "reading the limits") from e
+        return _readings(lim), state
 
     def read(self, cg: Any, *, pod: bool = False) -> Readings:
         import cgroupctl
@@ -92,30 +128,29 @@ class CgroupOps:
             lim = cgroupctl.read_limits(cg, pod=pod)
         except ce.CgroupError as e:
             raise engine_error(e, "reading the limits back") from e
-        return Readings(
-            cpu_quota_us=_int(lim.cpu_quota_us) if lim.cpu_quota_us is not None else UNLIMITED,
-            cpu_period_us=int(lim.cpu_period_us or 100_000),
-            memory_limit_bytes=_int(lim.memory_limit_bytes) if lim.memory_limit_bytes is not None else UNLIMITED,
-            memsw_limit_bytes=_int(lim.memory_swap_limit_bytes) if lim.memory_swap_limit_bytes is not None else None,
-        )
+        return _readings(lim)
 
-    def plan(self, cg: Any, *, cpu_quota_us: int | None, memory_limit_bytes: int | None, force: bool) -> Any:
+    def plan(self, cg: Any, *, cpu_quota_us: int | None, memory_limit_bytes: int | None, force: bool,
+             state: Any = None) -> Any:
         """cgroupctl's plan for these values (pure after one read); raises Refused/InvalidRequest."""
         import cgroupctl
         from cgroupctl import errors as ce
 
         try:
-            state = cgroupctl.read_state(cg)
+            state = state if state is not None else cgroupctl.read_state(cg)
             return cgroupctl.plan(state, cgroupctl.Limits(cpu_quota_us=_cg_value(cpu_quota_us),
                                                           memory_limit_bytes=_cg_value(memory_limit_bytes)),
                                   force=force)
         except ce.CgroupError as e:
             raise engine_error(e, "planning the cgroup change") from e
 
-    def check(self, cg: Any, *, cpu_quota_us: int | None, memory_limit_bytes: int | None, force: bool) -> None:
+    def check(self, cg: Any, *, cpu_quota_us: int | None, memory_limit_bytes: int | None, force: bool,
+              state: Any = None) -> Any:
+        """The plan for these values, or None when neither is asked; raises what a plan refuses."""
         if cpu_quota_us is None and memory_limit_bytes is None:
-            return
-        self.plan(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force)
+            return None
+        return self.plan(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force,
+                         state=state)
 
     def _apply(self, plan: Any, what: str) -> None:
         import cgroupctl
@@ -128,31 +163,37 @@ class CgroupOps:
         except ce.CgroupError as e:
             raise engine_error(e, what) from e
 
-    def set_container(self, cg: Any, *, cpu_quota_us: int | None, memory_limit_bytes: int | None, force: bool) -> None:
-        """The plan by direct writes: pod raised first where needed, never lowered (see ``_without_pod_lowering``)."""
-        plan = self.plan(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force)
+    def set_container(self, cg: Any, *, cpu_quota_us: int | None, memory_limit_bytes: int | None, force: bool,
+                      plan: Any = None) -> None:
+        """The plan by direct writes: pod raised first where needed, never lowered (see ``_without_pod_lowering``).
+
+        ``plan``: one made by ``check`` for the same values under the same lock (saves reading again).
+        """
+        if plan is None:
+            plan = self.plan(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force)
         self._apply(_without_pod_lowering(plan), "writing the cgroup limits")
 
     def set_through(self, cg: Any, *, cpu_quota_us: int | None, memory_limit_bytes: int | None, force: bool,
-                    runtime_call: Callable[[], None]) -> None:
-        """Pod stage before, ``runtime_call`` for the container, pod stage after; the pod put back on failure."""
+                    runtime_call: Callable[[], None], plan: Any = None) -> None:
+        """Pod raised first where needed, ``runtime_call`` changes the container; the pod put back if it fails."""
         import cgroupctl
         from cgroupctl import errors as ce
 
-        limits = cgroupctl.Limits(cpu_quota_us=_cg_value(cpu_quota_us), memory_limit_bytes=_cg_value(memory_limit_bytes))
-        try:
-            change = cgroupctl.prepare_pod(cg, limits, force=force)
-        except ce.CgroupError as e:
-            raise engine_error(e, "raising the pod cgroup") from e
+        if plan is None:
+            plan = self.plan(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force)
+        raise_pod = plan.pod_before
+        pod_saved = cgroupctl.snapshot(cg, list(raise_pod.paths)) if raise_pod else None
+        self._apply(raise_pod, "raising the pod cgroup")
         try:
             runtime_call()
         except BaseException:
-            try:
-                change.abort()
-            except ce.CgroupError as e:
-                log.error("putting the pod cgroup back after a refused runtime call failed: %s", e)
+            if pod_saved is not None:
+                try:
+                    cgroupctl.restore(pod_saved)
+                except ce.CgroupError as e:
+                    log.error("putting the pod cgroup back after a refused runtime call failed: %s", e)
             raise
-        # No change.finish(): the pod is never lowered during an experiment (see _without_pod_lowering).
+        # The pod-after stage (lowering the pod) is left out on purpose: see _without_pod_lowering.
 
     def snapshot(self, cg: Any) -> dict[str, Any]:
         """The exact content of every limit file of the container and its pod, JSON-ready."""

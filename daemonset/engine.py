@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from cri_api.merge import merge_resources
 from daemonset import state as state_mod
 from daemonset.cgroups import CgroupOps, Readings
 from daemonset.metrics import Metrics
@@ -117,6 +118,7 @@ class Engine:
         self.drift_interval_s = drift_interval_s
         self.store = state_mod.StateStore(state_dir)
         self._records: dict[str, dict[str, Any]] = {}
+        self._known: dict[str, Any] = {}  # container id -> ContainerInfo of containers under experiment
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._wake = threading.Event()
@@ -139,6 +141,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        self.store.close()
 
     @contextlib.contextmanager
     def _locked(self, key: str, *, blocking: bool = True) -> Iterator[bool]:
@@ -172,6 +175,41 @@ class Engine:
         except cri_errors.CRIError as e:
             raise RuntimeUnavailable(f"cannot resolve {target.describe()}: {e}") from e
 
+    def _resolve_known(self, target: Target, needs_runtime_view: bool) -> Any | None:
+        """A container under experiment, without listing the runtime's containers; None to look it up.
+
+        The container found when the experiment started still runs while its process lives in a
+        cgroup named after it (a restart makes a new container id and process). The runtime's view
+        of its resources is read fresh when the change goes through CRI (the merge needs it).
+        """
+        if target.namespace in self.deny_namespaces:
+            return None
+        with self._guard:
+            if target.container:
+                rec = self._records.get(f"{target.namespace}/{target.pod}/{target.container}")
+            else:
+                recs = [r for r in self._records.values() if r["target"]["namespace"] == target.namespace
+                        and r["target"]["pod"] == target.pod and r.get("only_container")]
+                rec = recs[0] if len(recs) == 1 else None
+            info = self._known.get(rec["target"]["container_id"]) if rec else None
+        if info is None or not self._alive(info):
+            return None
+        if needs_runtime_view:
+            try:
+                info = self.cri.container_info(info.id)
+            except Exception:
+                return None
+            if not info.running:
+                return None
+        return info
+
+    def _alive(self, info: Any) -> bool:
+        try:
+            with open(f"{self.proc_root}/{info.pid}/cgroup") as f:
+                return info.id in f.read()
+        except (OSError, TypeError):
+            return False
+
     def _resolved(self, info: Any) -> ResolvedTarget:
         return ResolvedTarget(
             namespace=info.pod_namespace,
@@ -189,7 +227,9 @@ class Engine:
         started = time.perf_counter()
         try:
             req.validate()
-            info = self._resolve(req.target)
+            needs_runtime_view = req.method is not Method.CGROUP and (
+                req.changes.cpu_millicpu is not None or req.changes.memory_bytes is not None)
+            info = self._resolve_known(req.target, needs_runtime_view) or self._resolve(req.target)
             target = self._resolved(info)
             with self._locked(target.key):
                 result = self._apply_locked(req, info, target)
@@ -207,10 +247,12 @@ class Engine:
         existing = self._records.get(target.key)
         changes = req.changes.as_map()
         cg = self.cgroups.locate(pid=info.pid, cgroups_path=info.cgroups_path)
-        before = self.cgroups.read(cg)
+        before, cg_state = self.cgroups.read_for_plan(cg)
+        new_snapshot = existing is None
         if existing is not None and existing["target"]["container_id"] != target.container_id:
             # The container was re-created since the experiment started: its own values are the originals again.
             self._adopt_new_container(existing, info, cg)
+            new_snapshot = True
 
         if existing is None:
             record = self._new_record(req, info, target, cg, before, changes)
@@ -223,21 +265,24 @@ class Engine:
         cpu_quota = self._cpu_quota(record, before)
         mem = record["desired"].get(Resource.MEMORY.value)
         self._check_cpu_quota(cpu_quota, before, changes)
-        try:
-            self.cgroups.check(cg, cpu_quota_us=cpu_quota if Resource.CPU in changes else None,
-                               memory_limit_bytes=mem if Resource.MEMORY in changes else None, force=req.force)
-        except EngineError:
-            raise
+        plan = self.cgroups.check(cg, cpu_quota_us=cpu_quota if Resource.CPU in changes else None,
+                                  memory_limit_bytes=mem if Resource.MEMORY in changes else None, force=req.force,
+                                  state=cg_state)
         if any(r in changes for r in BANDWIDTH):
             self._check_bandwidth_owner(record)
 
         if req.dry_run:
             return self._result(record, set(changes), previous_values=previous, in_force=None, dry_run=True)
 
-        record["phase"] = "applying"
-        self.store.save(target.key, record)
+        if new_snapshot or (record.get("net") and not existing.get("net")):
+            # A new snapshot of originals: on disk before anything changes. A further change on
+            # the same container needs no intent record: after a crash the active record's values
+            # are enforced again (drift), so a half-made second change is undone that way.
+            record["phase"] = "applying"
+            self.store.save(target.key, record, durable=True)
         try:
-            self._enforce(record, info, cg, changes=set(changes), method=req.method, force=req.force)
+            self._enforce(record, info, cg, changes=set(changes), method=req.method, force=req.force, before=before,
+                          plan=plan)
             in_force = self._verify(record, cg, set(changes))
         except Exception as e:
             self._roll_back(existing, record, info, cg, e)
@@ -245,9 +290,10 @@ class Engine:
                 raise
             raise ApplyFailed(f"applying to {target.describe()} failed: {e}; rolled back") from e
         record["phase"] = "active"
-        self.store.save(target.key, record)
+        self.store.save(target.key, record, durable=False)
         with self._guard:
             self._records[target.key] = record
+            self._known[info.id] = info
             self.metrics.active.set(len(self._records))
         self._wake.set()
         for r in changes:
@@ -289,6 +335,8 @@ class Engine:
             "cgroup_snapshot": self.cgroups.snapshot(cg),
             "net": net,
             "drift_corrections": 0,
+            # Resolved without naming the container: the pod had just this one.
+            "only_container": req.target.container is None,
         }
 
     def _merged_record(self, existing: dict[str, Any], req: ApplyRequest, info: Any, target: ResolvedTarget,
@@ -339,14 +387,18 @@ class Engine:
     # -- doing it --
 
     def _enforce(self, record: dict[str, Any], info: Any, cg: Any, *, changes: set[Resource], method: Method,
-                 force: bool) -> None:
-        """Put the record's desired values in force for ``changes``; raises on the first failure."""
+                 force: bool, before: Readings | None = None, plan: Any = None) -> None:
+        """Put the record's desired values in force for ``changes``; raises on the first failure.
+
+        ``before`` and ``plan`` are the readings and cgroup plan the caller already made under the
+        same lock (the apply path); without them they are made here.
+        """
         desired = record["desired"]
-        before = self.cgroups.read(cg)
+        before = before if before is not None else self.cgroups.read(cg)
         cpu_quota = quota_for(desired[Resource.CPU.value], before.cpu_period_us) if Resource.CPU in changes else None
         mem = desired[Resource.MEMORY.value] if Resource.MEMORY in changes else None
         if cpu_quota is not None or mem is not None:
-            used = self._set_cpu_memory(record, info, cg, cpu_quota, mem, method, force)
+            used = self._set_cpu_memory(record, info, cg, cpu_quota, mem, method, force, plan)
             for r, v in ((Resource.CPU, cpu_quota), (Resource.MEMORY, mem)):
                 if v is not None:
                     record["methods"][r.value] = used.value
@@ -362,17 +414,19 @@ class Engine:
                     record["methods"][r.value] = Method.NETLINK.value
 
     def _set_cpu_memory(self, record: dict[str, Any], info: Any, cg: Any, cpu_quota: int | None, mem: int | None,
-                        method: Method, force: bool) -> Method:
+                        method: Method, force: bool, plan: Any = None) -> Method:
         from cri_api import errors as cri_errors
 
         if method in (Method.AUTO, Method.CRI):
             def runtime_call() -> None:
-                # memsw follows the memory limit in the merge (containerd keeps them equal: no swap).
-                self.cri.update_resources(info.id, cpu_quota_us=cpu_quota, memory_limit_bytes=mem)
+                # ``info`` was read just now: merge into it rather than ask the runtime again. memsw
+                # follows the memory limit in the merge (containerd keeps them equal: no swap).
+                merged = merge_resources(info.resources, cpu_quota_us=cpu_quota, memory_limit_bytes=mem)
+                self.cri.update_container_resources(info.id, merged)
 
             try:
                 self.cgroups.set_through(cg, cpu_quota_us=cpu_quota, memory_limit_bytes=mem, force=force,
-                                         runtime_call=runtime_call)
+                                         runtime_call=runtime_call, plan=plan)
                 record["cri_used"] = True
                 return Method.CRI
             except cri_errors.CRIError as e:
@@ -380,7 +434,7 @@ class Engine:
                     raise Refused(f"the runtime refused UpdateContainerResources for {info.id[:12]}: {e}") from e
                 log.warning("runtime refused UpdateContainerResources for %s (%s); falling back to cgroup writes",
                             info.id[:12], e)
-        self.cgroups.set_container(cg, cpu_quota_us=cpu_quota, memory_limit_bytes=mem, force=force)
+        self.cgroups.set_container(cg, cpu_quota_us=cpu_quota, memory_limit_bytes=mem, force=force, plan=plan)
         return Method.CGROUP
 
     def _verify(self, record: dict[str, Any], cg: Any, changes: set[Resource]) -> dict[Resource, int]:
@@ -424,7 +478,7 @@ class Engine:
                               if existing["methods"] else Method.AUTO, force=True)
                 if record.get("net") and not existing.get("net"):
                     self._unshape(record)
-                self.store.save(key, existing)
+                self.store.save(key, existing, durable=False)
         except Exception as e:  # the original error is what the caller needs; this one goes to the log
             log.error("rollback on %s incomplete: %s", key, e)
 
@@ -507,13 +561,14 @@ class Engine:
             return RevertResult(target=target, resources=self._revert_results(record, previous, None), was_active=True,
                                 dry_run=True)
         record["phase"] = "reverting"
-        self.store.save(key, record)
+        self.store.save(key, record, durable=False)
         self._restore(record, info, cg)
         after = self.cgroups.read(cg) if cg is not None else None
         in_force = self._current_values(after, self._safe_rates(record), record) if after else None
         self.store.delete(key)
         with self._guard:
             self._records.pop(key, None)
+            self._known.pop(record["target"]["container_id"], None)
             self.metrics.active.set(len(self._records))
         self.metrics.reverts.labels(reason).inc()
         for r in (Resource(k) for k in record["desired"]):
@@ -711,7 +766,7 @@ class Engine:
         self._enforce(record, info, cg, changes=stale, method=method, force=True)
         self._verify(record, cg, stale)
         record["drift_corrections"] = record.get("drift_corrections", 0) + 1
-        self.store.save(key, record)
+        self.store.save(key, record, durable=False)
         self.metrics.drift_corrections.labels(cause).inc()
 
     def _end_gone(self, key: str, record: dict[str, Any]) -> None:
@@ -725,6 +780,7 @@ class Engine:
         self.store.delete(key)
         with self._guard:
             self._records.pop(key, None)
+            self._known.pop(record["target"]["container_id"], None)
             self.metrics.active.set(len(self._records))
         self.metrics.reverts.labels("pod-deleted").inc()
 
@@ -751,9 +807,13 @@ class Engine:
 
 
 def _deep_copy(record: dict[str, Any]) -> dict[str, Any]:
-    import copy
-
-    return copy.deepcopy(record)
+    """A copy of a record whose parts the engine changes may be changed freely (snapshots are replaced, never edited)."""
+    out = dict(record)
+    for part in ("target", "original", "desired", "methods"):
+        out[part] = dict(record[part])
+    if record.get("net"):
+        out["net"] = dict(record["net"])
+    return out
 
 
 def _iso(ts: float) -> str:

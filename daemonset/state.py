@@ -6,6 +6,13 @@ writes a record before it touches anything (phase ``applying``, with the snapsho
 originals), again once the change is in force (``active``), and before it starts putting things
 back (``reverting``); the record is deleted when the originals are back. On start-up the engine
 reads every record and finishes what each phase implies.
+
+Durability: every write is atomic (a ``kill -9`` of the agent never loses or tears a record: the
+page cache outlives the process). A *durable* write is also fsynced, file and directory, before
+it returns: the engine asks for that when a record carries a new snapshot of originals, before it
+changes anything. Other writes (phase updates, deletions) are fsynced by a background flusher
+within ``flush_interval_s``: losing one of those to a power cut loses nothing that the kernel
+kept either (limits and qdiscs do not survive a reboot), and recovery handles the older record.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import json
 import logging
 import os
 import pathlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,19 +53,66 @@ def _fsync_dir(path: pathlib.Path) -> None:
 class StateStore:
     """Atomic JSON records in ``state_dir/experiments``; thread-safe per record (callers serialize per key)."""
 
-    def __init__(self, state_dir: str | os.PathLike[str]):
+    def __init__(self, state_dir: str | os.PathLike[str], *, flush_interval_s: float = 0.5):
         self.root = pathlib.Path(state_dir) / "experiments"
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as e:
             raise StateError(f"cannot create state directory {self.root}: {e.strerror}") from e
+        self.flush_interval_s = flush_interval_s
+        self._dirty: set[pathlib.Path] = set()
+        self._dir_dirty = False
+        self._lock = threading.Lock()
+        self._kick = threading.Event()
+        self._closed = False
+        self._flusher: threading.Thread | None = None
+
+    def _mark_dirty(self, path: pathlib.Path | None) -> None:
+        with self._lock:
+            if path is not None:
+                self._dirty.add(path)
+            self._dir_dirty = True
+            if self._flusher is None and not self._closed:
+                self._flusher = threading.Thread(target=self._flush_loop, name="state-flush", daemon=True)
+                self._flusher.start()
+        self._kick.set()
+
+    def _flush_loop(self) -> None:
+        while not self._closed:
+            self._kick.wait()
+            self._kick.clear()
+            self.flush()
+            # Batch whatever arrives meanwhile into the next round.
+            threading.Event().wait(self.flush_interval_s)
+
+    def flush(self) -> None:
+        """fsync every record written without ``durable`` since the last flush, then the directory."""
+        with self._lock:
+            paths, self._dirty = self._dirty, set()
+            dir_dirty, self._dir_dirty = self._dir_dirty, False
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # deleted meanwhile
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if dir_dirty:
+            _fsync_dir(self.root)
+
+    def close(self) -> None:
+        self._closed = True
+        self._kick.set()
+        self.flush()
 
     def path_for(self, key: str) -> pathlib.Path:
         return self.root / (record_name(key) + _SUFFIX)
 
-    def save(self, key: str, record: dict[str, Any]) -> None:
-        """Write ``record`` for ``key`` atomically and durably."""
-        data = json.dumps({"schema": SCHEMA_VERSION, "key": key, **record}, sort_keys=True, indent=1).encode()
+    def save(self, key: str, record: dict[str, Any], *, durable: bool = True) -> None:
+        """Write ``record`` for ``key`` atomically; with ``durable`` also on disk before returning."""
+        data = json.dumps({"schema": SCHEMA_VERSION, "key": key, **record}, separators=(",", ":")).encode()
         final = self.path_for(key)
         tmp = self.root / f"{_TMP_PREFIX}{final.name}.{os.getpid()}"
         try:
@@ -67,11 +122,15 @@ class StateStore:
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            if durable:
+                _fsync_dir(self.root)
+            else:
+                self._mark_dirty(final)
         except OSError as e:
             try:
                 tmp.unlink()
@@ -83,7 +142,7 @@ class StateStore:
         """Remove the record of ``key``; a missing record is already deleted."""
         try:
             self.path_for(key).unlink()
-            _fsync_dir(self.root)
+            self._mark_dirty(None)
         except FileNotFoundError:
             pass
         except OSError as e:

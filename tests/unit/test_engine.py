@@ -105,6 +105,9 @@ class FakeCRI:
             labels={}, annotations={},
         )
 
+    def update_container_resources(self, cid, resources):
+        self.update_resources(cid, cpu_quota_us=resources.cpu_quota_us, memory_limit_bytes=resources.memory_limit_bytes)
+
     def update_resources(self, cid, *, cpu_quota_us=None, memory_limit_bytes=None, memory_swap_limit_bytes=None):
         self.w.cri_calls += 1
         if self.w.runtime_refuses:
@@ -134,12 +137,16 @@ class FakeCgroups:
         return Readings(cpu_quota_us=c.quota_us, cpu_period_us=c.period_us, memory_limit_bytes=c.memory,
                         memsw_limit_bytes=c.memory)
 
-    def check(self, cg, *, cpu_quota_us, memory_limit_bytes, force):
+    def read_for_plan(self, cg):
+        return self.read(cg), None
+
+    def check(self, cg, *, cpu_quota_us, memory_limit_bytes, force, state=None):
         _, c = self.w.by_id(cg)
         if memory_limit_bytes is not None and memory_limit_bytes < c.usage and not force:
             raise Refused(f"memory {memory_limit_bytes} below usage {c.usage}")
+        return None
 
-    def set_container(self, cg, *, cpu_quota_us, memory_limit_bytes, force):
+    def set_container(self, cg, *, cpu_quota_us, memory_limit_bytes, force, plan=None):
         self.check(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force)
         (ns, pod, _), c = self.w.by_id(cg)
         if cpu_quota_us is not None:
@@ -148,7 +155,7 @@ class FakeCgroups:
         if memory_limit_bytes is not None:
             c.memory = memory_limit_bytes
 
-    def set_through(self, cg, *, cpu_quota_us, memory_limit_bytes, force, runtime_call):
+    def set_through(self, cg, *, cpu_quota_us, memory_limit_bytes, force, runtime_call, plan=None):
         self.check(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force)
         (ns, pod, _), _c = self.w.by_id(cg)
         before = self.w.pod_quota[(ns, pod)]
