@@ -247,6 +247,8 @@ def session(netns: str | None = None) -> Iterator[Session]:
         ipr = IPRoute() if netns is None else IPRoute(netns=netns, flags=0)
     except (FileNotFoundError, ProcessLookupError) as err:
         raise NamespaceGone(f"network namespace {netns} is gone: {err}") from err
+    except OSError as err:
+        raise NetlinkFailed(f"opening a netlink socket in {where}", err) from err
     # pyroute2 0.9.7's synchronous IPRoute never sets this status key, and nlm_request reads it.
     ipr.status["nlm_generator"] = False
     try:

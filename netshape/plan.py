@@ -32,8 +32,10 @@ OUR_FILTER_PREF = 1
 BURST_TIME_S = 0.010
 BURST_FLOOR_BYTES = 64 * 1024
 ETH_HEADER_BYTES = 14
-# Queue behind a TBF, beyond the burst: this much time at the shaped rate.
-TBF_QUEUE_TIME_S = 0.050
+# Queue behind a TBF, beyond the burst: this much time at the shaped rate, and at least one more
+# burst. With 50 ms (about what the CNI plugin uses) TCP lost enough to idle and then burst:
+# 0.92-1.04 of the rate at 10 Mbit/s; with 200 ms, 0.95-0.96.
+TBF_QUEUE_TIME_S = 0.200
 
 # The packet scheduler's clock: one tick is 64 ns (PSCHED_SHIFT 6; /proc/net/psched reads
 # "000003e8 00000040 ...", which tc turns into 1000/64 = 15.625 ticks per microsecond). Burst
@@ -134,7 +136,7 @@ def plan_direction(
         )
     if burst > U32_MAX:
         raise OutOfRange(f"burst {burst} bytes is out of range; accepted: at most {U32_MAX} bytes")
-    limit = min(burst + int(rate_bytes * TBF_QUEUE_TIME_S) + frame_bytes, U32_MAX)
+    limit = min(burst + max(int(rate_bytes * TBF_QUEUE_TIME_S), burst), U32_MAX)
     return DirectionPlan(kind=kind, rate_bytes_per_s=rate_bytes, burst_bytes=burst, limit_bytes=limit)
 
 
