@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -247,3 +248,47 @@ def test_containerd_without_its_cri_plugin_is_named_as_such(node, tmp_path):
         "containerd >= 1.6 or CRI-O >= 1.23"
     )
     assert isinstance(err.value, CallFailed) and err.value.code == "UNIMPLEMENTED"
+
+
+_KILLED_NODE = """
+import json, sys
+from tests.support.node import ContainerSpec, TestNode
+node = TestNode().start()
+pod = node.run_pod("orphan", containers=[ContainerSpec(cpu_millicpu=100, memory_bytes=16 << 20)])
+info = node.client.container_info(pod.container_id())
+print(json.dumps({"workdir": str(node.workdir), "bridge": node.bridge, "cgroup_base": node.cgroup_base,
+                  "containerd": node.proc.pid, "container": info.pid, "netns": pod.netns_path}), flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_a_killed_test_process_leaves_nothing_after_the_next_start(node):
+    # SIGKILL runs no teardown: containerd, shims, pods, mounts, bridge and cgroups stay behind until
+    # the next node starts and reaps every node whose owner lock is free. The live session node is
+    # left alone.
+    import json
+
+    from tests.support.node import reap_stale_nodes
+
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_NODE], cwd=repo, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        made = json.loads(child.stdout.readline())
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    workdir = pathlib.Path(made["workdir"])
+    shims = subprocess.run(["pgrep", "-f", f"containerd-shim.*{workdir}"], capture_output=True, text=True).stdout.split()
+    assert shims and not _gone(made["containerd"]) and not _gone(made["container"])  # all orphaned, still running
+    assert str(workdir) in pathlib.Path("/proc/self/mountinfo").read_text()
+
+    reaped = reap_stale_nodes()
+    assert str(workdir) in reaped
+    assert not workdir.exists()
+    assert all(_gone(pid) for pid in (made["containerd"], made["container"], *shims))
+    assert str(workdir) not in pathlib.Path("/proc/self/mountinfo").read_text()
+    assert not pathlib.Path(f"/sys/class/net/{made['bridge']}").exists()
+    assert not [h.name for h in CGROUP_ROOT.iterdir() if (h / made["cgroup_base"].lstrip("/")).exists()]
+    assert node.workdir.exists() and node.client.version().runtime_name == "containerd"
+    assert str(node.workdir) not in "".join(reap_stale_nodes())

@@ -8,6 +8,10 @@ pods, containerd and its shims, mounts, network namespaces, the CNI bridge, cgro
 
 Several nodes may run at once (other test sessions): each claims its own subnet 10.88.<n>.0/24
 and bridge ``kccni<n>`` through a lock file that the kernel releases if the process dies.
+
+A killed test process (SIGKILL, a CI timeout) runs no teardown. Each node therefore holds a lock
+on ``<workdir>/owner.lock`` for its lifetime and records what it made in ``<workdir>/node.json``;
+the next node to start (or :func:`reap_stale_nodes`) removes every node whose lock is free.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from cri_api import RuntimeClient
@@ -38,6 +42,12 @@ CFS_PERIOD_US = 100_000
 CPU_SHARES_PER_CPU = 1024
 SUBNET_PREFIX = "10.88"
 BRIDGE_PREFIX = "kccni"
+
+WORKDIR_PARENT = pathlib.Path("/tmp")
+WORKDIR_PREFIX = "kcx-node-"
+OWNER_LOCK = "owner.lock"
+STATE_FILE = "node.json"
+CGROUP_BASE_MARK = "/kubectl-chaos-test-"
 
 LABEL_POD_NAME = "io.kubernetes.pod.name"
 LABEL_POD_NAMESPACE = "io.kubernetes.pod.namespace"
@@ -241,7 +251,7 @@ class TestNode:
 
     def __init__(self, workdir: str | os.PathLike[str] | None = None, *, start_timeout_s: float = 30.0):
         global _NODE_SEQ
-        self.workdir = pathlib.Path(workdir or tempfile.mkdtemp(prefix="kcx-node-", dir="/tmp"))
+        self.workdir = pathlib.Path(workdir or tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=WORKDIR_PARENT))
         self.socket = self.workdir / "containerd.sock"
         self.log_path = self.workdir / "containerd.log"
         self.start_timeout_s = start_timeout_s
@@ -251,6 +261,8 @@ class TestNode:
         self.subnet_index: int | None = None
         self.bridge: str | None = None
         self._lock_fd: int | None = None
+        self._owner_fd: int | None = None
+        self.reaped: list[str] = []  # stale nodes of dead processes removed at start
         self.pods: dict[str, Pod] = {}
         self.timings_s: dict[str, float] = {}  # start-up phases
         self.pod_start_s: list[float] = []  # run_pod durations (cgroup, sandbox, containers)
@@ -280,10 +292,18 @@ class TestNode:
         return self
 
     def _start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._take_owner_lock()
+        t0 = time.monotonic()
+        self.reaped = reap_stale_nodes(WORKDIR_PARENT)
+        self.timings_s["reap"] = time.monotonic() - t0
         for sub in ("root", "state", "cni", "opt", "runc", "logs", "ipam"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         self._claim_subnet()
         assert self.subnet_index is not None and self.bridge is not None
+        state = {"pid": os.getpid(), "socket": str(self.socket), "bridge": self.bridge,
+                 "subnet_index": self.subnet_index, "cgroup_base": self.cgroup_base}  # fmt: skip
+        (self.workdir / STATE_FILE).write_text(json.dumps(state))
         network = f"kcx-test-{self.subnet_index}"
         conflist = cni_conflist(network, self.bridge, self.subnet_index, self.workdir / "ipam")
         (self.workdir / "cni" / "10-kcx.conflist").write_text(json.dumps(conflist, indent=2))
@@ -309,6 +329,18 @@ class TestNode:
         t0 = time.monotonic()
         self._ctr("images", "import", "--snapshotter", self.snapshotter, "--all-platforms", str(tarball))
         self.timings_s["import_images"] = time.monotonic() - t0
+
+    def _take_owner_lock(self) -> None:
+        """Lock ``owner.lock`` for the node's lifetime; the kernel drops it when this process dies.
+
+        The lock is taken on a private name and then renamed into place, so a reaper never sees an
+        owner lock that is not yet held.
+        """
+        private = self.workdir / f".{OWNER_LOCK}.{os.getpid()}"
+        fd = os.open(private, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(private, self.workdir / OWNER_LOCK)
+        self._owner_fd = fd
 
     def _wait_ready(self) -> None:
         assert self.client is not None and self.proc is not None
@@ -479,7 +511,7 @@ class TestNode:
     # ---- cgroups
 
     def _controllers(self) -> list[pathlib.Path]:
-        return sorted(p for p in CGROUP_ROOT.iterdir() if p.is_dir() and not p.is_symlink())
+        return _controllers()
 
     def _record_cgroup_ancestors(self) -> None:
         """Remember which ancestors of our cgroup base do not exist yet, to remove them at stop.
@@ -512,33 +544,7 @@ class TestNode:
         return dirs
 
     def _remove_cgroup_tree(self, relative: str) -> list[str]:
-        """rmdir a cgroup subtree in every hierarchy, killing leftover processes in it first."""
-        errors = []
-        rel = relative.lstrip("/")
-        for hierarchy in self._controllers():
-            top = hierarchy / rel
-            if not top.is_dir():
-                continue
-            for attempt in range(50):
-                leftovers = _cgroup_pids(top)
-                for pid in leftovers:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                dirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
-                failed = None
-                for d in [*dirs, top]:
-                    try:
-                        d.rmdir()
-                    except FileNotFoundError:
-                        pass
-                    except OSError as err:
-                        failed = f"rmdir {d}: {os.strerror(err.errno or 0)}"
-                if failed is None:
-                    break
-                time.sleep(0.02 * (attempt + 1))
-            else:
-                errors.append(failed or f"rmdir {top}")
-        return errors
+        return _remove_cgroup_tree(relative)
 
     # ---- network
 
@@ -615,25 +621,130 @@ class TestNode:
             self._lock_fd = None
         if not problems:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._owner_fd is not None:
+            # Released last: with problems left, the next node's reaper tries again.
+            os.close(self._owner_fd)
+            self._owner_fd = None
         self.pods.clear()
         return problems
 
     def _kill_shims(self) -> None:
         """containerd-shim-runc-v2 processes outlive containerd; ours name our socket."""
-        needle = str(self.socket).encode()
-        for entry in pathlib.Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
+        _kill_processes(lambda cmdline: b"containerd-shim" in cmdline and str(self.socket).encode() in cmdline)
+
+
+# ---------------------------------------------------------------- stale nodes
+
+
+def reap_stale_nodes(parent: pathlib.Path = WORKDIR_PARENT) -> list[str]:
+    """Remove the nodes under ``parent`` whose owner process is gone; returns what was removed.
+
+    A node is stale when nobody holds its ``owner.lock`` (the kernel released it when its process
+    died). A directory without that file is left alone: a node still starting, or someone else's.
+    """
+    reaped = []
+    for workdir in sorted(pathlib.Path(parent).glob(WORKDIR_PREFIX + "*")):
+        lock = workdir / OWNER_LOCK
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
             try:
-                cmdline = (entry / "cmdline").read_bytes()
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                continue
-            if b"containerd-shim" in cmdline and needle in cmdline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(entry.name), signal.SIGKILL)
+                continue  # its owner is alive
+            if not lock.exists():
+                continue  # another reaper finished it while we waited for the lock
+            problems = _reap(workdir)
+            reaped.append(str(workdir) + (f" (left: {'; '.join(problems)})" if problems else ""))
+        finally:
+            os.close(fd)
+    return reaped
+
+
+def _reap(workdir: pathlib.Path) -> list[str]:
+    try:
+        state = json.loads((workdir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        state = {}
+    # containerd and its shims name the work dir (config, socket); the pods' processes die with
+    # their cgroups.
+    _kill_processes(lambda cmdline: str(workdir).encode() + b"/" in cmdline)
+    problems = []
+    base = state.get("cgroup_base")
+    if isinstance(base, str) and CGROUP_BASE_MARK in base:
+        problems += _remove_cgroup_tree(base)
+    problems += _unmount_under(workdir)
+    index = state.get("subnet_index")
+    if isinstance(index, int) and state.get("bridge") == f"{BRIDGE_PREFIX}{index}":
+        # The bridge goes only if its subnet is still free: a live node may have claimed it since.
+        with contextlib.suppress(OSError):
+            fd = os.open(LOCK_DIR / f"{index}.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if pathlib.Path(f"/sys/class/net/{state['bridge']}").exists():
+                    _ip("link", "del", state["bridge"], check=False)
+            finally:
+                os.close(fd)
+    if not problems:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return problems
 
 
 # ---------------------------------------------------------------- small system helpers
+
+
+def _controllers() -> list[pathlib.Path]:
+    return sorted(p for p in CGROUP_ROOT.iterdir() if p.is_dir() and not p.is_symlink())
+
+
+def _remove_cgroup_tree(relative: str) -> list[str]:
+    """rmdir a cgroup subtree in every hierarchy, killing leftover processes in it first."""
+    errors = []
+    rel = relative.lstrip("/")
+    for hierarchy in _controllers():
+        top = hierarchy / rel
+        if not top.is_dir():
+            continue
+        for attempt in range(50):
+            leftovers = _cgroup_pids(top)
+            for pid in leftovers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            dirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+            failed = None
+            for d in [*dirs, top]:
+                try:
+                    d.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError as err:
+                    failed = f"rmdir {d}: {os.strerror(err.errno or 0)}"
+            if failed is None:
+                break
+            time.sleep(0.02 * (attempt + 1))
+        else:
+            errors.append(failed or f"rmdir {top}")
+    return errors
+
+
+
+def _kill_processes(matches: Callable[[bytes], bool]) -> list[int]:
+    """SIGKILL every process (but this one) whose command line ``matches``; returns their pids."""
+    killed = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline and matches(cmdline):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed
 
 
 def _write_cgroup(path: pathlib.Path, value: int | str) -> None:
