@@ -380,6 +380,16 @@ class Controller:
     # -- reconcile ---------------------------------------------------------------------------------
 
     def reconcile(self, key: tuple[str, str]) -> None:
+        """Bring one object and this node's containers in line; Events go out after the status."""
+        self._events_out: list[tuple[dict, str, str, bool]] = []
+        try:
+            self._reconcile(key)
+        finally:
+            events, self._events_out = self._events_out, []
+            for pod, reason, message, warning in events:
+                self._post_event(pod, reason, message, warning=warning)
+
+    def _reconcile(self, key: tuple[str, str]) -> None:
         namespace, name = key
         with self._cache_lock:
             obj = self._rcs.get(key)
@@ -589,13 +599,19 @@ class Controller:
         """Add or drop this node's finalizer; False if the object is gone (or deleting, for an add)."""
         from kubernetes.client.exceptions import ApiException
 
-        for _ in range(10):
-            try:
-                fresh = self.custom.get_namespaced_custom_object(crd.GROUP, crd.VERSION, key[0], crd.PLURAL, key[1])
-            except ApiException as e:
-                if e.status == 404:
-                    return False
-                raise
+        with self._cache_lock:
+            cached = self._rcs.get(key)
+        for attempt in range(10):
+            if attempt == 0 and cached is not None:
+                fresh = cached  # usually current: saves a round trip; a 409 sends us to the API
+            else:
+                try:
+                    fresh = self.custom.get_namespaced_custom_object(crd.GROUP, crd.VERSION, key[0], crd.PLURAL,
+                                                                     key[1])
+                except ApiException as e:
+                    if e.status == 404:
+                        return False
+                    raise
             finalizers = list(fresh["metadata"].get("finalizers") or [])
             if (self.finalizer in finalizers) == present:
                 return True
@@ -620,6 +636,13 @@ class Controller:
         raise RuntimeError(f"finalizer of {key[0]}/{key[1]}: still conflicting after 10 tries")
 
     def _event(self, pod: dict, reason: str, message: str, *, warning: bool = False) -> None:
+        pending = getattr(self, "_events_out", None)
+        if pending is not None:
+            pending.append((pod, reason, message, warning))
+        else:
+            self._post_event(pod, reason, message, warning=warning)
+
+    def _post_event(self, pod: dict, reason: str, message: str, *, warning: bool = False) -> None:
         meta = pod["metadata"]
         now = crd.now_rfc3339()
         body = {

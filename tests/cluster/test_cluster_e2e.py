@@ -50,7 +50,7 @@ def test_apply_status_reset_through_the_api(cluster, pods):
     assert changes["cpu"]["original"] == 1000 and changes["cpu"]["applied"] == 500
     assert changes["memory"]["original"] == 256 * 2**20 and changes["memory"]["applied"] == 128 * 2**20
     assert obj["status"]["phase"] == "Applied"
-    assert [reason for reason, _ in events(fakeapi, "web-1")] == ["Applied"]
+    wait_for(lambda: [reason for reason, _ in events(fakeapi, "web-1")] == ["Applied"], what="the Applied event")
 
     status = run("status", "-o", "json")
     assert status.returncode == 0, status.stderr
@@ -67,7 +67,8 @@ def test_apply_status_reset_through_the_api(cluster, pods):
     assert quota_us(pod) == 100_000
     assert memory_limit(pod) == 256 * 2**20
     assert chaos_objects(fakeapi) == []
-    assert [reason for reason, _ in events(fakeapi, "web-1")] == ["Applied", "Applied", "Reverted"]
+    wait_for(lambda: [reason for reason, _ in events(fakeapi, "web-1")] == ["Applied", "Applied", "Reverted"],
+             what="the events")
 
     out = run("--reset", "web-1")
     assert out.returncode == 1 and "no experiment on pod shop/web-1" in out.stderr

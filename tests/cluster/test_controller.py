@@ -40,7 +40,7 @@ def test_second_experiment_on_a_container_is_refused(api, pods):
     message = crd.target_entry(status_of(fakeapi, "second"), "solo")["message"]
     assert "already changed by ResourceChaos shop/first" in message
     assert quota_us(pod) == 50_000
-    assert ("Failed", message) in events(fakeapi, "solo")
+    wait_for(lambda: ("Failed", message) in events(fakeapi, "solo"), what="the Failed event")
 
 
 def test_pod_leaving_the_selector_is_reverted(api, pods):
