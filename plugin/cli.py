@@ -264,6 +264,9 @@ def make_cli(open_backend: BackendOpener = backends.open_backend, clock: Clock =
     @click.option("--force", is_flag=True, help="Go ahead where a check would refuse (e.g. memory near usage).")
     @_output_option
     @_connection_options
+    @click.version_option(
+        package_name="kubectl-chaos", prog_name=PROG, message="%(prog)s %(version)s", help="Show the version and exit."
+    )
     def apply_command(pod, output, **params) -> int:
         invocation = build_invocation(Flags(pod=pod, **params))
         for line in invocation.readings:

@@ -91,3 +91,10 @@ def test_kubectl_completes_the_plugin_through_kubectl_complete_chaos(kubectl, wo
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == expected
     assert f"About to call: {COMPLETE_EXE} {' '.join(words)}" in proc.stderr
+
+
+def test_kubectl_chaos_version(kubectl):
+    from importlib.metadata import version
+
+    proc = kubectl("chaos", "--version")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"kubectl-chaos {version('kubectl-chaos')}\n", "")
