@@ -61,7 +61,7 @@ def shape(
         ingress_plan, egress_plan = plan_rates(
             ingress_bps=ingress_bps, egress_bps=egress_bps, qdisc=qdisc, burst_bytes=burst_bytes, mtu_bytes=veth.mtu
         )
-        before = snapshot or Snapshot(host_ifname=host_ifname, target_key=target_key)
+        before = _applicable(snapshot, host_ifname, target_key)
         snap = before
         root_was_ours = False
         ifb_existed = s.link(ifb_name(target_key)) is not None
@@ -108,7 +108,7 @@ def unshape(host_ifname: str, target_key: str, snapshot: Snapshot, *, netns: str
     restored; our IFB is deleted anyway. Qdiscs and filters that are not ours are never touched.
     """
     with _nl.session(netns) as s:
-        _unshape(s, host_ifname, target_key, snapshot)
+        _unshape(s, host_ifname, target_key, _applicable(snapshot, host_ifname, target_key))
 
 
 def read_rates(host_ifname: str, target_key: str, *, netns: str | None = None) -> Rates:
@@ -145,6 +145,27 @@ def check(host_ifname: str, target_key: str, *, netns: str | None = None) -> Rat
 
 
 # --- the steps ---------------------------------------------------------------------------------
+
+
+def _applicable(snapshot: Snapshot | None, host_ifname: str, target_key: str) -> Snapshot:
+    """The snapshot if it describes this device and target, else an empty one.
+
+    A snapshot of another device (the pod's sandbox was re-created with a new veth) says
+    nothing about this one: restoring its qdisc here would be wrong.
+    """
+    fresh = Snapshot(host_ifname=host_ifname, target_key=target_key)
+    if snapshot is None:
+        return fresh
+    if (snapshot.host_ifname, snapshot.target_key) != (host_ifname, target_key):
+        log.warning(
+            "snapshot of %s/%s does not describe %s/%s; not using it",
+            snapshot.host_ifname,
+            snapshot.target_key,
+            host_ifname,
+            target_key,
+        )
+        return fresh
+    return snapshot
 
 
 def _root(objects: list[TcObject]) -> TcObject | None:

@@ -99,6 +99,9 @@ def test_shape_both_ways_dumps_rates_and_traffic(pair):
     assert "match 00000000/00000000 at 0" in filters
     assert f"mirred (Egress Redirect to device {ifb}) stolen" in filters
     assert "rate 20Mbit ceil 20Mbit burst 64Kb" in pair.tc("class", "show", "dev", ifb)
+    # The leaves are the kernel's HTB default, a pfifo (this kernel has no fq_codel).
+    for dev in (pair.host_ifname, ifb):
+        assert "qdisc pfifo 0: parent 6b63:1 limit 1000p" in pair.tc("qdisc", "show", "dev", dev, "invisible")
     assert ifb in pair.host_links()
     assert snap.root_taken and snap.root_before is None
     assert snap.ingress_taken and snap.ingress_qdisc_created
@@ -289,3 +292,19 @@ def test_failed_shape_takes_back_only_its_own_part(pair):
     pair.tc("qdisc", "del", "dev", pair.host_ifname, "root")
     assert pair.dumps() == state
     _unshape(pair, first)
+
+
+def test_snapshot_of_another_device_is_not_used(pair):
+    dev = pair.host_ifname
+    pair.tc("qdisc", "add", "dev", dev, "root", "handle", "3:", "tbf", "rate", "50mbit", "burst", "64kb", "latency", "25ms")
+    before = pair.dumps()
+    stale = netshape.Snapshot("vgone0", KEY, root_taken=True, root_before=None, ingress_taken=True)
+    snap = _shape(pair, ingress_bps=10_000_000, snapshot=stale)
+    assert snap.host_ifname == dev and snap.root_before is not None and snap.root_before.handle == 0x30000
+    _unshape(pair, stale)  # restores nothing of the other device's here; removes ours
+    assert "qdisc tbf 3:" not in pair.tc("qdisc", "show", "dev", dev)
+    assert netshape.check(dev, KEY, netns=pair.host_ns) == netshape.Rates()
+    pair.tc("qdisc", "add", "dev", dev, "root", "handle", "3:", "tbf", "rate", "50mbit", "burst", "64kb", "latency", "25ms")
+    snap = _shape(pair, ingress_bps=10_000_000)
+    _unshape(pair, snap)
+    assert pair.dumps() == before
