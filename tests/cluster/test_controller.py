@@ -104,3 +104,31 @@ def test_watch_resumes_after_410_gone(api, pods):
 def test_node_name_and_finalizer(api):
     fakeapi, agent = api
     assert agent.controller.finalizer == crd.finalizer_for(NODE)
+
+
+def test_agent_flags_choose_cluster_mode(fakeapi, kubeconfig, tmp_path, monkeypatch):
+    """``start_from_args``: off, auto without credentials (node-local only), on without credentials."""
+    import argparse
+
+    from daemonset.controller import ControllerError, add_arguments, start_from_args
+
+    class NoEngine:  # the controller only lists and applies once objects for this node exist
+        node_name = "n1"
+
+        def list(self, namespace=None):
+            return []
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    parser.add_argument("--node-name", default="n1")
+    parser.add_argument("--state-dir", default=str(tmp_path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert start_from_args(NoEngine(), parser.parse_args(["--kubernetes=off"])) is None
+    assert start_from_args(NoEngine(), parser.parse_args([])) is None
+    with pytest.raises(ControllerError, match="no API credentials"):
+        start_from_args(NoEngine(), parser.parse_args(["--kubernetes=on"]))
+    controller = start_from_args(NoEngine(), parser.parse_args([f"--kubeconfig={kubeconfig}"]))
+    try:
+        assert controller is not None and controller.idle(5)
+    finally:
+        controller.stop()
