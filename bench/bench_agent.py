@@ -97,10 +97,13 @@ class AgentProcess:
 
 
 def latency(node: TestNode, agent: AgentProcess, samples: int) -> list[dict]:
+    # The bare calls get a container of their own: on the agent's container they would count as
+    # drift, and the agent would correct them in the middle of the measurement.
     pod = node.run_pod("lat", "bench", [ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
-    cid = pod.container_id()
+    bare = node.run_pod("bare", "bench", [ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
+    cid = bare.container_id()
     client = node.client
-    quota_file = pod.container_cgroup_dir("cpu") / "cpu.cfs_quota_us"
+    quota_file = bare.container_cgroup_dir("cpu") / "cpu.cfs_quota_us"
     values = (200, 300)
     results: dict[str, list[float]] = {"bare CRI UpdateContainerResources": [], "agent Apply, CPU via CRI": [],
                                        "bare cgroup write": [], "agent Apply, CPU via cgroup": []}
@@ -130,6 +133,7 @@ def latency(node: TestNode, agent: AgentProcess, samples: int) -> list[dict]:
         results["agent Apply, CPU via cgroup"].append(time.perf_counter() - t0)
     agent.revert("lat")
     node.delete_pod(pod)
+    node.delete_pod(bare)
     return [summary(k, v) for k, v in results.items()]
 
 
