@@ -125,3 +125,33 @@ def test_dockerfile_runs_the_agent():
     assert 'ENTRYPOINT ["chaos-agent"]' in text
     for package in ("cri_api", "cgroupctl", "netshape", "daemonset", "plugin"):
         assert f"COPY {package} ./{package}" in text
+
+
+def test_health_probe_command_reads_the_grpc_health_service(rendered, tmp_path):
+    """The probe's command, run as the kubelet would, against a gRPC health service on a unix socket."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    (ds,) = by_kind(rendered, "DaemonSet")
+    (agent,) = ds["spec"]["template"]["spec"]["containers"]
+    command = list(agent["livenessProbe"]["exec"]["command"])
+    assert command[0] == "python3"
+    socket_path = tmp_path / "agent.sock"
+    command = [sys.executable, *command[1:-1],
+               command[-1].replace("unix:///run/kubectl-chaos/agent.sock", f"unix://{socket_path}")]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    server.add_insecure_port(f"unix://{socket_path}")
+    server.start()
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert subprocess.run(command, capture_output=True, timeout=30).returncode == 0
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert subprocess.run(command, capture_output=True, timeout=30).returncode == 1
+    finally:
+        server.stop(0)
+    socket_path.unlink(missing_ok=True)
+    assert subprocess.run(command, capture_output=True, timeout=30).returncode != 0  # no agent: unhealthy
