@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _LISTED_MAX = 20  # how many existing names an error message lists
+_CREATING_METHODS = ("RunPodSandbox", "CreateContainer")
 
 
 def _listing(names: Iterable[str]) -> str:
@@ -124,6 +125,9 @@ class RuntimeClient:
                 message = f"the runtime at {self.endpoint} does not implement {method} (UNIMPLEMENTED: {details})"
             return Unimplemented(message, method=method, code="UNIMPLEMENTED", details=details)
         if code == codes.NOT_FOUND:
+            if method in _CREATING_METHODS:
+                # What is missing is something the new object needs (its image, its sandbox), not it.
+                return NotFound(f"{method} ({what}) failed at {self.endpoint}: NOT_FOUND: {details}", wanted=what)
             return NotFound(f"{method}: {what or 'object'} not found at {self.endpoint}: {details}", wanted=what)
         name = code.name if code is not None else "UNKNOWN"
         if code == codes.DEADLINE_EXCEEDED:

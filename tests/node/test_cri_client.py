@@ -292,3 +292,16 @@ def test_a_killed_test_process_leaves_nothing_after_the_next_start(node):
     assert not [h.name for h in CGROUP_ROOT.iterdir() if (h / made["cgroup_base"].lstrip("/")).exists()]
     assert node.workdir.exists() and node.client.version().runtime_name == "containerd"
     assert str(node.workdir) not in "".join(reap_stale_nodes())
+
+
+def test_a_pod_that_fails_to_start_leaves_no_sandbox_or_cgroup(node, pods):
+    from tests.support.node import NodeError
+
+    before = {s.id for s in node.client.list_pod_sandboxes()}
+    with pytest.raises(NodeError, match=r"starting pod t-broken/broken failed: CreateContainer \(container bad in sandbox "
+                       r"[0-9a-f]+\) failed at unix://.*: NOT_FOUND: failed to resolve image \"localhost/no-such-image:1\""):
+        pods.run("broken", "t-broken", [ContainerSpec("ok"), ContainerSpec("bad", image="localhost/no-such-image:1")])
+    assert {s.id for s in node.client.list_pod_sandboxes()} == before
+    assert not node.client.list_containers({"io.kubernetes.pod.namespace": "t-broken"})
+    kubepods = CGROUP_ROOT / "memory" / node.cgroup_base.lstrip("/") / "kubepods"
+    assert not [d.name for d in kubepods.glob("pod*") if d.is_dir() and d.name[3:] not in {p.uid for p in node.pods.values()}]
