@@ -10,6 +10,7 @@ For a TCP address the agent requires TLS with a client certificate: give the fil
 from __future__ import annotations
 
 import os
+import pathlib
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -67,7 +68,10 @@ class AgentBackend:
                     f"the agent at {target} is reached over TCP, which needs TLS with a client certificate: "
                     f"set {', '.join(missing)} (or use a unix:// address on the node)"
                 )
-            ca, cert, key = (open(os.environ[v], "rb").read() for v in _TLS_ENV)
+            try:
+                ca, cert, key = (pathlib.Path(os.environ[v]).read_bytes() for v in _TLS_ENV)
+            except OSError as e:
+                raise UsageError(f"cannot read a TLS file for the agent at {target}: {e}") from None
             creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
             self._channel = grpc.secure_channel(target, creds)
         self._stub = agent_pb2_grpc.AgentStub(self._channel)
@@ -103,7 +107,7 @@ class AgentBackend:
     def _value(self, q: Any) -> int | None:
         return None if q.unlimited else q.value
 
-    def _change(self, r: Any, *, expires_at: datetime | None, dry_run: bool, kind: str) -> ResourceChange:
+    def _change(self, r: Any, *, expires_at: datetime | None, dry_run: bool) -> ResourceChange:
         return ResourceChange(
             resource=self._resource_names.get(r.resource, str(r.resource)),
             previous=self._value(r.previous),
@@ -150,7 +154,7 @@ class AgentBackend:
             targets=(TargetResult(
                 namespace=t.namespace, pod=t.pod, container=t.container, node=t.node_name or None,
                 experiment_id=resp.experiment_id or None,
-                changes=tuple(self._change(r, expires_at=expires, dry_run=resp.dry_run, kind="apply")
+                changes=tuple(self._change(r, expires_at=expires, dry_run=resp.dry_run)
                               for r in resp.resources),
             ),),
             dry_run=resp.dry_run,
@@ -163,7 +167,7 @@ class AgentBackend:
         return ResetResult(
             targets=(TargetResult(
                 namespace=t.namespace, pod=t.pod, container=t.container, node=t.node_name or None,
-                changes=tuple(self._change(r, expires_at=None, dry_run=resp.dry_run, kind="reset")
+                changes=tuple(self._change(r, expires_at=None, dry_run=resp.dry_run)
                               for r in resp.resources),
             ),),
             dry_run=resp.dry_run,

@@ -189,3 +189,72 @@ def test_state_store_atomic_and_tolerant(tmp_path):
     store.delete("default/web/app")
     store.delete("default/web/app")  # idempotent
     assert list(store.load_all()) == []
+
+
+def test_state_store_deferred_writes_are_visible_at_once_and_flushed(tmp_path):
+    store = StateStore(tmp_path, flush_interval_s=0.01)
+    store.save("a/b/c", {"phase": "active"}, durable=False)
+    assert [r["phase"] for r in store.load_all()] == ["active"]  # a new reader (a restarted agent) sees it
+    store.flush()
+    assert not store._dirty
+    store.delete("a/b/c")
+    store.close()
+    assert list(store.load_all()) == []
+
+
+def _openssl(*args: str, cwd) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def certs(tmp_path):
+    from tests.support.require import require_binary
+
+    require_binary("openssl")
+    d = tmp_path
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+             "-subj", "/CN=test-ca", cwd=d)
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "1", "-extfile", "san.cnf", cwd=d)
+    return d
+
+
+def test_tcp_with_client_certificates(certs, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    read = lambda name: (certs / name).read_bytes()  # noqa: E731
+    server = serve(ScriptedEngine(), f"127.0.0.1:{port}", tls=(read("server.pem"), read("server.key"), read("ca.pem")))
+    try:
+        good = grpc.ssl_channel_credentials(root_certificates=read("ca.pem"), private_key=read("client.key"),
+                                            certificate_chain=read("client.pem"))
+        with grpc.secure_channel(f"127.0.0.1:{port}", good) as ch:
+            assert agent_pb2_grpc.AgentStub(ch).List(agent_pb2.ListRequest(), timeout=5).experiments[0].experiment_id == "e1"
+        no_cert = grpc.ssl_channel_credentials(root_certificates=read("ca.pem"))
+        with grpc.secure_channel(f"127.0.0.1:{port}", no_cert) as ch, pytest.raises(grpc.RpcError):
+            agent_pb2_grpc.AgentStub(ch).List(agent_pb2.ListRequest(), timeout=5)
+        # the plugin's node-local backend over TCP takes its certificates from the environment
+        from plugin.backends import AgentAddress, Connection
+        from plugin.backends.agent import connect
+        from plugin.errors import UsageError
+
+        conn = Connection(agent_address=AgentAddress(scheme="tcp", host="127.0.0.1", port=port), timeout_s=5)
+        with pytest.raises(UsageError, match="KUBECTL_CHAOS_TLS_CA"):
+            connect(conn)
+        monkeypatch.setenv("KUBECTL_CHAOS_TLS_CA", str(certs / "ca.pem"))
+        monkeypatch.setenv("KUBECTL_CHAOS_TLS_CERT", str(certs / "client.pem"))
+        monkeypatch.setenv("KUBECTL_CHAOS_TLS_KEY", str(certs / "client.key"))
+        backend = connect(conn)
+        try:
+            [status] = backend.status(None)
+            assert status.experiment_id == "e1" and status.message == "2 drift correction(s)"
+        finally:
+            backend.close()
+    finally:
+        server.stop(0)
