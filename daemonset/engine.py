@@ -250,7 +250,9 @@ class Engine:
         before, cg_state = self.cgroups.read_for_plan(cg)
         new_snapshot = existing is None
         if existing is not None and existing["target"]["container_id"] != target.container_id:
-            # The container was re-created since the experiment started: its own values are the originals again.
+            # The container was re-created since the experiment started: its own values are the originals
+            # again. Adopted on a copy: the live record changes only when this request succeeds.
+            existing = _deep_copy(existing)
             self._adopt_new_container(existing, info, cg)
             new_snapshot = True
 
