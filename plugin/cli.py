@@ -180,6 +180,28 @@ def _complete_first_word(ctx: click.Context, param: click.Parameter, incomplete:
     return [CompletionItem(name, help=text) for name, text in helps.items() if name.startswith(incomplete)]
 
 
+def _complete_context(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """Context names from the kubeconfig: --kubeconfig, else $KUBECONFIG (a path list), else ~/.kube/config."""
+    import os
+
+    given = ctx.params.get("kubeconfig")
+    paths = [given] if given else (os.environ.get("KUBECONFIG") or "~/.kube/config").split(os.pathsep)
+    names: list[str] = []
+    for path in paths:
+        import yaml
+
+        try:
+            with open(os.path.expanduser(path), encoding="utf-8") as f:
+                doc = yaml.safe_load(f)
+        except (OSError, ValueError, yaml.YAMLError):
+            continue  # a missing or broken kubeconfig offers nothing; kubectl reports it when used
+        for entry in (doc.get("contexts") if isinstance(doc, dict) else None) or []:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if isinstance(name, str) and name not in names:
+                names.append(name)
+    return [CompletionItem(name) for name in names if name.startswith(incomplete)]
+
+
 def _connection_options(func):
     for decorator in reversed(
         (
@@ -194,7 +216,12 @@ def _connection_options(func):
                 type=click.Path(),  # no checks here; a path completes as file names
                 help="Cluster mode: the kubeconfig file to use.",
             ),
-            click.option("--context", metavar="NAME", help="Cluster mode: the kubeconfig context to use."),
+            click.option(
+                "--context",
+                metavar="NAME",
+                shell_complete=_complete_context,
+                help="Cluster mode: the kubeconfig context to use.",
+            ),
             click.option(
                 "--timeout",
                 metavar="DURATION",

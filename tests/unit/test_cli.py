@@ -642,6 +642,30 @@ def test_kubectl_protocol_answers_candidates_then_a_directive():
     assert kubectl_answer(["web", "--set-cpu", "abc", "--method", "bogus", "--out"])[0].startswith("--output\t")
 
 
+KUBECONFIG_TEXT = """apiVersion: v1
+kind: Config
+contexts:
+- {name: prod-eu, context: {cluster: eu, user: admin}}
+- {name: prod-us, context: {cluster: us, user: admin}}
+- {name: staging, context: {cluster: st, user: admin}}
+"""
+
+
+def test_context_completes_from_the_kubeconfig(tmp_path, monkeypatch):
+    given = tmp_path / "given.yaml"
+    given.write_text(KUBECONFIG_TEXT)
+    other = tmp_path / "other.yaml"
+    other.write_text("contexts:\n- {name: dev}\n- {name: prod-eu}\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("contexts: [\n")
+    assert kubectl_answer(["web", "--kubeconfig", str(given), "--context", "prod"]) == ["prod-eu", "prod-us", ":4"]
+    # $KUBECONFIG is a path list, merged in order; missing and broken files offer nothing.
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path / 'missing.yaml'}:{broken}:{other}:{given}")
+    assert kubectl_answer(["status", "--context", ""]) == ["dev", "prod-eu", "prod-us", "staging", ":4"]
+    monkeypatch.setenv("KUBECONFIG", str(broken))
+    assert kubectl_answer(["status", "--context", ""]) == [":4"]
+
+
 def test_kubectl_protocol_reports_a_failing_completer_as_an_error_directive():
     import click
 

@@ -98,3 +98,11 @@ def test_kubectl_chaos_version(kubectl):
 
     proc = kubectl("chaos", "--version")
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"kubectl-chaos {version('kubectl-chaos')}\n", "")
+
+
+def test_kubectl_completes_context_names_from_the_kubeconfig(kubectl, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("apiVersion: v1\nkind: Config\ncontexts:\n- name: prod-eu\n- name: prod-us\n- name: dev\n")
+    proc = kubectl("__complete", "chaos", "web", "--kubeconfig", str(config), "--context", "prod")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["prod-eu", "prod-us", ":4"]
