@@ -175,7 +175,12 @@ def kubectl_complete(command: click.Command, args: list[str], out) -> int:
 
 
 def _complete_first_word(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
-    # Pod names would need the cluster; the subcommands are known here.
+    # Pod names would need the cluster; the subcommands are known here, and only as the first word
+    # ("kubectl-chaos -n shop status" names a pod "status").
+    from click.core import ParameterSource
+
+    if any(ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE for p in ctx.command.params if p.name):
+        return []
     helps = {"status": "list active experiments", "completion": "print a completion script"}
     return [CompletionItem(name, help=text) for name, text in helps.items() if name.startswith(incomplete)]
 

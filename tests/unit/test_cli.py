@@ -666,6 +666,13 @@ def test_context_completes_from_the_kubeconfig(tmp_path, monkeypatch):
     assert kubectl_answer(["status", "--context", ""]) == [":4"]
 
 
+def test_subcommands_are_offered_only_as_the_first_word():
+    # After an option the word is a pod: "kubectl-chaos -n shop status" would name a pod "status".
+    assert kubectl_answer(["st"]) == ["status\tlist active experiments", ":4"]
+    assert kubectl_answer(["-n", "shop", "st"]) == [":4"]
+    assert kubectl_answer(["--dry-run", ""]) == [":4"]
+
+
 def test_kubectl_protocol_reports_a_failing_completer_as_an_error_directive():
     import click
 
