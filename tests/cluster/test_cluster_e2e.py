@@ -251,3 +251,22 @@ def test_bandwidth_both_ways_through_the_api(cluster, pods):
     out = run("--reset", "net")
     assert out.returncode == 0, out.stderr
     assert agent.engine.list("shop") == []
+
+
+def test_selector_with_a_silent_node_reports_each_pod(cluster, pods):
+    fakeapi, agent, run = cluster
+    here = pods.run("mixed-0", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, here, labels={"app": "mixed"})
+    fakeapi.create({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "mixed-1", "namespace": "shop", "labels": {"app": "mixed"}},
+                    "spec": {"nodeName": "node-without-agent", "containers": [{"name": "app"}]},
+                    "status": {"phase": "Running"}})
+    out = run("--set-cpu=500m", "-l", "app=mixed", "--timeout=3s")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert quota_us(here) == 50_000
+    assert "mixed-0" in out.stdout
+    assert "no answer from the chaos-agent on node node-without-agent" in out.stdout + out.stderr
+    (obj,) = chaos_objects(fakeapi)  # kept: it is in force on the node that answered
+    assert [t["pod"] for t in obj["status"]["targets"]] == ["mixed-0"]
+    assert run("--reset", "-l", "app=mixed").returncode == 0
+    assert quota_us(here) == 100_000
