@@ -22,7 +22,7 @@ from netshape.plan import (
     kernel_bps,
     plan_rates,
 )
-from netshape.shaper import check, read_rates, shape, unshape
+from netshape.shaper import check, read_rates, shape, sweep_orphans, unshape
 from netshape.snapshot import SavedQdisc, Snapshot
 from netshape.veth import HostVeth, find_host_veth
 
@@ -49,5 +49,6 @@ __all__ = [
     "plan_rates",
     "read_rates",
     "shape",
+    "sweep_orphans",
     "unshape",
 ]

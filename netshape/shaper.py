@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterable
 
 from netshape import _nl
 from netshape.errors import DeviceMissing, ShapeError
 from netshape.plan import (
+    IFB_PREFIX,
+    IFNAMSIZ_MAX,
     OUR_CLASS_ID,
     OUR_FILTER_PREF,
     OUR_ROOT_HANDLE,
@@ -142,6 +145,40 @@ def check(host_ifname: str, target_key: str, *, netns: str | None = None) -> Rat
         if ifb is not None and ifb.up and _our_filters(s, veth.index, ifb.index, s.links()):
             egress = _our_rate_bps(s, ifb.index)
         return Rates(ingress_bps=ingress, egress_bps=egress)
+
+
+def sweep_orphans(active_target_keys: Iterable[str] = (), *, netns: str | None = None) -> list[str]:
+    """Delete IFB devices of ours that no filter redirects to and no active target owns.
+
+    They are left behind when a pod went away and ``unshape`` was never called for it (an agent
+    that crashed or lost its state). Devices without our prefix, or not IFBs, are never touched.
+    Returns the names deleted.
+    """
+    keep = {ifb_name(key) for key in active_target_keys}
+    deleted = []
+    with _nl.session(netns) as s:
+        links = s.links()
+        ours = [link for link in links if link.kind == "ifb" and _is_our_ifb_name(link.ifname)]
+        if not ours:
+            return []
+        redirected = set()
+        for link in links:
+            if link.kind != "ifb":
+                redirected.update(f.redirect_ifindex for f in _ingress_filters(s, link.index))
+        for ifb in ours:
+            if ifb.ifname not in keep and ifb.index not in redirected:
+                s.delete_link(ifb)
+                deleted.append(ifb.ifname)
+    return deleted
+
+
+def _is_our_ifb_name(ifname: str) -> bool:
+    suffix = ifname[len(IFB_PREFIX) :]
+    return (
+        ifname.startswith(IFB_PREFIX)
+        and len(ifname) == IFNAMSIZ_MAX
+        and all(c in "0123456789abcdef" for c in suffix)
+    )
 
 
 # --- the steps ---------------------------------------------------------------------------------

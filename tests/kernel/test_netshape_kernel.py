@@ -308,3 +308,26 @@ def test_snapshot_of_another_device_is_not_used(pair):
     snap = _shape(pair, ingress_bps=10_000_000)
     _unshape(pair, snap)
     assert pair.dumps() == before
+
+
+def test_sweep_orphans_deletes_only_our_unused_ifbs(pair):
+    links_before = pair.host_links()
+    pair.ip_host("link", "add", "ifb0", "type", "ifb")  # someone else's
+    in_use = _shape(pair, egress_bps=10_000_000)
+    # An orphan: a target whose pod went away without unshape.
+    netshape.shape(pair.host_ifname, "gone/pod", egress_bps=10_000_000, netns=pair.host_ns)
+    pair.tc("filter", "del", "dev", pair.host_ifname, "ingress", "pref", "1")
+    _shape(pair, egress_bps=10_000_000, snapshot=in_use)  # puts back the redirect of KEY only
+    # Another active target without its filter yet (between IFB and filter in a concurrent shape).
+    netshape.shape(pair.host_ifname, "busy/pod", egress_bps=10_000_000, netns=pair.host_ns)
+    pair.tc("filter", "del", "dev", pair.host_ifname, "ingress", "pref", "1")
+    _shape(pair, egress_bps=10_000_000, snapshot=in_use)
+
+    deleted = netshape.sweep_orphans(["busy/pod"], netns=pair.host_ns)
+    assert deleted == [netshape.ifb_name("gone/pod")]
+    names = pair.host_links()
+    assert "ifb0" in names and netshape.ifb_name(KEY) in names and netshape.ifb_name("busy/pod") in names
+    assert netshape.sweep_orphans(["busy/pod"], netns=pair.host_ns) == []
+    netshape.unshape(pair.host_ifname, "busy/pod", netshape.Snapshot(pair.host_ifname, "busy/pod"), netns=pair.host_ns)
+    _unshape(pair, in_use)
+    assert sorted([*links_before, "ifb0"]) == pair.host_links()
