@@ -22,6 +22,7 @@ from pyroute2.netlink.rtnl import (
 )
 
 from netshape.errors import NamespaceGone, NetlinkFailed
+from netshape.plan import parse_attrs
 from netshape.snapshot import TcObject
 
 ETH_P_ALL = 0x0003
@@ -69,8 +70,6 @@ def _raw(msg) -> bytes:
 
 
 def _attrs(msg) -> dict[int, bytes]:
-    from netshape.plan import parse_attrs
-
     return parse_attrs(_raw(msg)[NLMSG_HEADER_BYTES + TCMSG_HEADER_BYTES :])
 
 

@@ -185,3 +185,21 @@ def test_fmt_handle_and_our_major():
     assert fmt_handle(0x80010000) == "8001:"
     assert fmt_handle(0x10010) == "1:10"
     assert fmt_handle(OUR_MAJOR << 16) == "6b63:"
+
+
+def test_snapshot_of_another_device_or_target_is_not_applicable():
+    from netshape.shaper import _applicable
+
+    snap = Snapshot("veth1", "k", root_taken=True)
+    assert _applicable(snap, "veth1", "k") is snap
+    assert _applicable(snap, "veth2", "k") == Snapshot("veth2", "k")
+    assert _applicable(snap, "veth1", "other") == Snapshot("veth1", "other")
+    assert _applicable(None, "veth1", "k") == Snapshot("veth1", "k")
+
+
+def test_only_our_ifb_names_are_swept():
+    from netshape.shaper import _is_our_ifb_name
+
+    assert _is_our_ifb_name(ifb_name("a/b"))
+    for name in ("ifb0", "ifb1", "bwp0cni", "kcx", "kcxZZZZZZZZZZZZ", "kcx0123456789a"):
+        assert not _is_our_ifb_name(name), name
