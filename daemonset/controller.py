@@ -159,6 +159,7 @@ class Controller:
         self._threads: list[threading.Thread] = []
         self._responses: list[Any] = []
         self._synced = {"rc": threading.Event(), "pods": threading.Event()}
+        self._revert_failures: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -407,7 +408,8 @@ class Controller:
         if crd.is_deleting(obj):
             entries = [self._revert(ckey, entry, reason="deleted", status=status) for ckey, entry in owned.items()]
             self._write_status(key, [e for e in entries if e])
-            self._set_finalizer(key, present=False)
+            if not self.owners.of_object(namespace, name):  # a failed revert keeps holding the object
+                self._set_finalizer(key, present=False)
             return
         try:
             spec = crd.spec_of(obj)
@@ -536,9 +538,11 @@ class Controller:
             self._schedule(self.clock() + 2.0, (owner.get("namespace", namespace), owner.get("name", "")))
             with self._cache_lock:
                 pod = self._pods.get((namespace, pod_name))
-            if pod:
-                self._event(pod, "Failed", f"revert failed: {e}", warning=True)
+            if pod and ckey not in self._revert_failures:  # one Event per failing container, not one per retry
+                self._event(pod, "Failed", f"revert failed: {e}; retrying", warning=True)
+            self._revert_failures.add(ckey)
             return None
+        self._revert_failures.discard(ckey)
         self.owners.set(ckey, None)
         with self._cache_lock:
             pod = self._pods.get((namespace, pod_name))
