@@ -269,10 +269,9 @@ def test_kubectl_discovers_and_prints_columns(fakeapi, kube, kubeconfig, tmp_pat
     assert out.returncode == 0, out.stderr
 
 
-def test_stop_ends_open_watches():
+def test_stop_ends_open_watches(tmp_path):
     api = FakeKubeAPI().start()
-    path = "/tmp/fakeapi-stop-kc"
-    api.write_kubeconfig(path)
+    path = api.write_kubeconfig(tmp_path / "kc")
     core = client.CoreV1Api(config.new_client_from_config(config_file=path))
     result = []
     t = threading.Thread(target=lambda: result.extend(watch.Watch().stream(core.list_namespaced_pod, "default",
@@ -284,4 +283,3 @@ def test_stop_ends_open_watches():
     api.stop()
     t.join(5)
     assert not t.is_alive()
-    os.unlink(path)
