@@ -129,3 +129,13 @@ def test_cobra_complete_word_answers_like_kubectl_complete_chaos(env):
     direct = subprocess.run([str(BIN / "kubectl_complete-chaos"), "web", "--direction", ""], env=env,
                             capture_output=True, text=True, timeout=60)
     assert (direct.returncode, direct.stdout) == (0, proc.stdout)
+
+
+def test_completion_answers_without_heavy_imports(env):
+    # Every <TAB> runs a fresh process: keep it to click and the plugin's own modules.
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(BIN / "kubectl_complete-chaos"), "web", "--context", ""],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, ":4\n")
+    modules = imported_modules(proc.stderr)
+    assert "click" in modules
+    assert not modules & {"kubernetes", "grpc", "google"}, sorted(modules)
