@@ -363,8 +363,8 @@ def test_kill9_mid_experiment_then_restart_reverts_on_time(agent, pods):
     assert [e.target.pod for e in agent.list()] == ["crash", "crash2"]
     assert wait_until(lambda: cpu_files(pod)[0] == "50000", 6)
     assert time.time() - timed.expires_at_unix_s < 1.5
+    assert wait_until(lambda: [e.target.pod for e in agent.list()] == ["crash2"], 2)
     assert mem_files(pod)[0] == str(64 * MiB)
-    assert [e.target.pod for e in agent.list()] == ["crash2"]
 
     # Dead through the expiry: the next start reverts at once.
     agent.apply("default", "crash", cpu_millicpu=150, duration_s=1)
