@@ -54,15 +54,16 @@ def node():
         require_binary(binary)
     require(os.path.exists("/usr/lib/cni/bridge"), "CNI plugins in /usr/lib/cni (containernetworking-plugins)")
     require(os.path.exists("/bin/busybox"), "/bin/busybox (busybox-static) for the test images")
-    from tests.support.node import TestNode
+    from tests.support.node import TestNode, sigterm_as_interrupt
 
-    test_node = TestNode().start()
-    try:
-        yield test_node
-    finally:
-        problems = test_node.stop()
-        if problems:
-            raise RuntimeError(f"test node teardown left: {problems}")
+    with sigterm_as_interrupt():  # a SIGTERMed run tears down too; SIGKILL: the next start reaps
+        test_node = TestNode().start()
+        try:
+            yield test_node
+        finally:
+            problems = test_node.stop()
+            if problems:
+                raise RuntimeError(f"test node teardown left: {problems}")
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -305,3 +306,35 @@ def test_a_pod_that_fails_to_start_leaves_no_sandbox_or_cgroup(node, pods):
     assert not node.client.list_containers({"io.kubernetes.pod.namespace": "t-broken"})
     kubepods = CGROUP_ROOT / "memory" / node.cgroup_base.lstrip("/") / "kubepods"
     assert not [d.name for d in kubepods.glob("pod*") if d.is_dir() and d.name[3:] not in {p.uid for p in node.pods.values()}]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_test_run_still_tears_the_node_down(node, tmp_path, signum):
+    # Ctrl-C (SIGINT) and a CI timeout (SIGTERM) interrupt pytest, which then runs the fixtures'
+    # teardown: no containerd, pod, mount or work dir is left.
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    out = tmp_path / "workdir"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/node/signal_probe.py"],
+        cwd=repo, env={**os.environ, "KCX_SIGNAL_PROBE_OUT": str(out)}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not out.exists():
+            assert child.poll() is None and time.monotonic() < deadline, child.stdout.read() if child.poll() else "no pod"
+            time.sleep(0.05)
+        workdir = pathlib.Path(out.read_text())
+        containerd = subprocess.run(["pgrep", "-f", f"containerd --config {workdir}/"], capture_output=True,
+                                    text=True).stdout.split()
+        assert containerd and workdir.exists()
+        child.send_signal(signum)
+        output, _ = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 2, output  # pytest's "interrupted"
+    assert "KeyboardInterrupt" in output
+    assert not workdir.exists(), output
+    assert all(_gone(pid) for pid in containerd)
+    assert str(workdir) not in pathlib.Path("/proc/self/mountinfo").read_text()

@@ -636,6 +636,24 @@ class TestNode:
 # ---------------------------------------------------------------- stale nodes
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While active, SIGTERM (what a CI timeout or ``timeout(1)`` sends first) raises KeyboardInterrupt,
+    so pytest tears the node down as it does on Ctrl-C. Only where SIGTERM still has its default."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def reap_stale_nodes(parent: pathlib.Path = WORKDIR_PARENT) -> list[str]:
     """Remove the nodes under ``parent`` whose owner process is gone; returns what was removed.
 
