@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--drift-interval", type=float, default=3.0, help="seconds between drift checks")
+    controller = _controller_module()
+    if controller is not None:
+        controller.add_arguments(p)
     args = p.parse_args(argv)
     if args.drift_interval <= 0:
         p.error(f"--drift-interval {args.drift_interval} must be > 0")
@@ -84,6 +87,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unix_path(args.listen) is None and not (args.tls_cert and args.tls_key and args.tls_client_ca):
         p.error(f"--listen {args.listen} is TCP: it needs --tls-cert, --tls-key and --tls-client-ca (client certificates)")
     return args
+
+
+def _controller_module():
+    """The cluster-mode front door (daemonset.controller), when this build has it."""
+    import importlib
+
+    try:
+        return importlib.import_module("daemonset.controller")
+    except ModuleNotFoundError as e:
+        if e.name != "daemonset.controller":
+            raise
+        return None
 
 
 def _split_hostport(address: str) -> tuple[str, int]:
@@ -142,6 +157,17 @@ def main(argv: list[str] | None = None) -> int:
         engine.close()
         return 1
 
+    controller = None
+    module = _controller_module()
+    if module is not None:
+        try:
+            controller = module.start_from_args(engine, args)
+        except module.ControllerError as e:
+            log.error("%s", e)
+            server.stop(grace=0)
+            engine.close()
+            return 1
+
     done = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
@@ -151,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     done.wait()
+    if controller is not None:
+        controller.stop()
     server.stop(grace=2).wait()
     engine.close()
     return 0
