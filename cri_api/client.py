@@ -48,7 +48,8 @@ class RuntimeClient:
     """Talks CRI runtime.v1 to containerd, CRI-O or any CRI runtime over its unix socket.
 
     ``endpoint``: a socket path or "unix://" URL; default $CONTAINER_RUNTIME_ENDPOINT, then the
-    first existing socket of ``cri_api.endpoint.DEFAULT_SOCKETS`` under ``host_root``.
+    first socket of ``cri_api.endpoint.DEFAULT_SOCKETS`` under ``host_root`` that serves CRI
+    runtime.v1 (when several exist, each is asked for its Version in turn).
     ``timeout_s``: the deadline of each call unless a call is given its own.
     """
 
@@ -61,19 +62,43 @@ class RuntimeClient:
         self._grpc = grpc
         self._pb = api_pb2
         self._convert = convert
+        self._stubs = api_pb2_grpc
         self.timeout_s = _check_timeout(timeout_s)
         target, self.tried = _endpoint.resolve(endpoint, host_root=host_root)
+        self._open(target)
+        present = [path for path in self.tried if _endpoint.is_socket(path)]
+        if len(present) > 1:
+            # A Docker node has Docker's containerd (no CRI plugin) at the containerd path and
+            # cri-dockerd beside it: take the first socket that answers runtime.v1.
+            self._pick_serving(present)
+
+    def _open(self, target: str) -> None:
         self.endpoint: str = target
-        self._channel = grpc.insecure_channel(
+        self._channel = self._grpc.insecure_channel(
             target,
             options=[
                 ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
             ],
         )
-        self._runtime = api_pb2_grpc.RuntimeServiceStub(self._channel)
-        self._images = api_pb2_grpc.ImageServiceStub(self._channel)
+        self._runtime = self._stubs.RuntimeServiceStub(self._channel)
+        self._images = self._stubs.ImageServiceStub(self._channel)
         self._runtime_name: str | None = None
+
+    def _pick_serving(self, sockets: list[str]) -> None:
+        for path in sockets:
+            target = _endpoint.to_target(path)
+            if target != self.endpoint:
+                self._channel.close()
+                self._open(target)
+            try:
+                self.version(timeout_s=min(self.timeout_s, 2.0))
+                return
+            except CRIError:
+                continue
+        # None serves CRI: stay on the first, whose calls then say what is wrong with it.
+        self._channel.close()
+        self._open(_endpoint.to_target(sockets[0]))
 
     # ---- plumbing ----
 

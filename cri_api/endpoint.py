@@ -59,7 +59,7 @@ def diagnose(path: str) -> str:
     return question
 
 
-def _is_socket(path: str) -> bool:
+def is_socket(path: str) -> bool:
     try:
         return stat.S_ISSOCK(os.stat(path).st_mode)
     except OSError:
@@ -86,7 +86,7 @@ def resolve(
         return to_target(env[ENV_VAR]), ()
     tried = tuple(os.path.join(host_root, path.lstrip("/")) for path in candidates)
     for path in tried:
-        if _is_socket(path):
+        if is_socket(path):
             return to_target(path), tried
     raise RuntimeUnreachable(
         f"no container runtime socket found: {ENV_VAR} is not set and none of {', '.join(tried)} "

@@ -217,9 +217,9 @@ def test_teardown_leaves_nothing_behind():
     assert all(_gone(shim) for shim in shims.stdout.split()), f"shims {shims.stdout.split()} outlived the node"
 
 
-def test_containerd_without_its_cri_plugin_is_named_as_such(node, tmp_path):
-    # The runtime is up and answers gRPC, but with io.containerd.grpc.v1.cri disabled it has no
-    # runtime.v1 service: the error says so instead of a bare UNIMPLEMENTED.
+@pytest.fixture
+def containerd_without_cri(node, tmp_path):
+    """A second, real containerd with io.containerd.grpc.v1.cri disabled; yields its socket."""
     sock = tmp_path / "c.sock"
     config = tmp_path / "config.toml"
     config.write_text(
@@ -236,12 +236,19 @@ def test_containerd_without_its_cri_plugin_is_named_as_such(node, tmp_path):
         while not sock.exists():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "containerd.log").read_text()[-2000:]
             time.sleep(0.05)
-        with RuntimeClient(str(sock), timeout_s=5) as client:
-            with pytest.raises(Unimplemented) as err:
-                client.version()
+        yield sock
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_containerd_without_its_cri_plugin_is_named_as_such(containerd_without_cri):
+    # The runtime is up and answers gRPC, but with io.containerd.grpc.v1.cri disabled it has no
+    # runtime.v1 service: the error says so instead of a bare UNIMPLEMENTED.
+    sock = containerd_without_cri
+    with RuntimeClient(str(sock), timeout_s=5) as client:
+        with pytest.raises(Unimplemented) as err:
+            client.version()
     assert str(err.value) == (
         f"the runtime at unix://{sock} answers but does not serve the CRI service runtime.v1.RuntimeService "
         "(UNIMPLEMENTED: unknown service runtime.v1.RuntimeService during Version): containerd needs its CRI "
@@ -249,6 +256,20 @@ def test_containerd_without_its_cri_plugin_is_named_as_such(node, tmp_path):
         "containerd >= 1.6 or CRI-O >= 1.23"
     )
     assert isinstance(err.value, CallFailed) and err.value.code == "UNIMPLEMENTED"
+
+
+def test_detection_passes_over_a_containerd_without_cri(node, containerd_without_cri, tmp_path, monkeypatch):
+    # A Docker node: Docker's containerd (no CRI) at /run/containerd/containerd.sock, the CRI
+    # runtime at another usual path. Symlinks put both real sockets under a host root.
+    monkeypatch.delenv("CONTAINER_RUNTIME_ENDPOINT", raising=False)
+    host = tmp_path / "host"
+    (host / "run/containerd").mkdir(parents=True)
+    (host / "run/containerd/containerd.sock").symlink_to(containerd_without_cri)
+    (host / "var/run").mkdir(parents=True)
+    (host / "var/run/cri-dockerd.sock").symlink_to(node.socket)
+    with RuntimeClient(timeout_s=5, host_root=str(host)) as client:
+        assert client.endpoint == f"unix://{host}/var/run/cri-dockerd.sock"
+        assert client.version().runtime_name == "containerd"
 
 
 _KILLED_NODE = """

@@ -252,3 +252,34 @@ def test_unreachable_says_whether_the_socket_is_missing_or_not_a_socket(tmp_path
     with RuntimeClient(str(tmp_path / "none.sock"), timeout_s=2) as client:
         with pytest.raises(RuntimeUnreachable, match=r"\? it does not exist\)$"):
             client.version()
+
+
+def _serve(path, runtime=None):
+    path.parent.mkdir(parents=True)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    if runtime is not None:
+        api_pb2_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
+    server.add_insecure_port(f"unix://{path}")
+    server.start()
+    return server
+
+
+@pytest.mark.parametrize("crio_serves_cri", [True, False])
+def test_detection_takes_the_first_socket_that_serves_cri(tmp_path, monkeypatch, crio_serves_cri):
+    # As on a Docker node: Docker's containerd (no CRI plugin) at the containerd path, a CRI
+    # runtime beside it. With none serving CRI the first stays, and its calls say what is wrong.
+    monkeypatch.delenv("CONTAINER_RUNTIME_ENDPOINT", raising=False)
+    bare, crio = tmp_path / "run/containerd/containerd.sock", tmp_path / "var/run/crio/crio.sock"
+    servers = [_serve(bare), _serve(crio, FakeRuntime() if crio_serves_cri else None)]
+    try:
+        with RuntimeClient(timeout_s=5, host_root=str(tmp_path)) as client:
+            if crio_serves_cri:
+                assert client.endpoint == f"unix://{crio}"
+                assert client.version().runtime_name == "fake"
+            else:
+                assert client.endpoint == f"unix://{bare}"
+                with pytest.raises(Unimplemented, match=rf"^the runtime at unix://{bare} does not implement Version"):
+                    client.version()
+    finally:
+        for server in servers:
+            server.stop(None)
