@@ -732,13 +732,16 @@ class Engine:
                 if record is None:
                     continue
                 t = record["target"]
-                try:
-                    info = self.cri.find_container(t["namespace"], t["pod"], t["container"])
-                except cri_errors.NotFound:
-                    self._end_gone(key, record)
-                    continue
-                except (cri_errors.NotRunning, cri_errors.CRIError):
-                    continue  # restarting, or the runtime is busy: look again next round
+                info = self._known.get(t["container_id"])
+                if info is None or not self._alive(info):
+                    # Gone, restarted or not seen since the agent started: ask the runtime.
+                    try:
+                        info = self.cri.find_container(t["namespace"], t["pod"], t["container"])
+                    except cri_errors.NotFound:
+                        self._end_gone(key, record)
+                        continue
+                    except (cri_errors.NotRunning, cri_errors.CRIError):
+                        continue  # restarting, or the runtime is busy: look again next round
                 try:
                     self._correct(key, record, info)
                 except Exception as e:
@@ -747,7 +750,8 @@ class Engine:
 
     def _correct(self, key: str, record: dict[str, Any], info: Any) -> None:
         cause = None
-        if info.id != record["target"]["container_id"]:
+        old_id = record["target"]["container_id"]
+        if info.id != old_id:
             cause = "container-restarted"
             cg = self.cgroups.locate(pid=info.pid, cgroups_path=info.cgroups_path)
             self._adopt_new_container(record, info, cg)
@@ -760,11 +764,17 @@ class Engine:
             stale = {Resource(n) for n, v in record["desired"].items() if not same_quantity(Resource(n), v, now[Resource(n)])}
             if stale:
                 cause = "limit-reset"
+        with self._guard:
+            if old_id != info.id:
+                self._known.pop(old_id, None)
+            self._known[info.id] = info
         if not stale:
             return
         log.warning("drift on %s (%s): %s no longer in force; applying again", key, cause,
                     ", ".join(sorted(r.value for r in stale)))
         method = Method(record["methods"].get("cpu") or record["methods"].get("memory") or Method.AUTO.value)
+        if method is not Method.CGROUP and stale & set(CPU_MEM):
+            info = self.cri.container_info(info.id)  # the merge needs the runtime's current view
         self._enforce(record, info, cg, changes=stale, method=method, force=True)
         self._verify(record, cg, stale)
         record["drift_corrections"] = record.get("drift_corrections", 0) + 1

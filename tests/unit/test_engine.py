@@ -105,6 +105,10 @@ class FakeCRI:
             labels={}, annotations={},
         )
 
+    def container_info(self, cid):
+        (ns, pod, name), _c = self.w.by_id(cid)
+        return self.find_container(ns, pod, name)
+
     def update_container_resources(self, cid, resources):
         self.update_resources(cid, cpu_quota_us=resources.cpu_quota_us, memory_limit_bytes=resources.memory_limit_bytes)
 
