@@ -67,12 +67,40 @@ def _v1_hierarchies(cgroup_root: str) -> dict[str, str]:
     return found
 
 
+def _unified_controllers(cgroup_root: str) -> set[str]:
+    """The controllers a hybrid host has bound to its v2 tree: the root's cgroup.controllers lists
+    exactly those not bound to a v1 hierarchy (a controller lives in one hierarchy at a time)."""
+    try:
+        with open(os.path.join(cgroup_root, "unified", "cgroup.controllers")) as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
+def layout(mode: Mode, cgroup_root: str) -> tuple[dict[str, str], tuple[str, ...]]:
+    """({controller: hierarchy directory}, the controllers whose v2 files are used) for the
+    controllers cgroupctl uses. On a hybrid host each controller is taken where the kernel bound
+    it: the cpu or memory controller may sit in the unified tree while the rest stays on v1."""
+    if mode is Mode.V2:
+        return {c: cgroup_root for c in CONTROLLERS}, CONTROLLERS
+    found = _v1_hierarchies(cgroup_root)
+    unified = _unified_controllers(cgroup_root) if mode is Mode.HYBRID else set()
+    hiers: dict[str, str] = {}
+    on_v2: list[str] = []
+    for controller in CONTROLLERS:
+        # cpuacct has no v2 counterpart: v2's cpu.stat (always there) carries the usage counter.
+        v2_name = "cpu" if controller == "cpuacct" else controller
+        if v2_name in unified and not (controller == "cpuacct" and "cpuacct" in found):
+            hiers[controller] = os.path.join(cgroup_root, "unified")
+            on_v2.append(controller)
+        elif controller in found and not (controller == "cpu" and "cpu" in unified):
+            hiers[controller] = found[controller]
+    return hiers, tuple(on_v2)
+
+
 def hierarchies(mode: Mode, cgroup_root: str) -> dict[str, str]:
     """{controller: hierarchy directory} for the controllers cgroupctl uses."""
-    if mode is Mode.V2:
-        return {c: cgroup_root for c in CONTROLLERS}
-    found = _v1_hierarchies(cgroup_root)
-    return {c: found[c] for c in CONTROLLERS if c in found}
+    return layout(mode, cgroup_root)[0]
 
 
 def _read_mounts(proc_root: str) -> list[MountEntry]:
@@ -85,11 +113,11 @@ def _read_mounts(proc_root: str) -> list[MountEntry]:
     return []
 
 
-def _mount_root(controller: str, mode: Mode, hier_dir: str, mounts: list[MountEntry]) -> tuple[str, ...]:
+def _mount_root(controller: str, v2: bool, hier_dir: str, mounts: list[MountEntry]) -> tuple[str, ...]:
     """Where the mount at ``hier_dir`` starts inside its hierarchy, in the reader's cgroup namespace
     view ("/" normally; "/docker/<id>" in a kind node on v1; "/../.." when the host's tree is
     bind-mounted into a pod that has its own cgroup namespace)."""
-    if mode is Mode.V2:
+    if v2:
         candidates = [m for m in mounts if m.fstype == "cgroup2"]
     else:
         candidates = [m for m in mounts if m.fstype == "cgroup" and controller in m.super_options]
@@ -118,7 +146,7 @@ def _inside(path: str, top: str) -> bool:
     return real == real_top or real.startswith(real_top.rstrip("/") + "/")
 
 
-def _from_pid(pid: int, mode: Mode, hiers: Mapping[str, str], proc_root: str,
+def _from_pid(pid: int, on_v2: tuple[str, ...], hiers: Mapping[str, str], proc_root: str,
               mounts: list[MountEntry]) -> dict[str, tuple[str, ...]]:
     path = os.path.join(proc_root, str(pid), "cgroup")
     try:
@@ -131,11 +159,12 @@ def _from_pid(pid: int, mode: Mode, hiers: Mapping[str, str], proc_root: str,
         raise NotFound(f"process {pid}: cannot read {path}: {e.strerror}") from None
     out: dict[str, tuple[str, ...]] = {}
     for controller, hier in hiers.items():
-        key = "" if mode is Mode.V2 else controller
+        v2 = controller in on_v2
+        key = "" if v2 else controller
         if key not in table:
             continue
         comps = split_cgroup_path(table[key])
-        root = _mount_root(controller, mode, hier, mounts)
+        root = _mount_root(controller, v2, hier, mounts)
         rel = relative_to(comps, root)
         if rel is None:
             rel = _across_namespace(comps, root, hier)
@@ -246,12 +275,12 @@ def locate(*, pid: int | None = None, cgroups_path: str | None = None, proc_root
     if pid is None and not cgroups_path:
         raise NotFound("locate needs a pid or a cgroups path")
     mode = mode or detect_mode(cgroup_root)
-    hiers = hierarchies(mode, cgroup_root)
+    hiers, on_v2 = layout(mode, cgroup_root)
     if not hiers:
         raise NotFound(f"none of the controllers {CONTROLLERS} is mounted under {cgroup_root!r}")
     if pid is not None:
         try:
-            rels = _from_pid(pid, mode, hiers, proc_root, _read_mounts(proc_root))
+            rels = _from_pid(pid, on_v2, hiers, proc_root, _read_mounts(proc_root))
             what = f"process {pid}"
         except NotFound:
             if not cgroups_path:
@@ -286,4 +315,5 @@ def locate(*, pid: int | None = None, cgroups_path: str | None = None, proc_root
         container_id=container_id_of(any_rel[-1]) if any_rel else None,
         pod_uid=pod_uid_of(any_rel[-2]) if len(any_rel) >= 2 else None,
         cgroup_paths={c: "/" + "/".join(r) for c, r in rels.items()},
+        v2_controllers=tuple(c for c in on_v2 if c in container) if mode is Mode.HYBRID else (),
     )

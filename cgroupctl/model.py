@@ -161,6 +161,9 @@ class ContainerCgroups:
 
     ``cgroup_paths`` are the paths inside each hierarchy (``/kubepods/burstable/pod<uid>/<id>``), for
     messages; the directories are what cgroupctl reads and writes.
+
+    ``v2_controllers`` names the controllers (of ``cpu``, ``cpuacct``, ``memory``) that a HYBRID host
+    has bound to its v2 (unified) tree, so their v2 files are used; on V1 and V2 it is ignored.
     """
 
     mode: Mode
@@ -169,6 +172,13 @@ class ContainerCgroups:
     container_id: str | None = None
     pod_uid: str | None = None
     cgroup_paths: Mapping[str, str] = field(default_factory=dict)
+    v2_controllers: tuple[str, ...] = ()
+
+    def uses_v2(self, controller: str) -> bool:
+        """Whether ``controller``'s files are the v2 ones (cpu.max, memory.max, cpu.stat, ...)."""
+        if self.mode is Mode.V2:
+            return True
+        return self.mode is Mode.HYBRID and controller in self.v2_controllers
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -178,6 +188,7 @@ class ContainerCgroups:
             "container_id": self.container_id,
             "pod_uid": self.pod_uid,
             "cgroup_paths": dict(self.cgroup_paths),
+            "v2_controllers": list(self.v2_controllers),
         }
 
     @classmethod
@@ -189,18 +200,23 @@ class ContainerCgroups:
             container_id=data.get("container_id"),
             pod_uid=data.get("pod_uid"),
             cgroup_paths=dict(data.get("cgroup_paths") or {}),
+            v2_controllers=tuple(data.get("v2_controllers") or ()),
         )
 
 
 @dataclass(frozen=True)
 class State:
     """Everything ``plan`` needs, read in one go by ``read_state``: the exact content of every limit
-    file of the container and pod cgroups (path -> text, stripped), and their usage."""
+    file of the container and pod cgroups (path -> text, stripped), and their usage.
+
+    ``pod_children`` holds the v1 CPU quota files of the pod's other child cgroups (its other
+    containers, the sandbox): a pod quota below any of theirs is refused by the kernel."""
 
     cgroups: ContainerCgroups
     files: Mapping[str, str]
     container_usage: Usage
     pod_usage: Usage | None = None
+    pod_children: Mapping[str, str] = field(default_factory=dict)
 
 
 # Stages of a plan, in the order they run. The agent's "auto" method applies "pod-before", asks the

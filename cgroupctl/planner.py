@@ -33,7 +33,6 @@ from cgroupctl.model import (
     Check,
     Limits,
     LimitValue,
-    Mode,
     Plan,
     Snapshot,
     State,
@@ -58,6 +57,8 @@ from cgroupctl.parse import (
 )
 
 _READ_ONLY = ("cpu_shares", "cpu_weight", "memory_high_bytes")
+# memory.high is kept page aligned (the kernel counts pages; 4 KiB is the smallest page size).
+_PAGE_BYTES = 4096
 
 
 def _mib(n: int) -> str:
@@ -160,12 +161,17 @@ def _memory_steps(em: _Emitter, v2: bool, memory_dir: str, cur: Mapping[str, Lim
         cur_limit, new_limit = cur["limit"], new.get("limit", cur["limit"])
         cur_high = cur.get("high")
         final_high = new.get("high", cur_high)
-        temporary_high = False
+        high_changes = final_high is not None and final_high != cur_high
+        high_written = temporary_high = False
         if new_limit != cur_limit:
             lowering = as_number(new_limit) < as_number(cur_limit)
             if lowering and not force:
                 assert isinstance(new_limit, int)
-                if cur_high is not None and as_number(cur_high) > new_limit:
+                if high_changes and as_number(final_high) <= new_limit:  # type: ignore[arg-type]
+                    steps.append(em.write(high_path, format_v2(final_high), stage,  # type: ignore[arg-type]
+                                          "memory.high lowered first: reclaims without OOM-killing"))
+                    high_written = True
+                elif cur_high is not None and as_number(cur_high) > new_limit:
                     # Written as is, never replaced by a saved text: this value is temporary.
                     steps.append(Write(path=high_path, value=str(new_limit), previous=em.files.get(high_path),
                                        stage=stage, why="memory.high first: reclaims without OOM-killing"))
@@ -178,8 +184,9 @@ def _memory_steps(em: _Emitter, v2: bool, memory_dir: str, cur: Mapping[str, Lim
             steps.append(Write(path=high_path, value=em.texts.get(high_path, format_v2(final_high)),
                                previous=str(new_limit), stage=stage,
                                why="memory.high back once memory.max holds"))
-        elif final_high is not None and final_high != cur_high:
-            steps.append(em.write(high_path, format_v2(final_high), stage, "memory.high as saved"))
+        elif high_changes and not high_written:
+            steps.append(em.write(high_path, format_v2(final_high), stage,  # type: ignore[arg-type]
+                                  "memory.high moved with memory.max, after it (it stays under memory.max)"))
         if "swap" in new and "swap" in cur and new["swap"] != cur["swap"]:
             steps.append(em.write(swap_path, format_v2(new["swap"]), stage, "swap is independent of memory.max"))
         return steps
@@ -255,6 +262,44 @@ def _check_below_usage(limit: LimitValue, usage: Usage | None, where: str, path:
             path=path, limit_bytes=limit, unreclaimable_bytes=floor)
 
 
+def _moved_high(cur_high: LimitValue | None, cur_limit: LimitValue, new_limit: LimitValue) -> LimitValue | None:
+    """Where a v2 memory.high goes when memory.max moves (None: leave it).
+
+    The kubelet's MemoryQoS sets memory.high below memory.max (request + 0.9 x (limit - request));
+    left in place, it throttles and reclaims the container long before a raised memory.max is
+    reached, so a raise would give nothing. memory.high keeps its proportion of memory.max (page
+    aligned). A memory.high at or above memory.max (inert) or beside no limit is left as it is; a
+    limit lifted altogether lifts memory.high with it."""
+    if cur_high is None or cur_high is UNLIMITED or new_limit == cur_limit or cur_limit is UNLIMITED:
+        return None
+    assert isinstance(cur_high, int) and isinstance(cur_limit, int)
+    if cur_high >= cur_limit:
+        return None
+    if new_limit is UNLIMITED:
+        return UNLIMITED
+    assert isinstance(new_limit, int)
+    return int(Fraction(cur_high, cur_limit) * new_limit) // _PAGE_BYTES * _PAGE_BYTES
+
+
+def _check_children_fit(pod_cpu_dir: str, new: tuple[LimitValue, int], children: Mapping[str, str],
+                        target: Mapping[str, str]) -> None:
+    """v1 refuses a pod quota below any child's (EINVAL): name the children in the way up front,
+    before anything is written, instead of failing half-way through a restore."""
+    new_ratio = _ratio(*new)
+    above = []
+    for child in sorted({os.path.dirname(p) for p in children}):
+        values = _cpu_values(False, CgroupDirs(cpu=child), {**children, **target})
+        # An unlimited child is no obstacle: the kernel holds it to its parent's quota.
+        if values is not None and values[0] is not UNLIMITED and _ratio(*values) > new_ratio:
+            above.append(f"{child} ({format_v1(values[0])}/{values[1]} us)")
+    if above:
+        raise OrderingError(
+            f"cannot put the pod's CPU quota back to {format_v1(new[0])}/{new[1]} us in {pod_cpu_dir}: the"
+            f" other container cgroup(s) {', '.join(above)} have a higher quota/period ratio, and cgroup v1"
+            " refuses a parent below a child (EINVAL). Nothing was changed. Restore or lower those containers"
+            " first (a change made after this one is undone first), then restore this one")
+
+
 # ---- the public planners --------------------------------------------------------------------------
 
 
@@ -281,26 +326,26 @@ def plan(state: State, request: Limits, force: bool = False) -> Plan:
     """
     _validate(request)
     cg, files = state.cgroups, state.files
-    v2 = cg.mode is Mode.V2
+    cpu_v2, v2 = cg.uses_v2("cpu"), cg.uses_v2("memory")
     em = _Emitter(files, None)
     before: list[Step] = []
     container: list[Step] = []
     after: list[Step] = []
 
     if request.cpu_quota_us is not None or request.cpu_period_us is not None:
-        cur = _cpu_values(v2, cg.container, files)
+        cur = _cpu_values(cpu_v2, cg.container, files)
         if cur is None or cg.container.cpu is None:
             raise NotFound(f"the container has no CPU quota files (cpu controller dirs: {cg.container.cpu})")
         new_q = request.cpu_quota_us if request.cpu_quota_us is not None else cur[0]
         new = (new_q, request.cpu_period_us or cur[1])
         check_cpu(new[0], new[1])
-        container += _cpu_steps(em, v2, cg.container.cpu, cur, new, CONTAINER, False)
-        pod_cur = _cpu_values(v2, cg.pod, files)
+        container += _cpu_steps(em, cpu_v2, cg.container.cpu, cur, new, CONTAINER, False)
+        pod_cur = _cpu_values(cpu_v2, cg.pod, files)
         if pod_cur is not None and cg.pod is not None and cg.pod.cpu:
             pod_new = _pod_cpu_target(pod_cur, cur, new)
             stage = _pod_stage(pod_cur[0], pod_new[0])
             (before if stage == POD_BEFORE else after).extend(
-                _cpu_steps(em, v2, cg.pod.cpu, pod_cur, pod_new, stage, True))
+                _cpu_steps(em, cpu_v2, cg.pod.cpu, pod_cur, pod_new, stage, True))
 
     if request.memory_limit_bytes is not None or request.memory_swap_limit_bytes is not None:
         cur_m = _memory_values(v2, cg.container, files)
@@ -319,6 +364,10 @@ def plan(state: State, request: Limits, force: bool = False) -> Plan:
                 new_m["swap"] = UNLIMITED if total is UNLIMITED else total - new_limit  # type: ignore[operator]
             else:
                 new_m["swap"] = total
+        if v2:
+            moved = _moved_high(cur_m.get("high"), cur_m["limit"], new_limit)
+            if moved is not None:
+                new_m["high"] = moved
         _check_below_usage(new_limit, state.container_usage, "container", cg.container.memory, force)
         container += _memory_steps(em, v2, cg.container.memory, cur_m, new_m, CONTAINER, force)
         pod_m = _memory_values(v2, cg.pod, files)
@@ -330,6 +379,10 @@ def plan(state: State, request: Limits, force: bool = False) -> Plan:
                                    else pod_limit + (pod_m["swap"] - pod_m["limit"]))  # type: ignore[operator]
             elif not v2 and "swap" in pod_m and pod_limit is UNLIMITED:
                 pod_new["swap"] = UNLIMITED
+            if v2:
+                moved = _moved_high(pod_m.get("high"), pod_m["limit"], pod_limit)
+                if moved is not None:
+                    pod_new["high"] = moved
             if pod_limit != pod_m["limit"]:
                 _check_below_usage(pod_limit, state.pod_usage, "pod", cg.pod.memory, force)
             stage = _pod_stage(pod_m["limit"], pod_limit)
@@ -367,7 +420,7 @@ def plan_restore(state: State, snapshot: Snapshot, force: bool = False) -> Plan:
     memory.high). A memory limit below what the container now cannot give back is refused unless
     forced, as in ``plan``. Files the state no longer has (container gone) are left out."""
     cg, files = state.cgroups, state.files
-    v2 = cg.mode is Mode.V2
+    cpu_v2, v2 = cg.uses_v2("cpu"), cg.uses_v2("memory")
     texts = {p: t for p, t in snapshot.files.items() if p in files}
     em = _Emitter(files, texts)
     target = dict(files)
@@ -379,10 +432,12 @@ def plan_restore(state: State, snapshot: Snapshot, force: bool = False) -> Plan:
         if dirs is None:
             continue
         is_pod = where == "pod"
-        cur, new = _cpu_values(v2, dirs, files), _cpu_values(v2, dirs, target)
+        cur, new = _cpu_values(cpu_v2, dirs, files), _cpu_values(cpu_v2, dirs, target)
         if cur and new and dirs.cpu and cur != new:
             stage = _pod_stage(_ratio(*cur), _ratio(*new)) if is_pod else CONTAINER
-            steps = _cpu_steps(em, v2, dirs.cpu, cur, new, stage, is_pod)
+            if stage == POD_AFTER and not cpu_v2:
+                _check_children_fit(dirs.cpu, new, state.pod_children, target)
+            steps = _cpu_steps(em, cpu_v2, dirs.cpu, cur, new, stage, is_pod)
             (before if stage == POD_BEFORE else after if stage == POD_AFTER else container).extend(steps)
         cur_m, new_m = _memory_values(v2, dirs, files), _memory_values(v2, dirs, target)
         if cur_m and new_m and dirs.memory and cur_m != new_m:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from cgroupctl.errors import NotFound
-from cgroupctl.model import UNLIMITED, CgroupDirs, ContainerCgroups, Limits, Mode, State, Usage
+from cgroupctl.model import UNLIMITED, CgroupDirs, ContainerCgroups, Limits, State, Usage
 from cgroupctl.parse import (
     parse_cpu_max,
     parse_flat_keyed,
@@ -31,13 +31,15 @@ def read_text(path: str) -> str | None:
         return None
 
 
-def is_v2(cg: ContainerCgroups) -> bool:
-    return cg.mode is Mode.V2
+def is_v2(cg: ContainerCgroups, controller: str = "memory") -> bool:
+    """Whether ``controller``'s v2 files are used (all on V2; per controller on a hybrid host)."""
+    return cg.uses_v2(controller)
 
 
 def limit_paths(cg: ContainerCgroups, dirs: CgroupDirs) -> list[str]:
     """The limit files of one cgroup (container or pod) that cgroupctl may write."""
-    cpu_files, memory_files = (V2_CPU_FILES, V2_MEMORY_FILES) if is_v2(cg) else (V1_CPU_FILES, V1_MEMORY_FILES)
+    cpu_files = V2_CPU_FILES if cg.uses_v2("cpu") else V1_CPU_FILES
+    memory_files = V2_MEMORY_FILES if cg.uses_v2("memory") else V1_MEMORY_FILES
     paths: list[str] = []
     if dirs.cpu:
         paths += [os.path.join(dirs.cpu, f) for f in cpu_files]
@@ -65,23 +67,24 @@ def read_usage_of(cg: ContainerCgroups, dirs: CgroupDirs) -> Usage:
     """Usage of one cgroup level (the container's or the pod's)."""
     cpu_usage_ns = nr_periods = nr_throttled = throttled_ns = None
     memory_usage = unreclaimable = None
-    if is_v2(cg):
-        stat_dir = dirs.cpu or dirs.cpuacct
-        stat = parse_flat_keyed(read_text(os.path.join(stat_dir, "cpu.stat")) or "") if stat_dir else {}
-        if "usage_usec" in stat:
-            cpu_usage_ns = stat["usage_usec"] * 1000
+    if dirs.cpu:
+        stat = parse_flat_keyed(read_text(os.path.join(dirs.cpu, "cpu.stat")) or "")
         nr_periods, nr_throttled = stat.get("nr_periods"), stat.get("nr_throttled")
-        if "throttled_usec" in stat:
-            throttled_ns = stat["throttled_usec"] * 1000
-        usage_file, inactive_key = "memory.current", "inactive_file"
-    else:
-        if dirs.cpuacct:
+        if cg.uses_v2("cpu"):
+            throttled_ns = stat["throttled_usec"] * 1000 if "throttled_usec" in stat else None
+            cpu_usage_ns = stat["usage_usec"] * 1000 if "usage_usec" in stat else None
+        else:
+            throttled_ns = stat.get("throttled_time")
+    if cpu_usage_ns is None and dirs.cpuacct:
+        if cg.uses_v2("cpuacct"):
+            stat = parse_flat_keyed(read_text(os.path.join(dirs.cpuacct, "cpu.stat")) or "")
+            cpu_usage_ns = stat["usage_usec"] * 1000 if "usage_usec" in stat else None
+        else:
             text = read_text(os.path.join(dirs.cpuacct, "cpuacct.usage"))
             cpu_usage_ns = parse_int(text, "cpuacct.usage") if text is not None else None
-        if dirs.cpu:
-            stat = parse_flat_keyed(read_text(os.path.join(dirs.cpu, "cpu.stat")) or "")
-            nr_periods, nr_throttled = stat.get("nr_periods"), stat.get("nr_throttled")
-            throttled_ns = stat.get("throttled_time")
+    if cg.uses_v2("memory"):
+        usage_file, inactive_key = "memory.current", "inactive_file"
+    else:
         # total_* counts the whole subtree, as usage_in_bytes does.
         usage_file, inactive_key = "memory.usage_in_bytes", "total_inactive_file"
     if dirs.memory:
@@ -116,7 +119,21 @@ def read_state(cg: ContainerCgroups, *, require_container: bool = True) -> State
         raise NotFound(f"no limit file found in the container cgroups {cg.container.to_dict()}:"
                        " has the container exited?")
     return State(cgroups=cg, files=files, container_usage=read_usage_of(cg, cg.container),
-                 pod_usage=read_usage_of(cg, cg.pod) if cg.pod else None)
+                 pod_usage=read_usage_of(cg, cg.pod) if cg.pod else None, pod_children=read_pod_children(cg))
+
+
+def read_pod_children(cg: ContainerCgroups) -> dict[str, str]:
+    """The v1 CPU quota files of the pod's child cgroups other than the container ({} on v2, where
+    a parent below a child is accepted and caps it)."""
+    if cg.pod is None or not cg.pod.cpu or cg.uses_v2("cpu"):
+        return {}
+    try:
+        children = [e.path for e in os.scandir(cg.pod.cpu) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return {}
+    own = os.path.normpath(cg.container.cpu) if cg.container.cpu else None
+    return read_files([os.path.join(d, f) for d in sorted(children) if os.path.normpath(d) != own
+                       for f in V1_CPU_FILES])
 
 
 def limits_from_files(cg: ContainerCgroups, dirs: CgroupDirs, files: dict[str, str]) -> Limits:
@@ -126,13 +143,23 @@ def limits_from_files(cg: ContainerCgroups, dirs: CgroupDirs, files: dict[str, s
         return files.get(os.path.join(d, name)) if d else None
 
     values: dict[str, object] = {}
-    if is_v2(cg):
+    if cg.uses_v2("cpu"):
         text = get(dirs.cpu, "cpu.max")
         if text is not None:
             values["cpu_quota_us"], values["cpu_period_us"] = parse_cpu_max(text)
         weight = get(dirs.cpu, "cpu.weight")
         if weight is not None:
             values["cpu_weight"] = parse_int(weight, "cpu.weight")
+    else:
+        quota, period = get(dirs.cpu, "cpu.cfs_quota_us"), get(dirs.cpu, "cpu.cfs_period_us")
+        if quota is not None:
+            values["cpu_quota_us"] = parse_v1_quota(quota)
+        if period is not None:
+            values["cpu_period_us"] = parse_int(period, "cpu.cfs_period_us")
+        shares = get(dirs.cpu, "cpu.shares")
+        if shares is not None:
+            values["cpu_shares"] = parse_int(shares, "cpu.shares")
+    if cg.uses_v2("memory"):
         for name, key in (("memory.max", "memory_limit_bytes"), ("memory.high", "memory_high_bytes")):
             text = get(dirs.memory, name)
             if text is not None:
@@ -149,14 +176,6 @@ def limits_from_files(cg: ContainerCgroups, dirs: CgroupDirs, files: dict[str, s
             else:
                 values["memory_swap_limit_bytes"] = UNLIMITED
     else:
-        quota, period = get(dirs.cpu, "cpu.cfs_quota_us"), get(dirs.cpu, "cpu.cfs_period_us")
-        if quota is not None:
-            values["cpu_quota_us"] = parse_v1_quota(quota)
-        if period is not None:
-            values["cpu_period_us"] = parse_int(period, "cpu.cfs_period_us")
-        shares = get(dirs.cpu, "cpu.shares")
-        if shares is not None:
-            values["cpu_shares"] = parse_int(shares, "cpu.shares")
         for name, key in (("memory.limit_in_bytes", "memory_limit_bytes"),
                           ("memory.memsw.limit_in_bytes", "memory_swap_limit_bytes")):
             text = get(dirs.memory, name)
@@ -172,7 +191,7 @@ def read_limits(cg: ContainerCgroups, *, pod: bool = False) -> Limits:
         raise NotFound("the container has no pod cgroup (it sits at the top of the hierarchy)")
     extra = []
     if dirs.cpu:
-        extra.append(os.path.join(dirs.cpu, "cpu.weight" if is_v2(cg) else "cpu.shares"))
+        extra.append(os.path.join(dirs.cpu, "cpu.weight" if cg.uses_v2("cpu") else "cpu.shares"))
     files = read_files(limit_paths(cg, dirs) + extra)
     if not files:
         raise NotFound(f"no limit file found in {dirs.to_dict()}: has the container exited?")

@@ -4,11 +4,11 @@ limits written straight into the container's cgroup take effect on a CPU-burning
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from cgroupctl import Limits, Snapshot, locate, read_limits, read_usage, restore, set_limits, snapshot
+from tests.support.cpumeter import measure_cpus, wait_burning
 from tests.support.node import ContainerSpec
 from tests.support.require import in_ci
 
@@ -16,12 +16,23 @@ MiB = 1 << 20
 BURN = ("sh", "-c", "while :; do :; done")
 
 
-def _measure_cpus(cg, window_s: float = 2.5) -> float:
-    time.sleep(0.3)  # a new quota holds from the next period on; skip the transition
-    u0, t0 = read_usage(cg).cpu_usage_ns, time.monotonic()
-    time.sleep(window_s)
-    u1, t1 = read_usage(cg).cpu_usage_ns, time.monotonic()
-    return (u1 - u0) / 1e9 / (t1 - t0)
+def _counter(cg):
+    """The container's cumulative CPU time in ns, straight from its cgroup's accounting (one file
+    read, so the timestamp taken beside it belongs to it)."""
+    path = os.path.join(cg.container.cpuacct, "cpuacct.usage") if not cg.uses_v2("cpuacct") else None
+
+    def read_ns() -> int:
+        if path is None:
+            return read_usage(cg).cpu_usage_ns
+        with open(path) as f:
+            return int(f.read())
+
+    return read_ns
+
+
+def _measure_cpus(cg) -> float:
+    # Whole periods (the burner's bursts), the container's own period, after the change settled.
+    return measure_cpus(_counter(cg), read_limits(cg).cpu_period_us, window_s=2.5)
 
 
 def _assert_tracks(used: float, quota_cpus: float) -> None:
@@ -53,6 +64,7 @@ def test_direct_limits_take_effect_on_a_cpu_burning_container_and_restore_exactl
     _, info = burner
     cg = locate(pid=info.pid)
     original = snapshot(cg)
+    wait_burning(_counter(cg))
     _assert_tracks(_measure_cpus(cg), 0.2)
 
     # Above the pod's 200m: the pod cgroup is raised first, then the container.

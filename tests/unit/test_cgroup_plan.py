@@ -3,6 +3,7 @@ v2 memory.high before memory.max, kernel bounds, memory safety."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -221,9 +222,46 @@ def test_v2_memory_lower_goes_through_memory_high_and_a_usage_check():
         (CONTAINER, "ctr", "memory.max", v), (CONTAINER, "ctr", "memory.high", "max")]
 
 
-def test_v2_memory_lower_with_high_already_below_skips_the_high_step():
+def test_v2_memory_lower_moves_a_finite_high_first_keeping_its_proportion():
+    # memory.high 32 of 128 MiB (1/4) -> 16 of 64 MiB, written first: it reclaims, it never OOM-kills.
     p = plan(v2_state(ctr_high=str(32 * MiB), pod_max="max"), Limits(memory_limit_bytes=64 * MiB))
-    assert table(p) == [("container", "ctr", "memory.current", 64 * MiB), (CONTAINER, "ctr", "memory.max", str(64 * MiB))]
+    assert table(p) == [(CONTAINER, "ctr", "memory.high", str(16 * MiB)),
+                        ("container", "ctr", "memory.current", 64 * MiB), (CONTAINER, "ctr", "memory.max", str(64 * MiB))]
+
+
+def test_v2_memory_raise_moves_the_kubelets_memory_high_with_it():
+    # MemoryQoS: memory.high = 0.9 x memory.max. Raising memory.max alone would leave the container
+    # throttled at the old 115 MiB; memory.high follows at the same proportion, after memory.max.
+    high = int(0.9 * 128 * MiB) // 4096 * 4096
+    p = plan(v2_state(ctr_high=str(high), pod_max="max"), Limits(memory_limit_bytes=2048 * MiB))
+    assert table(p) == [(CONTAINER, "ctr", "memory.max", str(2048 * MiB)), (CONTAINER, "ctr", "memory.high", str(high * 16))]
+
+
+def test_v2_memory_raise_moves_a_raised_pods_finite_high_too():
+    p = plan(v2_state(pod_max=str(256 * MiB), pod_high=str(192 * MiB), ctr_high=str(96 * MiB)),
+             Limits(memory_limit_bytes=256 * MiB))
+    assert table(p) == [(POD_BEFORE, "pod", "memory.max", str(384 * MiB)), (POD_BEFORE, "pod", "memory.high", str(288 * MiB)),
+                        (CONTAINER, "ctr", "memory.max", str(256 * MiB)), (CONTAINER, "ctr", "memory.high", str(192 * MiB))]
+
+
+def test_v2_memory_high_page_aligned_lifted_with_the_limit_and_inert_one_left():
+    odd = plan(v2_state(ctr_high=str(100 * MiB + 12345), pod_max="max"), Limits(memory_limit_bytes=200 * MiB))
+    high = int(table(odd)[-1][3])
+    assert high % 4096 == 0 and 0 <= (100 * MiB + 12345) * 200 / 128 - high < 4096
+    lifted = plan(v2_state(ctr_high=str(96 * MiB), pod_max="max"), Limits(memory_limit_bytes=UNLIMITED))
+    assert table(lifted) == [(CONTAINER, "ctr", "memory.max", "max"), (CONTAINER, "ctr", "memory.high", "max")]
+    # memory.high at memory.max does nothing today; it is not made to do something.
+    inert = plan(v2_state(ctr_high=str(128 * MiB), pod_max="max"), Limits(memory_limit_bytes=256 * MiB))
+    assert table(inert) == [(CONTAINER, "ctr", "memory.max", str(256 * MiB))]
+
+
+def test_restore_after_a_raise_puts_memory_high_back_first_and_exactly():
+    before = v2_state(ctr_high=str(115 * MiB + 4096 * 3), pod_max="max")
+    raised = plan(before, Limits(memory_limit_bytes=1024 * MiB))
+    after = v2_state(ctr_max=str(1024 * MiB), ctr_high=table(raised)[-1][3], pod_max="max")
+    p = plan_restore(after, Snapshot(cgroups=before.cgroups, files=dict(before.files)))
+    assert table(p) == [(CONTAINER, "ctr", "memory.high", str(115 * MiB + 4096 * 3)),
+                        (CONTAINER, "ctr", "memory.current", 128 * MiB), (CONTAINER, "ctr", "memory.max", str(128 * MiB))]
 
 
 def test_v2_forced_lower_writes_memory_max_alone():
@@ -281,9 +319,39 @@ def test_restore_v2_lowering_uses_memory_high_and_puts_saved_high_back():
     before = v2_state(ctr_high=str(100 * MiB), pod_max="max")
     after = v2_state(ctr_max=str(256 * MiB), ctr_high="max", pod_max="max")
     p = plan_restore(after, Snapshot(cgroups=before.cgroups, files=dict(before.files)))
+    # The saved memory.high is under the restored memory.max: it goes first, as the saved text.
+    assert table(p) == [
+        (CONTAINER, "ctr", "memory.high", str(100 * MiB)), (CONTAINER, "ctr", "memory.current", 128 * MiB),
+        (CONTAINER, "ctr", "memory.max", str(128 * MiB))]
+
+
+def test_restore_with_memory_high_above_the_saved_max_stages_it_temporarily():
+    before = v2_state(ctr_high="max", pod_max="max")
+    after = v2_state(ctr_max=str(256 * MiB), ctr_high="max", pod_max="max")
+    p = plan_restore(after, Snapshot(cgroups=before.cgroups, files=dict(before.files)))
     assert table(p) == [
         (CONTAINER, "ctr", "memory.high", str(128 * MiB)), (CONTAINER, "ctr", "memory.current", 128 * MiB),
-        (CONTAINER, "ctr", "memory.max", str(128 * MiB)), (CONTAINER, "ctr", "memory.high", str(100 * MiB))]
+        (CONTAINER, "ctr", "memory.max", str(128 * MiB)), (CONTAINER, "ctr", "memory.high", "max")]
+
+
+def _with_sibling(state: State, quota: str, period: str = "100000") -> State:
+    sib = "/cg/cpu/pod/sibling"
+    return dataclasses.replace(state, pod_children={f"{sib}/cpu.cfs_quota_us": quota, f"{sib}/cpu.cfs_period_us": period})
+
+
+def test_restore_refuses_to_lower_the_pod_under_a_raised_sibling_naming_it():
+    # Two containers of one pod raised in turn: restoring the first would put the pod back under the
+    # second one's raised quota, which v1 refuses with EINVAL. Refused up front, nothing written.
+    before = v1_state(ctr_q=50000, pod_q=100000)
+    after = _with_sibling(v1_state(ctr_q=150000, pod_q=350000), "200000")
+    with pytest.raises(OrderingError) as e:
+        plan_restore(after, Snapshot(cgroups=before.cgroups, files=dict(before.files)))
+    assert "/cg/cpu/pod/sibling (200000/100000 us)" in str(e.value) and "100000/100000 us" in str(e.value)
+    assert "Nothing was changed" in str(e.value) and "EINVAL" in str(e.value)
+    # A sibling at or under the restored pod quota (or unlimited: it inherits the pod's) is no obstacle.
+    for quota in ("100000", "-1"):
+        assert plan_restore(_with_sibling(v1_state(ctr_q=150000, pod_q=350000), quota),
+                            Snapshot(cgroups=before.cgroups, files=dict(before.files)))
 
 
 def test_restore_below_usage_is_refused_unless_forced():
