@@ -34,7 +34,8 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "cgroup"
 MiB = 1 << 20
 
 
-@pytest.fixture(params=["v1-cgroupfs-containerd", "v2-systemd-crio"])
+@pytest.fixture(params=["v1-cgroupfs-containerd", "v2-systemd-crio", "hybrid-v2memory-systemd-containerd",
+                        "hybrid-v2cpu-cgroupfs-containerd"])
 def tree(request, tmp_path):
     shutil.copytree(FIXTURES / request.param, tmp_path / request.param, symlinks=True)
     base = tmp_path / request.param

@@ -11,6 +11,7 @@ import pytest
 from cgroupctl import Mode, NotFound, detect_mode, locate, read_limits, read_usage
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "cgroup"
+MiB = 1 << 20
 UID = "5f0e1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b"
 UID_ = UID.replace("-", "_")
 CID = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90"
@@ -166,3 +167,81 @@ def test_committed_fixture_trees_are_what_build_py_makes(tmp_path):
         return out
 
     assert tree(tmp_path) == tree(FIXTURES)
+
+
+def _hybrid(name: str, tmp_path: pathlib.Path):
+    shutil.copytree(FIXTURES / name, tmp_path / name, symlinks=True)
+    root = tmp_path / name / "sys" / "fs" / "cgroup"
+    return root, [locate(proc_root=str(tmp_path / name / "proc"), cgroup_root=str(root), **kwargs)
+                  for kwargs in ({"pid": 4242}, {"cgroups_path": f"kubepods-burstable-pod{UID_}.slice:cri-containerd:{CID}"
+                                                 if "systemd" in name else f"/kubepods/burstable/pod{UID}/{CID}"})]
+
+
+def _short(root: pathlib.Path, paths) -> list[str]:
+    return [str(pathlib.Path(os.path.realpath(p)).relative_to(os.path.realpath(root))).split("/", 1)[0]
+            + "/" + pathlib.Path(p).name for p in paths]
+
+
+def test_hybrid_with_memory_bound_to_the_unified_tree_uses_its_v2_files(tmp_path):
+    from cgroupctl import Limits, plan, read_state, set_limits, snapshot
+
+    root, found = _hybrid("hybrid-v2memory-systemd-containerd", tmp_path)
+    for cg in found:
+        assert detect_mode(str(root)) is Mode.HYBRID and cg.mode is Mode.HYBRID
+        assert cg.v2_controllers == ("memory",)
+        assert os.path.realpath(cg.container.memory) == str(root / "unified") + SYSTEMD_POD + f"/cri-containerd-{CID}.scope"
+        assert os.path.realpath(cg.container.cpu) == str(root / "cpu,cpuacct") + SYSTEMD_POD + f"/cri-containerd-{CID}.scope"
+    cg = found[0]
+    high = int(0.9 * 128 * MiB) // 4096 * 4096
+    limits = read_limits(cg)
+    assert (limits.cpu_quota_us, limits.cpu_shares, limits.memory_limit_bytes, limits.memory_high_bytes,
+            limits.memory_swap_limit_bytes) == (50000, 512, 128 * MiB, high, 128 * MiB)
+    usage = read_usage(cg)
+    assert (usage.cpu_usage_ns, usage.memory_usage_bytes, usage.memory_unreclaimable_bytes) == (
+        123456789, 36 * MiB, 30 * MiB)
+    assert sorted(_short(root, snapshot(cg).files)) == sorted(
+        ["cpu,cpuacct/cpu.cfs_quota_us", "cpu,cpuacct/cpu.cfs_period_us", "unified/memory.max",
+         "unified/memory.high", "unified/memory.swap.max"] * 2)
+    p = plan(read_state(cg), Limits(cpu_quota_us=150000, memory_limit_bytes=256 * MiB))
+    assert [(s.stage, _short(root, [s.path])[0], s.value) for s in p.steps] == [
+        ("pod-before", "cpu,cpuacct/cpu.cfs_quota_us", "150000"),
+        ("pod-before", "unified/memory.max", str(256 * MiB)),
+        ("container", "cpu,cpuacct/cpu.cfs_quota_us", "150000"),
+        ("container", "unified/memory.max", str(256 * MiB)),
+        ("container", "unified/memory.high", str(2 * high)),
+    ]
+    set_limits(cg, Limits(memory_limit_bytes=256 * MiB))
+    assert (pathlib.Path(cg.container.memory) / "memory.high").read_text().strip() == str(2 * high)
+
+
+def test_hybrid_with_cpu_bound_to_the_unified_tree_uses_cpu_max_and_v1_cpuacct(tmp_path):
+    from cgroupctl import Limits, plan, read_state, snapshot
+
+    root, found = _hybrid("hybrid-v2cpu-cgroupfs-containerd", tmp_path)
+    for cg in found:
+        assert cg.v2_controllers == ("cpu",)
+        assert os.path.realpath(cg.container.cpu) == str(root / "unified" / "kubepods" / "burstable" / f"pod{UID}" / CID)
+        assert os.path.realpath(cg.container.cpuacct) == str(root / "cpuacct" / "kubepods" / "burstable" / f"pod{UID}" / CID)
+    cg = found[0]
+    limits = read_limits(cg)
+    assert (limits.cpu_quota_us, limits.cpu_period_us, limits.cpu_weight, limits.memory_limit_bytes) == (
+        50000, 100000, 20, 128 * MiB)
+    usage = read_usage(cg)
+    # Usage from v2's cpu.stat (the cpu cgroup), throttling from there too.
+    assert (usage.cpu_usage_ns, usage.nr_throttled, usage.throttled_ns) == (123456000, 7, 34_000_000)
+    assert sorted(_short(root, snapshot(cg).files)) == sorted(
+        ["unified/cpu.max", "memory/memory.limit_in_bytes", "memory/memory.memsw.limit_in_bytes"] * 2)
+    p = plan(read_state(cg), Limits(cpu_quota_us=150000, memory_limit_bytes=256 * MiB))
+    assert [(s.stage, _short(root, [s.path])[0], s.value) for s in p.steps] == [
+        ("pod-before", "unified/cpu.max", "150000 100000"),
+        ("pod-before", "memory/memory.limit_in_bytes", str(256 * MiB)),
+        ("container", "unified/cpu.max", "150000 100000"),
+        ("container", "memory/memory.memsw.limit_in_bytes", str(256 * MiB)),
+        ("container", "memory/memory.limit_in_bytes", str(256 * MiB)),
+    ]
+
+
+def test_a_hybrid_host_without_controllers_on_the_unified_tree_is_all_v1():
+    proc_root, cgroup_root = _roots("hybrid-systemd-containerd")
+    cg = locate(pid=4242, proc_root=proc_root, cgroup_root=cgroup_root)
+    assert cg.v2_controllers == () and not cg.uses_v2("cpu") and not cg.uses_v2("memory")
