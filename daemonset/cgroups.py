@@ -64,17 +64,41 @@ def engine_error(err: Exception, what: str) -> Exception:
     return ApplyFailed(f"{what}: {err}")
 
 
-def _without_pod_lowering(plan: Any) -> Any:
-    """The plan minus its ``pod-after`` stage, which only ever lowers the pod cgroup.
+def pod_raise_needed(pod: Readings, *, cpu_quota_us: int | None, cpu_period_us: int,
+                     memory_limit_bytes: int | None) -> tuple[bool, bool]:
+    """Whether the pod cgroup must go up for the container to reach these values: (cpu, memory).
 
-    Lowering the pod with the container would keep the kubelet's sum, but on cgroup v1 a container
-    the kubelet (re)starts during the experiment gets its spec's quota, which the kernel refuses
-    above a lowered parent (EINVAL): the restart would fail. The container's own limit is what
-    binds; the pod goes back exactly to its original on revert.
+    cgroup v1 refuses a child CFS quota above its parent's (EINVAL); a child memory limit above the
+    parent's is accepted but capped by it. Either way only a value above the pod's needs the pod raised.
+    """
+    cpu = (cpu_quota_us is not None and pod.cpu_quota_us != UNLIMITED
+           and (cpu_quota_us == UNLIMITED or cpu_quota_us * pod.cpu_period_us > pod.cpu_quota_us * cpu_period_us))
+    memory = (memory_limit_bytes is not None and pod.memory_limit_bytes != UNLIMITED
+              and (memory_limit_bytes == UNLIMITED or memory_limit_bytes > pod.memory_limit_bytes))
+    return cpu, memory
+
+
+def _pod_steps_as_needed(plan: Any, cpu: bool, memory: bool) -> Any:
+    """The plan with the pod raised only where needed and never lowered.
+
+    cgroupctl keeps the kubelet's sum (pod = pod + container change), raising the pod before and
+    lowering it after the container. Lowering is left out: on cgroup v1 a container the kubelet
+    (re)starts during the experiment gets its spec's quota, which the kernel refuses above a lowered
+    parent (EINVAL), so the restart would fail. And without lowering, raising by the sum on every
+    change would ratchet the pod up; so the pod is raised only when the container would exceed it.
+    The container's own limit is what binds; the pod goes back exactly to its original on revert.
     """
     import cgroupctl
 
-    return cgroupctl.Plan(tuple(s for s in plan.steps if s.stage != cgroupctl.POD_AFTER))
+    def keep(step: Any) -> bool:
+        if step.stage == cgroupctl.CONTAINER:
+            return True
+        if step.stage != cgroupctl.POD_BEFORE:
+            return False
+        name = os.path.basename(step.path)
+        return (cpu and name.startswith("cpu.")) or (memory and name.startswith("memory."))
+
+    return cgroupctl.Plan(tuple(s for s in plan.steps if keep(s)))
 
 
 class CgroupOps:
@@ -165,13 +189,13 @@ class CgroupOps:
 
     def set_container(self, cg: Any, *, cpu_quota_us: int | None, memory_limit_bytes: int | None, force: bool,
                       plan: Any = None) -> None:
-        """The plan by direct writes: pod raised first where needed, never lowered (see ``_without_pod_lowering``).
+        """The plan by direct writes: pod raised first where needed, never lowered (see ``_pod_steps_as_needed``).
 
         ``plan``: one made by ``check`` for the same values under the same lock (saves reading again).
         """
         if plan is None:
             plan = self.plan(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force)
-        self._apply(_without_pod_lowering(plan), "writing the cgroup limits")
+        self._apply(self._trim(cg, plan, cpu_quota_us, memory_limit_bytes), "writing the cgroup limits")
 
     def set_through(self, cg: Any, *, cpu_quota_us: int | None, memory_limit_bytes: int | None, force: bool,
                     runtime_call: Callable[[], None], plan: Any = None) -> None:
@@ -181,7 +205,7 @@ class CgroupOps:
 
         if plan is None:
             plan = self.plan(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force)
-        raise_pod = plan.pod_before
+        raise_pod = self._trim(cg, plan, cpu_quota_us, memory_limit_bytes).pod_before
         pod_saved = cgroupctl.snapshot(cg, list(raise_pod.paths)) if raise_pod else None
         self._apply(raise_pod, "raising the pod cgroup")
         try:
@@ -193,7 +217,16 @@ class CgroupOps:
                 except ce.CgroupError as e:
                     log.error("putting the pod cgroup back after a refused runtime call failed: %s", e)
             raise
-        # The pod-after stage (lowering the pod) is left out on purpose: see _without_pod_lowering.
+        # The pod is never lowered here: see _pod_steps_as_needed.
+
+    def _trim(self, cg: Any, plan: Any, cpu_quota_us: int | None, memory_limit_bytes: int | None) -> Any:
+        if not plan.pod_before:
+            return _pod_steps_as_needed(plan, False, False)
+        pod = self.read(cg, pod=True)
+        period = self.read(cg).cpu_period_us if cpu_quota_us is not None else pod.cpu_period_us
+        cpu, memory = pod_raise_needed(pod, cpu_quota_us=cpu_quota_us, cpu_period_us=period,
+                                       memory_limit_bytes=memory_limit_bytes)
+        return _pod_steps_as_needed(plan, cpu, memory)
 
     def snapshot(self, cg: Any) -> dict[str, Any]:
         """The exact content of every limit file of the container and its pod, JSON-ready."""

@@ -273,6 +273,13 @@ def test_cpu_via_cgroup_leaves_runtime_view_alone(agent, pods):
     assert cpu_used(pod) < 0.1 * 1.3
     agent.revert("default", "cpucg")
     assert cpu_files(pod) == ("50000", "50000")
+    # Changes that stay under the pod's quota leave the pod alone, however many (no ratchet).
+    for m in (200, 300, 200, 300, 400):
+        agent.apply("default", "cpucg", cpu_millicpu=m, method=agent_pb2.METHOD_CGROUP)
+        agent.apply("default", "cpucg", cpu_millicpu=m + 50, method=agent_pb2.METHOD_CRI)
+    assert cpu_files(pod) == ("45000", "50000")
+    agent.revert("default", "cpucg")
+    assert cpu_files(pod) == ("50000", "50000")
 
 
 # ---------------------------------------------------------------- memory
