@@ -150,3 +150,25 @@ def test_restore_is_byte_exact_after_stacked_changes(run_driver):
     changed = changes(r["files_before"], r["files_changed"])
     assert {"container/cpu.max", "pod/cpu.max", "container/memory.max", "pod/memory.max"} <= changed.keys()
     assert r["files_after"] == r["files_before"], changes(r["files_before"], r["files_after"])
+
+
+def test_memory_high_follows_a_raise_so_the_container_can_use_it_and_restores_exactly(run_driver, figures):
+    r = run_driver("memory-high-follows")
+    high, pod_high = r["high"], r["pod_high"]
+    figures["memory.high moved with memory.max 128 -> 256 MiB: 70 MiB more allocated in s"] = round(r["second_s"], 2)
+    # Pod raised first (memory.max, then its MemoryQoS memory.high in proportion), then the container.
+    assert [(short(d["path"]), d["value"]) for d in r["plan_done"]] == [
+        ("pod/memory.max", str(640 * MIB)), ("pod/memory.high", str(pod_high * 640 // 512 // 4096 * 4096)),
+        ("container/memory.max", str(256 * MIB)), ("container/memory.high", str(high * 2)),
+    ]
+    assert {short(p): v for p, v in r["raised"].items() if "memory.high" in p} == {
+        "container/memory.high": f"{high * 2}\n", "pod/memory.high": f"{pod_high * 640 // 512 // 4096 * 4096}\n"}
+    # The container now holds well over its old memory.high, and the kernel never had to hold it back.
+    assert r["usage_raised"]["memory_usage_bytes"] > high + 16 * MIB
+    assert r["events_raised"]["high"] == r["events_before"]["high"], (r["events_before"], r["events_raised"])
+    assert (r["events_raised"]["max"], r["events_raised"]["oom_kill"]) == (0, 0)
+    # Restore: memory.high back first (under the usage it is at), then memory.max; byte for byte.
+    assert [short(d["path"]) for d in r["restore_done"]] == [
+        "container/memory.high", "container/memory.max", "pod/memory.high", "pod/memory.max"]
+    assert r["first_alive"]
+    assert r["files_after"] == r["files_before"], changes(r["files_before"], r["files_after"])

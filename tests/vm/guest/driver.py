@@ -7,6 +7,7 @@ what it read and measured; the host-side tests in tests/vm assert on that report
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 
 from guest import kcxguest as g
@@ -200,6 +201,49 @@ def memory_max():
             "holder_alive": holder_alive,
             "files_before": before,
             "files_after": g.raw_files(paths),
+        }
+
+
+@scenario
+def memory_high_follows():
+    """MemoryQoS-style memory.high (0.9 x memory.max) on container and pod: a raise through
+    cgroupctl moves memory.high with memory.max, so the container really can use the new room
+    (no memory.high throttling); restore puts every file back byte for byte."""
+    import cgroupctl
+
+    high = int(0.9 * 128 * MIB) // 4096 * 4096
+    pod_high = int(0.9 * 512 * MIB) // 4096 * 4096
+    with g.FakePod({"memory.max": str(512 * MIB), "memory.high": str(pod_high)},
+                   {"memory.max": str(128 * MIB), "memory.high": str(high)}) as pod:
+        first = pod.hold(80 * MIB)
+        cg = cgroupctl.locate(pid=first.pid)
+        paths = cgroupctl.read.all_limit_paths(cg)
+        before = g.raw_files(paths)
+        events_before = g.memory_events(pod.container)
+        applied = cgroupctl.set_limits(cg, cgroupctl.Limits(memory_limit_bytes=256 * MIB))
+        raised = g.raw_files(paths)
+        # 70 MiB more: far above the old memory.high, well under the moved one.
+        started = time.monotonic()
+        second = pod.hold(70 * MIB)
+        second_s = time.monotonic() - started
+        usage_raised = cgroupctl.read_usage(cg)
+        events_raised = g.memory_events(pod.container)
+        second.kill()
+        second.wait()
+        restored = cgroupctl.restore(cgroupctl.Snapshot.from_dict(applied.snapshot.to_dict()))
+        return {
+            "high": high,
+            "pod_high": pod_high,
+            "plan_done": [d.to_dict() for d in applied.done],
+            "raised": raised,
+            "second_s": second_s,
+            "usage_raised": usage_raised.to_dict(),
+            "events_before": events_before,
+            "events_raised": events_raised,
+            "restore_done": [d.to_dict() for d in restored.done],
+            "files_before": before,
+            "files_after": g.raw_files(paths),
+            "first_alive": first.poll() is None,
         }
 
 
