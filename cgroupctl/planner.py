@@ -211,21 +211,25 @@ def _memory_steps(em: _Emitter, v2: bool, memory_dir: str, cur: Mapping[str, Lim
 
 
 def _pod_target(pod_cur: LimitValue, ctr_cur: LimitValue, ctr_new: LimitValue) -> LimitValue:
-    """The pod is only ever raised, by what the container gains: pod_new = pod + (new - old), and never
-    less than the container's new limit. A lowering leaves the pod as it is: the kubelet re-creates a
-    crashed container with its spec's limit, and a v1 child quota above its parent's fails with
-    EINVAL, so a pod lowered under the spec would keep the container from starting again. The pod
-    returns to its original value on restore. An unlimited pod stays so; an unlimited container makes
-    the pod unlimited (or the pod would still cap it)."""
+    """The pod is raised only when the container needs room beyond it, and then by what the
+    container gains (pod + (new - old), keeping the kubelet's sum of the other containers), never
+    to less than the container's new limit. It is never lowered: the kubelet re-creates a crashed
+    container with its spec's limit, and a v1 child quota above its parent's fails with EINVAL, so a
+    pod lowered under the spec would keep the container from starting again; the pod returns to
+    its original value on restore. Raising only past the pod's value keeps a lower-then-raise
+    sequence from ratcheting the pod up by every raise. An unlimited pod stays so; an unlimited
+    container makes the pod unlimited (or the pod would still cap it)."""
     if pod_cur is UNLIMITED or ctr_new == ctr_cur:
         return pod_cur
     if ctr_new is UNLIMITED:
         return UNLIMITED
     assert isinstance(pod_cur, int) and isinstance(ctr_new, int)
+    if ctr_new <= pod_cur:
+        return pod_cur
     if ctr_cur is UNLIMITED:
-        return max(pod_cur, ctr_new)
+        return ctr_new
     assert isinstance(ctr_cur, int)
-    return max(pod_cur, pod_cur + (ctr_new - ctr_cur), ctr_new)
+    return max(pod_cur + (ctr_new - ctr_cur), ctr_new)
 
 
 def _pod_cpu_target(pod: tuple[LimitValue, int], cur: tuple[LimitValue, int],

@@ -109,6 +109,15 @@ def test_v1_cpu_raise_keeps_the_pods_other_part():
                         (CONTAINER, "ctr", "cpu.cfs_quota_us", "300000")]
 
 
+def test_v1_cpu_raise_within_the_pod_leaves_it_alone_so_cycles_do_not_ratchet_it():
+    # Raised to 150000 (pod too), lowered to 50000 (pod kept), raised back: the pod has the room.
+    assert table(plan(v1_state(ctr_q=50000, pod_q=150000), Limits(cpu_quota_us=150000))) == [
+        (CONTAINER, "ctr", "cpu.cfs_quota_us", "150000")]
+    # Past the pod's value it grows by what the container gains beyond its current limit.
+    assert table(plan(v1_state(ctr_q=50000, pod_q=150000), Limits(cpu_quota_us=200000))) == [
+        (POD_BEFORE, "pod", "cpu.cfs_quota_us", "300000"), (CONTAINER, "ctr", "cpu.cfs_quota_us", "200000")]
+
+
 def test_v1_cpu_unlimited_pod_is_left_alone():
     assert table(plan(v1_state(pod_q=UNLIMITED), Limits(cpu_quota_us=300000))) == [
         (CONTAINER, "ctr", "cpu.cfs_quota_us", "300000")]
@@ -239,9 +248,9 @@ def test_v2_memory_raise_moves_the_kubelets_memory_high_with_it():
 
 def test_v2_memory_raise_moves_a_raised_pods_finite_high_too():
     p = plan(v2_state(pod_max=str(256 * MiB), pod_high=str(192 * MiB), ctr_high=str(96 * MiB)),
-             Limits(memory_limit_bytes=256 * MiB))
-    assert table(p) == [(POD_BEFORE, "pod", "memory.max", str(384 * MiB)), (POD_BEFORE, "pod", "memory.high", str(288 * MiB)),
-                        (CONTAINER, "ctr", "memory.max", str(256 * MiB)), (CONTAINER, "ctr", "memory.high", str(192 * MiB))]
+             Limits(memory_limit_bytes=320 * MiB))
+    assert table(p) == [(POD_BEFORE, "pod", "memory.max", str(448 * MiB)), (POD_BEFORE, "pod", "memory.high", str(336 * MiB)),
+                        (CONTAINER, "ctr", "memory.max", str(320 * MiB)), (CONTAINER, "ctr", "memory.high", str(240 * MiB))]
 
 
 def test_v2_memory_high_page_aligned_lifted_with_the_limit_and_inert_one_left():

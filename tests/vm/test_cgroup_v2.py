@@ -92,13 +92,13 @@ def test_memory_max_raise_then_lower_stages_memory_high_first(run_driver, figure
     r = run_driver("memory-max")
     figures["memory holder usage (32 MiB held): bytes"] = r["usage"]["memory_usage_bytes"]
     assert r["usage"]["memory_usage_bytes"] >= 32 * MIB
-    # Raise 128 -> 192 MiB: the pod (256 MiB) first, by the same 64 MiB.
+    # Raise 128 -> 192 MiB, past the pod's 128 MiB: the pod first, by the same 64 MiB.
     assert [(s["stage"], short(s["path"]), s["value"]) for s in r["raise_plan"]] == [
-        ("pod-before", "pod/memory.max", str(320 * MIB)),
+        ("pod-before", "pod/memory.max", str(192 * MIB)),
         ("container", "container/memory.max", str(192 * MIB)),
     ]
     assert {short(p): v for p, v in r["raised"].items() if p.endswith("memory.max")} == {
-        "pod/memory.max": f"{320 * MIB}\n", "container/memory.max": f"{192 * MIB}\n",
+        "pod/memory.max": f"{192 * MIB}\n", "container/memory.max": f"{192 * MIB}\n",
     }
     # Lower 192 -> 64 MiB, one step at a time, reading the files after each.
     seen = [
@@ -106,13 +106,13 @@ def test_memory_max_raise_then_lower_stages_memory_high_first(run_driver, figure
          o["container"]["memory.high"], o["container"]["memory.max"], o["pod"]["memory.max"])
         for o in r["observed"]
     ]
-    c64, c192, p320 = f"{64 * MIB}", f"{192 * MIB}", f"{320 * MIB}"
+    c64, c192 = f"{64 * MIB}", f"{192 * MIB}"
     # The pod is not lowered: a container re-created from its spec must still fit under it.
     assert seen == [
-        ("write", "container", "container/memory.high", c64, c64 + "\n", c192 + "\n", p320 + "\n"),
-        ("check", "container", "container/memory.current", None, c64 + "\n", c192 + "\n", p320 + "\n"),
-        ("write", "container", "container/memory.max", c64, c64 + "\n", c64 + "\n", p320 + "\n"),
-        ("write", "container", "container/memory.high", "max", "max\n", c64 + "\n", p320 + "\n"),
+        ("write", "container", "container/memory.high", c64, c64 + "\n", c192 + "\n", c192 + "\n"),
+        ("check", "container", "container/memory.current", None, c64 + "\n", c192 + "\n", c192 + "\n"),
+        ("write", "container", "container/memory.max", c64, c64 + "\n", c64 + "\n", c192 + "\n"),
+        ("write", "container", "container/memory.high", "max", "max\n", c64 + "\n", c192 + "\n"),
     ]
     assert r["observed"][-1]["pod"]["memory.high"] == "max\n"
     # Nothing was killed or even throttled: the holder fits in 64 MiB.
@@ -156,13 +156,15 @@ def test_memory_high_follows_a_raise_so_the_container_can_use_it_and_restores_ex
     r = run_driver("memory-high-follows")
     high, pod_high = r["high"], r["pod_high"]
     figures["memory.high moved with memory.max 128 -> 256 MiB: 70 MiB more allocated in s"] = round(r["second_s"], 2)
-    # Pod raised first (memory.max, then its MemoryQoS memory.high in proportion), then the container.
+    # Past the pod's 192 MiB: pod raised first by the container's gain (memory.max, then its
+    # memory.high in proportion), then the container.
+    moved_pod_high = pod_high * 320 // 192 // 4096 * 4096
     assert [(short(d["path"]), d["value"]) for d in r["plan_done"]] == [
-        ("pod/memory.max", str(640 * MIB)), ("pod/memory.high", str(pod_high * 640 // 512 // 4096 * 4096)),
+        ("pod/memory.max", str(320 * MIB)), ("pod/memory.high", str(moved_pod_high)),
         ("container/memory.max", str(256 * MIB)), ("container/memory.high", str(high * 2)),
     ]
     assert {short(p): v for p, v in r["raised"].items() if "memory.high" in p} == {
-        "container/memory.high": f"{high * 2}\n", "pod/memory.high": f"{pod_high * 640 // 512 // 4096 * 4096}\n"}
+        "container/memory.high": f"{high * 2}\n", "pod/memory.high": f"{moved_pod_high}\n"}
     # The container now holds well over its old memory.high, and the kernel never had to hold it back.
     assert r["usage_raised"]["memory_usage_bytes"] > high + 16 * MIB
     assert r["events_raised"]["high"] == r["events_before"]["high"], (r["events_before"], r["events_raised"])

@@ -165,7 +165,7 @@ def memory_max():
     plan to observe memory.high staged before memory.max."""
     import cgroupctl
 
-    with g.FakePod({"memory.max": str(256 * MIB)}, {"memory.max": str(128 * MIB)}) as pod:
+    with g.FakePod({"memory.max": str(128 * MIB)}, {"memory.max": str(128 * MIB)}) as pod:
         holder = pod.hold(32 * MIB)
         cg = cgroupctl.locate(pid=holder.pid)
         paths = cgroupctl.read.all_limit_paths(cg)
@@ -212,8 +212,8 @@ def memory_high_follows():
     import cgroupctl
 
     high = int(0.9 * 128 * MIB) // 4096 * 4096
-    pod_high = int(0.9 * 512 * MIB) // 4096 * 4096
-    with g.FakePod({"memory.max": str(512 * MIB), "memory.high": str(pod_high)},
+    pod_high = int(0.9 * 192 * MIB) // 4096 * 4096
+    with g.FakePod({"memory.max": str(192 * MIB), "memory.high": str(pod_high)},
                    {"memory.max": str(128 * MIB), "memory.high": str(high)}) as pod:
         first = pod.hold(80 * MIB)
         cg = cgroupctl.locate(pid=first.pid)
