@@ -108,8 +108,10 @@ def latency(node: TestNode, agent: AgentProcess, samples: int) -> list[dict]:
     results: dict[str, list[float]] = {"bare CRI UpdateContainerResources": [], "agent Apply, CPU via CRI": [],
                                        "bare cgroup write": [], "agent Apply, CPU via cgroup": []}
     current = client.container_info(cid).resources
+    # Each agent series is interleaved with its bare counterpart, so both see the same machine. The
+    # two pairs run one after the other: right after a CRI call the runtime's runc processes are
+    # still winding down, which would land on whatever is measured next.
     for i in range(samples):
-        # Interleaved so that the machine's load hits every series alike.
         m = values[i % 2]
         merged = merge_resources(current, cpu_quota_us=m * 100)
         t0 = time.perf_counter()
@@ -119,7 +121,8 @@ def latency(node: TestNode, agent: AgentProcess, samples: int) -> list[dict]:
         t0 = time.perf_counter()
         agent.apply("lat", m + 50, agent_pb2.METHOD_CRI)
         results["agent Apply, CPU via CRI"].append(time.perf_counter() - t0)
-
+    for i in range(samples):
+        m = values[i % 2]
         t0 = time.perf_counter()
         fd = os.open(quota_file, os.O_WRONLY)
         try:

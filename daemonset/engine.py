@@ -14,6 +14,7 @@ interrupted: it reverts what expired, re-arms what still runs and undoes half-ma
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -196,12 +197,27 @@ class Engine:
             return None
         if needs_runtime_view:
             try:
-                info = self.cri.container_info(info.id)
+                return self._with_fresh_resources(info)
             except Exception:
                 return None
-            if not info.running:
-                return None
         return info
+
+    def _with_fresh_resources(self, info: Any) -> Any | None:
+        """``info`` with the resources the runtime holds now; None when it no longer runs.
+
+        A plain ContainerStatus carries them where the runtime fills ``status.resources``
+        (containerd does): cheaper than the verbose status, which parses the whole runtime spec.
+        """
+        from cri_api import convert
+        from cri_api.v1 import api_pb2
+
+        status = self.cri.container_status(info.id, verbose=False).status
+        if status.state != api_pb2.CONTAINER_RUNNING:
+            return None
+        if status.HasField("resources") and status.resources.HasField("linux"):
+            return dataclasses.replace(info, resources=convert.resources_from_proto(status.resources.linux))
+        fresh = self.cri.container_info(info.id)
+        return fresh if fresh.running else None
 
     def _alive(self, info: Any) -> bool:
         try:
