@@ -17,7 +17,15 @@ lowers it after.
 Names follow docs/DESIGN.md. Additions: ``Limits.memory_swap_limit_bytes`` (CRI meaning, memory +
 swap) and read-only ``cpu_shares``/``cpu_weight``/``memory_high_bytes``; ``Usage.nr_periods``;
 ``read_state``/``State`` (the input of ``plan``); ``plan_restore``; ``Check`` steps in a plan (v2 usage
-check before memory.max); ``set_limits``; ``prepare_pod``/``PodChange``; ``locate(mode=...)``.
+check before memory.max); ``set_limits``; ``prepare_pod``/``PodChange``; ``locate(mode=...)``;
+``ContainerCgroups.v2_controllers``/``uses_v2(controller)`` (a hybrid host's cpu or memory bound to
+the unified tree uses its v2 files); ``State.pod_children``.
+
+Rules a plan keeps: the pod is raised before the container only when the container needs room
+past it (by what the container gains) and never lowered by a change, only by ``restore``; on v2 a
+finite memory.high (the kubelet's MemoryQoS) moves with memory.max in proportion, on container and
+pod, and goes back exactly on restore; a restore that would put a v1 pod quota under another
+child's raised quota is refused up front (OrderingError naming it), nothing written.
 """
 
 from cgroupctl.apply import PodChange, apply, prepare_pod, restore, set_limits, snapshot, write_file

@@ -182,8 +182,8 @@ class PodChange:
     method asks the runtime, CRI UpdateContainerResources, to change the container itself).
 
     ``prepare_pod`` has already applied ``before`` (pod raised where the container will need it);
-    after the runtime changed the container, call ``finish()`` (pod lowered where the container
-    gave back); if the runtime failed, call ``abort()`` (pod put back as it was).
+    after the runtime changed the container, call ``finish()``; if the runtime failed, call
+    ``abort()`` (pod put back as it was).
     """
 
     plan: Plan
@@ -191,10 +191,24 @@ class PodChange:
     before: Applied
 
     def finish(self) -> Applied:
-        return apply(self.plan.pod_after)
+        """The plan's pod-after stage (empty: a change never lowers the pod) and, on v2, the
+        container's memory.high moved with memory.max: a runtime's update (runc) sets memory.max
+        and leaves the kubelet's memory.high where it was, which would keep a raised container
+        throttled at its old size."""
+        return apply(Plan(self.plan.pod_after.steps + _memory_high_moves(self.plan.container)))
 
     def abort(self) -> Applied:
+        """The pod put back as it was (the runtime refused the container change)."""
         return restore(self.snapshot)
+
+
+def _memory_high_moves(container: Plan) -> tuple[Write, ...]:
+    """The net memory.high write of a container stage (a temporary staging value left out)."""
+    writes = [w for w in container.writes if os.path.basename(w.path) == "memory.high"]
+    if not writes or writes[-1].value == writes[0].previous:
+        return ()
+    return (dataclasses.replace(writes[-1], previous=writes[0].previous,
+                                why="memory.high after the runtime moved memory.max: runtimes leave it"),)
 
 
 def prepare_pod(cg: ContainerCgroups, limits: Limits, force: bool = False) -> PodChange:

@@ -117,3 +117,20 @@ def test_restore_when_the_container_is_gone_still_restores_the_pod(tree):
     assert read_limits(tree, pod=True).cpu_quota_us == 50000
     assert result.skipped and all(p.startswith(tree.container.cpu) or p.startswith(tree.container.memory)
                                   for p in result.skipped)
+
+
+def test_finish_moves_the_containers_memory_high_that_a_runtime_leaves(tmp_path):
+    name = "hybrid-v2memory-systemd-containerd"
+    shutil.copytree(FIXTURES / name, tmp_path / name, symlinks=True)
+    base = tmp_path / name
+    cg = locate(pid=4242, proc_root=str(base / "proc"), cgroup_root=str(base / "sys" / "fs" / "cgroup"))
+    ctr = pathlib.Path(cg.container.memory)
+    high = int((ctr / "memory.high").read_text())
+    change = prepare_pod(cg, Limits(memory_limit_bytes=256 * MiB))
+    assert int((ctr / "memory.high").read_text()) == high  # the container is the runtime's to change
+    (ctr / "memory.max").write_text(f"{256 * MiB}\n")       # what runc's update writes
+    done = change.finish()
+    assert [(pathlib.Path(d.path).name, d.value) for d in done.done] == [("memory.high", str(2 * high))]
+    assert int((ctr / "memory.high").read_text()) == 2 * high
+    # A CPU-only change (or v1) has nothing to move.
+    assert prepare_pod(cg, Limits(cpu_quota_us=150000)).finish().done == ()
