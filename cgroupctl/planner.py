@@ -5,13 +5,17 @@ kernel's documented behaviour):
 
 * v1 cpu: a cgroup's quota/period ratio may not exceed its parent's (EINVAL), checked on every
   write and over the whole subtree. The kubelet gives the pod cgroup the sum of its containers'
-  quotas, so a raise goes pod first, container second; a lowering goes container first, pod last.
+  quotas, so a raise past the pod goes pod first, container second. A change never lowers the pod
+  (a container re-created from its spec must still fit); a restore lowers it last, and is refused
+  up front when another child's quota is above the pod's restored one.
   v2 accepts a child above its parent but silently caps it, so the same order is used for effect.
 * v1 memory: memory.limit_in_bytes <= memory.memsw.limit_in_bytes at all times (EINVAL). Raising:
   memsw first; lowering: the limit first.
 * v2 memory: memory.max below usage reclaims and then OOM-kills; memory.high below usage only
   reclaims and throttles. So a lowering writes memory.high first, checks memory.current fits, and
-  only then writes memory.max, then puts memory.high back.
+  only then writes memory.max, then puts memory.high back. A finite memory.high (the kubelet's
+  MemoryQoS puts it below memory.max) moves with memory.max in proportion: left in place it would
+  throttle a raised container at its old size.
 * Memory below what the cgroup cannot give back is refused up front unless forced (v1 would fail
   with EBUSY after reclaiming; v2 would OOM-kill).
 """
