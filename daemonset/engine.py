@@ -120,6 +120,7 @@ class Engine:
         self.store = state_mod.StateStore(state_dir)
         self._records: dict[str, dict[str, Any]] = {}
         self._known: dict[str, Any] = {}  # container id -> ContainerInfo of containers under experiment
+        self._unrecovered: dict[str, dict[str, Any]] = {}  # records recovery could not finish yet
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._wake = threading.Event()
@@ -693,31 +694,45 @@ class Engine:
     def recover(self) -> None:
         """Finish what the state directory says was under way when the agent last stopped."""
         for record in self.store.load_all():
-            key = record["key"]
-            phase = record.get("phase")
-            try:
-                with self._locked(key):
-                    if phase in ("new", "applying"):
-                        log.warning("recovering %s: half-made change; restoring the originals", key)
-                        info, cg = self._locate_current(record)
-                        self._restore(record, info, cg)
-                        self.store.delete(key)
-                    elif phase == "reverting":
-                        log.warning("recovering %s: interrupted revert; finishing it", key)
-                        self._revert_locked(key, record, reason="recovered")
-                    elif record.get("expires_at") is not None and record["expires_at"] <= self.clock():
-                        log.info("recovering %s: expired while the agent was down; reverting", key)
-                        self._revert_locked(key, record, reason="expired")
-                    else:
-                        log.info("recovering %s: still running; re-armed", key)
-                        with self._guard:
-                            self._records[key] = record
-            except Exception as e:
-                log.error("recovering %s failed: %s; record kept for the next start", key, e)
-                self.metrics.failures.labels("recover", type(e).__name__).inc()
+            self._recover_one(record)
         with self._guard:
             self.metrics.active.set(len(self._records))
         self.check_drift()
+
+    def _recover_one(self, record: dict[str, Any]) -> None:
+        key = record["key"]
+        phase = record.get("phase")
+        try:
+            with self._locked(key):
+                if phase in ("new", "applying"):
+                    log.warning("recovering %s: half-made change; restoring the originals", key)
+                    info, cg = self._locate_current(record)
+                    self._restore(record, info, cg)
+                    self.store.delete(key)
+                elif phase == "reverting":
+                    log.warning("recovering %s: interrupted revert; finishing it", key)
+                    self._revert_locked(key, record, reason="recovered")
+                elif record.get("expires_at") is not None and record["expires_at"] <= self.clock():
+                    log.info("recovering %s: expired while the agent was down; reverting", key)
+                    self._revert_locked(key, record, reason="expired")
+                else:
+                    log.info("recovering %s: still running; re-armed", key)
+                    with self._guard:
+                        self._records[key] = record
+            with self._guard:
+                self._unrecovered.pop(key, None)
+        except Exception as e:
+            # Typically the runtime not answering yet: the background loop tries again.
+            log.error("recovering %s failed: %s; will retry", key, e)
+            self.metrics.failures.labels("recover", type(e).__name__).inc()
+            with self._guard:
+                self._unrecovered[key] = record
+
+    def retry_recovery(self) -> None:
+        with self._guard:
+            pending = list(self._unrecovered.values())
+        for record in pending:
+            self._recover_one(record)
 
     def expire_due(self) -> None:
         now = self.clock()
@@ -828,6 +843,7 @@ class Engine:
             try:
                 self.expire_due()
                 if time.monotonic() >= next_drift:
+                    self.retry_recovery()
                     self.check_drift()
                     next_drift = time.monotonic() + self.drift_interval_s
             except Exception as e:  # the loop must outlive any one bad record

@@ -61,6 +61,7 @@ class FakeWorld:
         self.pod_quota: dict[tuple[str, str], int] = {}
         self.rates: dict[str, tuple[int, int]] = {}
         self.runtime_refuses = False
+        self.runtime_down = False
         self.shape_fails = False
         self.cri_calls = 0
         self.lock = threading.Lock()
@@ -85,6 +86,8 @@ class FakeCRI:
         self.w = world
 
     def find_container(self, ns, pod, container=None):
+        if self.w.runtime_down:
+            raise cri_errors.RuntimeUnreachable("no runtime at unix:///fake.sock")
         names = [k[2] for k in self.w.containers if k[:2] == (ns, pod)]
         if not names:
             raise cri_errors.NotFound(f"no pod {ns}/{pod}")
@@ -463,3 +466,17 @@ def test_pod_raised_only_where_the_container_would_exceed_it():
     unlimited = Readings(cpu_quota_us=UNLIMITED, cpu_period_us=100_000, memory_limit_bytes=UNLIMITED)
     assert pod_raise_needed(unlimited, cpu_quota_us=10**7, cpu_period_us=100_000, memory_limit_bytes=2**40) == (False, False)
     assert pod_raise_needed(pod, cpu_quota_us=UNLIMITED, cpu_period_us=100_000, memory_limit_bytes=UNLIMITED) == (True, True)
+
+
+def test_recovery_retried_when_the_runtime_is_not_there_yet(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    apply(e, cpu_millicpu=200, duration_s=5)
+    e.close()
+    clock.now += 10  # expired while down
+    world.runtime_down = True
+    e2 = make_engine(world, clock, tmp_path)
+    assert world.containers[("default", "web", "app")].quota_us == 20_000 and e2._unrecovered
+    world.runtime_down = False
+    e2.retry_recovery()
+    assert world.containers[("default", "web", "app")].quota_us == 50_000
+    assert not e2._unrecovered and list(e2.store.load_all()) == []
