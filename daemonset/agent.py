@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("runtime %s %s at %s", version.runtime_name, version.runtime_version, cri.endpoint)
 
+    # Loaded now rather than on the first request that needs them (pyroute2 alone takes ~0.1 s).
+    import cgroupctl  # noqa: F401
+    import netshape  # noqa: F401
+
     metrics = Metrics()
     engine = Engine(
         cri,

@@ -9,6 +9,7 @@ import concurrent.futures
 import json
 import os
 import pathlib
+import random
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -381,6 +383,38 @@ def test_kill9_mid_experiment_then_restart_reverts_on_time(agent, pods):
     agent.start()
     assert cpu_files(pod)[0] == "50000"
     agent.revert("default", "crash2")
+
+
+def test_kill9_at_random_moments_leaves_all_or_nothing(agent, pods):
+    """kill -9 while an Apply is under way, at random moments: after a restart the container has
+    either the whole experiment in force or exactly its originals, and a revert always gets back
+    to the originals with nothing left behind."""
+    pod = pods.run("anytime", containers=[ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
+    original = (cpu_files(pod), mem_files(pod))
+    rng = random.Random(20261122)
+    outcomes = []
+    for _ in range(8):
+        def fire():
+            try:
+                agent.apply("default", "anytime", cpu_millicpu=200, memory_bytes=48 * MiB, ingress_bps=10_000_000,
+                            duration_s=600)
+            except grpc.RpcError:
+                pass
+
+        thread = threading.Thread(target=fire)
+        thread.start()
+        time.sleep(rng.uniform(0.0, 0.2))
+        agent.kill9()
+        thread.join()
+        agent.start()
+        experiments = agent.list()
+        if experiments:
+            assert cpu_files(pod)[0] == "20000" and mem_files(pod)[0] == str(48 * MiB)
+            agent.revert("default", "anytime")
+        outcomes.append(bool(experiments))
+        assert (cpu_files(pod), mem_files(pod)) == original
+        assert agent.records() == [] and not ifb_exists(pod)
+    print("experiment in force after the crash:", outcomes)
 
 
 def test_half_made_change_cleaned_up_on_start(agent, pods):
