@@ -305,9 +305,10 @@ class Engine:
             in_force = self._verify(record, cg, set(changes))
         except Exception as e:
             self._roll_back(existing, record, info, cg, e)
+            undone = "what this request had changed was rolled back"
             if isinstance(e, EngineError):
-                raise
-            raise ApplyFailed(f"applying to {target.describe()} failed: {e}; rolled back") from e
+                raise type(e)(f"{e}; {undone}") from e
+            raise ApplyFailed(f"applying to {target.describe()} failed: {e}; {undone}") from e
         record["phase"] = "active"
         self.store.save(target.key, record, durable=False)
         with self._guard:
@@ -394,10 +395,10 @@ class Engine:
             )
 
     def _check_bandwidth_owner(self, record: dict[str, Any]) -> None:
+        own_key = ResolvedTarget.from_dict(record["target"]).key
         with self._guard:
             for key, other in self._records.items():
-                if key != record["target"]["namespace"] + "/" + record["target"]["pod"] + "/" + record["target"]["container"] \
-                        and other.get("net") and other.get("sandbox_id") == record["sandbox_id"]:
+                if key != own_key and other.get("net") and other.get("sandbox_id") == record["sandbox_id"]:
                     raise Conflict(
                         f"the bandwidth of pod {record['target']['namespace']}/{record['target']['pod']} is already"
                         f" shaped by the experiment on container {other['target']['container']}; change it there"
@@ -485,21 +486,48 @@ class Engine:
         return values
 
     def _roll_back(self, existing: dict[str, Any] | None, record: dict[str, Any], info: Any, cg: Any, cause: BaseException) -> None:
+        """Undo a failed apply: back to the originals (first change) or to the experiment as it was."""
         key = ResolvedTarget.from_dict(record["target"]).key
         log.warning("apply on %s failed (%s); rolling back", key, cause)
         try:
             if existing is None:
                 self._restore(record, info, cg)
                 self.store.delete(key)
-            else:
-                self._enforce(existing, info, cg, changes={Resource(r) for r in existing["desired"]},
-                              method=Method(existing["methods"].get("cpu", existing["methods"].get("memory", "auto")))
-                              if existing["methods"] else Method.AUTO, force=True)
-                if record.get("net") and not existing.get("net"):
-                    self._unshape(record)
-                self.store.save(key, existing, durable=False)
+                return
+            kept = {Resource(r) for r in existing["desired"]}
+            added = {Resource(r) for r in record["desired"]} - kept
+            # Resources this request added go back to their originals, exactly.
+            self._restore_resources(record, info, cg, added & set(CPU_MEM))
+            if kept & set(CPU_MEM):
+                self._enforce(existing, info, cg, changes=kept & set(CPU_MEM), method=_cpu_mem_method(existing), force=True)
+            if record.get("net"):
+                # Our shaping off entirely (the veth as first saved), then the experiment's rates again.
+                self._unshape(record)
+                if existing.get("net"):
+                    existing["net"]["snapshot"] = None
+                    self._enforce(existing, info, cg, changes=kept & set(BANDWIDTH), method=Method.AUTO, force=True)
+            self.store.save(key, existing, durable=True)
         except Exception as e:  # the original error is what the caller needs; this one goes to the log
             log.error("rollback on %s incomplete: %s", key, e)
+
+    def _restore_resources(self, record: dict[str, Any], info: Any, cg: Any, resources: set[Resource]) -> None:
+        """Put the originals of some of CPU and memory back: their saved files, then the runtime's view."""
+        if not resources:
+            return
+        prefixes = tuple(f"{r.value}." for r in resources)  # cpu.cfs_* / memory.* files
+        snap = record["cgroup_snapshot"]
+        subset = {**snap, "files": {p: v for p, v in snap["files"].items()
+                                    if p.rsplit("/", 1)[-1].startswith(prefixes)}}
+        self.cgroups.restore(subset)
+        orig = record.get("cri_original") or {}
+        fields: dict[str, int] = {}
+        if Resource.CPU in resources and record["methods"].get("cpu") == Method.CRI.value:
+            fields["cpu_quota_us"] = orig.get("cpu_quota_us") or UNLIMITED
+        if Resource.MEMORY in resources and record["methods"].get("memory") == Method.CRI.value:
+            fields["memory_limit_bytes"] = orig.get("memory_limit_bytes") or UNLIMITED
+            fields["memory_swap_limit_bytes"] = orig.get("memory_swap_limit_bytes") or fields["memory_limit_bytes"]
+        if fields and info is not None:
+            self.cri.update_resources(info.id, **fields)
 
     def _restore(self, record: dict[str, Any], info: Any | None, cg: Any | None) -> None:
         """Put the originals back: the exact cgroup files first (cgroupctl orders pod and container
@@ -803,7 +831,7 @@ class Engine:
             return
         log.warning("drift on %s (%s): %s no longer in force; applying again", key, cause,
                     ", ".join(sorted(r.value for r in stale)))
-        method = Method(record["methods"].get("cpu") or record["methods"].get("memory") or Method.AUTO.value)
+        method = _cpu_mem_method(record)
         if method is not Method.CGROUP and stale & set(CPU_MEM):
             info = self.cri.container_info(info.id)  # the merge needs the runtime's current view
         self._enforce(record, info, cg, changes=stale, method=method, force=True)
@@ -848,6 +876,12 @@ class Engine:
                     next_drift = time.monotonic() + self.drift_interval_s
             except Exception as e:  # the loop must outlive any one bad record
                 log.error("background check failed: %s", e)
+
+
+def _cpu_mem_method(record: dict[str, Any]) -> Method:
+    """How the record's CPU and memory were last changed (cri or cgroup); auto when neither was."""
+    methods = record["methods"]
+    return Method(methods.get("cpu") or methods.get("memory") or Method.AUTO.value)
 
 
 def _deep_copy(record: dict[str, Any]) -> dict[str, Any]:

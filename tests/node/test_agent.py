@@ -345,6 +345,27 @@ def test_bandwidth_both_ways_measured(agent, pods):
     assert not ifb_exists(pod), "the IFB device was left behind"
 
 
+def test_part_failing_rolls_back_the_rest(agent, pods):
+    """A second change whose shaping fails (our IFB name taken by a foreign device): the memory it
+    had already changed goes back to the original, the CPU back to the experiment's value."""
+    pod = pods.run("partial", containers=[ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
+    agent.apply("default", "partial", cpu_millicpu=200)
+    squatter = ifb_name(pod.sandbox_id)
+    subprocess.run(["ip", "link", "add", squatter, "type", "veth", "peer", "name", squatter[:-1] + "p"], check=True)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            agent.apply("default", "partial", cpu_millicpu=300, memory_bytes=32 * MiB, egress_bps=10_000_000)
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert "not an ifb" in err.value.details() and "rolled back" in err.value.details()
+        assert cpu_files(pod)[0] == "20000" and mem_files(pod) == (str(64 * MiB),) * 3
+        [exp] = agent.list()
+        assert [(r.resource, r.requested.value) for r in exp.resources] == [(agent_pb2.RESOURCE_CPU, 200)]
+    finally:
+        subprocess.run(["ip", "link", "del", squatter], check=False)
+    agent.revert("default", "partial")
+    assert cpu_files(pod) == ("50000", "50000")
+
+
 # ---------------------------------------------------------------- durations and crashes
 
 
