@@ -142,7 +142,7 @@ class Demo:
 
     # -- acting --
 
-    def chaos(self, *args: str) -> None:
+    def chaos(self, *args: str, refused: bool = False) -> None:
         exe = shutil.which("kubectl-chaos")
         argv = [exe] if exe else [sys.executable, "-m", "plugin.cli"]
         argv += ["--agent-address", self.address, "-n", NAMESPACE, POD, "-c", CONTAINER, *args]
@@ -150,8 +150,10 @@ class Demo:
         res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
         for line in (res.stdout + res.stderr).splitlines():
             say("   " + line)
-        if res.returncode != 0:
+        if (res.returncode != 0) != refused:
             raise SystemExit(f"kubectl-chaos exited with {res.returncode}")
+        if refused:
+            say(f"   (exit status {res.returncode}: refused, as it should be)")
 
     def run(self) -> None:
         step("Before: the pod as the kubelet set it up")
@@ -161,6 +163,9 @@ class Demo:
         self.measure()
         step("2. Lower memory to 64Mi (above the 48Mi in use; below that the agent refuses)")
         self.chaos("--set-memory=64Mi")
+        self.measure(cpu=False)
+        step("2b. Memory below the 48Mi in use: refused, nothing changes")
+        self.chaos("--set-memory=32Mi", refused=True)
         self.measure(cpu=False)
         step("3. Limit bandwidth to 20Mbit/s both ways")
         self.chaos("--set-bandwidth=20Mbit", "--direction=both")
