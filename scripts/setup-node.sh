@@ -3,7 +3,7 @@
 # Idempotent; safe to run on every `make test`.
 set -euo pipefail
 pkgs=(containerd runc containernetworking-plugins iperf3 busybox-static iproute2 kmod
-      qemu-system-x86 e2fsprogs cpio)
+      qemu-system-x86 e2fsprogs cpio openssl)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
