@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from daemonset.engine import Engine
     from daemonset.metrics import Metrics
     from daemonset.server import ListenError, serve
+    from daemonset.types import EngineError
 
     try:
         cri = RuntimeClient(args.cri_endpoint)
@@ -141,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics=metrics,
         drift_interval_s=args.drift_interval,
     )
-    engine.start()
+    try:
+        engine.start()
+    except EngineError as e:
+        log.error("%s", e)
+        return 1
 
     if args.metrics_address:
         from prometheus_client import start_http_server

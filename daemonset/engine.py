@@ -131,6 +131,10 @@ class Engine:
 
     def start(self, *, background: bool = True) -> None:
         """Recover from the state directory, then expire and check drift in a background thread."""
+        try:
+            self.store.lock()
+        except state_mod.StateError as e:
+            raise EngineError(str(e)) from e
         self.recover()
         if background and self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="chaos-engine", daemon=True)

@@ -17,6 +17,7 @@ kept either (limits and qdiscs do not survive a reboot), and recovery handles th
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -66,6 +67,7 @@ class StateStore:
         self._kick = threading.Event()
         self._closed = False
         self._flusher: threading.Thread | None = None
+        self._lock_fd: int | None = None
 
     def _mark_dirty(self, path: pathlib.Path | None) -> None:
         with self._lock:
@@ -102,10 +104,26 @@ class StateStore:
         if dir_dirty:
             _fsync_dir(self.root)
 
+    def lock(self) -> None:
+        """Hold the state directory for this process: two agents on one directory would undo each other."""
+        if self._lock_fd is not None:
+            return
+        path = self.root.parent / "agent.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateError(f"another chaos-agent is using the state directory {self.root.parent} ({path} is locked)") from None
+        self._lock_fd = fd
+
     def close(self) -> None:
         self._closed = True
         self._kick.set()
         self.flush()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     def path_for(self, key: str) -> pathlib.Path:
         return self.root / (record_name(key) + _SUFFIX)

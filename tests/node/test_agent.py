@@ -580,6 +580,11 @@ def test_socket_mode_stale_socket_and_tcp_without_tls(agent, node):
                              agent.address, "--state-dir", str(agent.workdir / "state2")], cwd=REPO,
                             capture_output=True, text=True, timeout=30)
     assert second.returncode == 1 and "another process is serving" in second.stderr
+    # ... and one on the same state directory would undo the first one's experiments: refused too.
+    third = subprocess.run([sys.executable, "-m", "daemonset.agent", "--cri-endpoint", str(node.socket), "--listen",
+                            f"unix://{agent.workdir}/third.sock", "--state-dir", str(agent.state_dir)], cwd=REPO,
+                           capture_output=True, text=True, timeout=30)
+    assert third.returncode == 1 and "another chaos-agent is using the state directory" in third.stderr
     assert agent.serving()
 
 

@@ -23,6 +23,7 @@ from daemonset.types import (
     ApplyRequest,
     Changes,
     Denied,
+    EngineError,
     InvalidRequest,
     Method,
     Refused,
@@ -393,6 +394,7 @@ def test_half_made_change_is_undone_on_start(world, clock, tmp_path):
     record = next(iter(e.store.load_all()))
     record["phase"] = "applying"  # as if killed between the intent record and the active record
     e.store.save(record["key"], record)
+    e.close()
     make_engine(world, clock, tmp_path)
     assert world.containers[("default", "web", "app")].quota_us == 50_000
     assert list(e.store.load_all()) == []
@@ -480,3 +482,11 @@ def test_recovery_retried_when_the_runtime_is_not_there_yet(world, clock, tmp_pa
     e2.retry_recovery()
     assert world.containers[("default", "web", "app")].quota_us == 50_000
     assert not e2._unrecovered and list(e2.store.load_all()) == []
+
+
+def test_one_agent_per_state_dir(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    with pytest.raises(EngineError, match="another chaos-agent is using the state directory"):
+        make_engine(world, clock, tmp_path)
+    e.close()
+    make_engine(world, clock, tmp_path).close()
