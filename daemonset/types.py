@@ -21,7 +21,7 @@ MAX_MILLICPU = 1_000_000  # 1000 CPUs
 MIN_MEMORY_BYTES = 4 * 1024 * 1024  # below this a container cannot start a shell
 MAX_MEMORY_BYTES = 2**50  # 1 PiB
 MIN_BANDWIDTH_BPS = 8_000  # 1 kB/s
-MAX_BANDWIDTH_BPS = 400 * 10**9  # 400 Gbit/s
+MAX_BANDWIDTH_BPS = 100 * 10**9  # 100 Gbit/s, as netshape
 MAX_DURATION_S = 30 * 24 * 3600.0
 
 # Kubernetes object names: namespace and pod are DNS-1123 (sub)domains, containers DNS-1123 labels.
@@ -122,7 +122,7 @@ class Changes:
         _check_int("cpu_millicpu", self.cpu_millicpu, 1, MAX_MILLICPU, "1m to 1000 CPUs")
         _check_int("memory_bytes", self.memory_bytes, MIN_MEMORY_BYTES, MAX_MEMORY_BYTES, "4Mi to 1Pi")
         for name in ("ingress_bps", "egress_bps"):
-            _check_int(name, getattr(self, name), MIN_BANDWIDTH_BPS, MAX_BANDWIDTH_BPS, "8kbit/s to 400Gbit/s")
+            _check_int(name, getattr(self, name), MIN_BANDWIDTH_BPS, MAX_BANDWIDTH_BPS, "8kbit/s to 100Gbit/s")
         if not self.as_map():
             raise InvalidRequest("no change asked for; give at least one of cpu, memory, ingress or egress bandwidth")
 
