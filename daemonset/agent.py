@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--drift-interval", type=float, default=3.0, help="seconds between drift checks")
+    p.add_argument("--no-sweep-orphans", dest="sweep_orphans", action="store_false",
+                   help="at start, leave IFB devices of ours that no experiment owns (default: delete them)")
     controller = _controller_module()
     if controller is not None:
         controller.add_arguments(p)
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         deny_namespaces=tuple(ns.strip() for ns in args.deny_namespaces.split(",") if ns.strip()),
         metrics=metrics,
         drift_interval_s=args.drift_interval,
+        sweep_orphan_ifbs=args.sweep_orphans,
     )
     try:
         engine.start()

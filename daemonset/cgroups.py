@@ -205,7 +205,8 @@ class CgroupOps:
 
         if plan is None:
             plan = self.plan(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force)
-        raise_pod = self._trim(cg, plan, cpu_quota_us, memory_limit_bytes).pod_before
+        trimmed = self._trim(cg, plan, cpu_quota_us, memory_limit_bytes)
+        raise_pod = trimmed.pod_before
         pod_saved = cgroupctl.snapshot(cg, list(raise_pod.paths)) if raise_pod else None
         self._apply(raise_pod, "raising the pod cgroup")
         try:
@@ -217,7 +218,14 @@ class CgroupOps:
                 except ce.CgroupError as e:
                     log.error("putting the pod cgroup back after a refused runtime call failed: %s", e)
             raise
-        # The pod is never lowered here: see _pod_steps_as_needed.
+        # What the runtime leaves undone: on v2 the container's memory.high follows memory.max
+        # (runc sets only memory.max). The pod is never lowered: see _pod_steps_as_needed.
+        change = cgroupctl.PodChange(plan=trimmed, snapshot=pod_saved or cgroupctl.Snapshot(cgroups=cg, files={}),
+                                     before=cgroupctl.Applied())
+        try:
+            change.finish()
+        except ce.CgroupError as e:
+            raise engine_error(e, "moving memory.high after the runtime's change") from e
 
     def _trim(self, cg: Any, plan: Any, cpu_quota_us: int | None, memory_limit_bytes: int | None) -> Any:
         if not plan.pod_before:

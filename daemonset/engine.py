@@ -106,6 +106,7 @@ class Engine:
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
         drift_interval_s: float = 3.0,
+        sweep_orphan_ifbs: bool = True,
     ):
         self.cri = cri
         self.proc_root = proc_root
@@ -117,6 +118,7 @@ class Engine:
         self.clock = clock
         self.metrics = metrics if metrics is not None else Metrics()
         self.drift_interval_s = drift_interval_s
+        self.sweep_orphan_ifbs = sweep_orphan_ifbs
         self.store = state_mod.StateStore(state_dir)
         self._records: dict[str, dict[str, Any]] = {}
         self._known: dict[str, Any] = {}  # container id -> ContainerInfo of containers under experiment
@@ -729,6 +731,14 @@ class Engine:
             self._recover_one(record)
         with self._guard:
             self.metrics.active.set(len(self._records))
+            keys = {r["net"]["ifb_key"] for r in [*self._records.values(), *self._unrecovered.values()] if r.get("net")}
+        if self.sweep_orphan_ifbs:
+            # IFBs of pods that went away while no record knew of them (state lost with a node disk, say).
+            try:
+                for name in self.net.sweep_orphans(keys):
+                    log.warning("removed orphaned IFB device %s (no experiment owns it, nothing redirects to it)", name)
+            except Exception as e:
+                log.error("sweeping orphaned IFB devices failed: %s", e)
         self.check_drift()
 
     def _recover_one(self, record: dict[str, Any]) -> None:

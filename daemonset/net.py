@@ -78,3 +78,13 @@ class NetOps:
             UNLIMITED if rates.ingress_bps is None else rates.ingress_bps,
             UNLIMITED if rates.egress_bps is None else rates.egress_bps,
         )
+
+    def sweep_orphans(self, active_keys: set[str]) -> list[str]:
+        """Delete IFB devices of ours that nothing redirects to and no active experiment owns."""
+        import netshape
+        from netshape import errors as ne
+
+        try:
+            return netshape.sweep_orphans(active_keys)
+        except ne.ShapeError as e:
+            raise _engine_error(e, "removing orphaned IFB devices") from e

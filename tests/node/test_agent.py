@@ -453,6 +453,22 @@ def test_half_made_change_cleaned_up_on_start(agent, pods):
     assert not ifb_exists(pod)
 
 
+def test_start_removes_orphaned_ifbs_keeps_active_ones(agent, pods):
+    pod = pods.run("ifbs", containers=[ContainerSpec("app", cpu_millicpu=500)])
+    agent.apply("default", "ifbs", egress_bps=10_000_000)
+    orphan = ifb_name(f"gone-pod-{os.getpid()}")  # what a pod deleted while its state was lost leaves
+    subprocess.run(["ip", "link", "add", orphan, "type", "ifb"], check=True)
+    try:
+        agent.kill9()
+        agent.start()
+        assert not os.path.exists(f"/sys/class/net/{orphan}")
+        assert ifb_exists(pod) and agent.list()
+    finally:
+        subprocess.run(["ip", "link", "del", orphan], check=False, capture_output=True)
+    agent.revert("default", "ifbs")
+    assert not ifb_exists(pod)
+
+
 # ---------------------------------------------------------------- drift, restarts, deleted pods
 
 

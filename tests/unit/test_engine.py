@@ -215,6 +215,12 @@ class FakeNet:
     def unshape(self, host, key, snapshot):
         self.w.rates.pop(key, None)
 
+    def sweep_orphans(self, active_keys):
+        gone = [k for k in self.w.rates if k not in active_keys]
+        for k in gone:
+            del self.w.rates[k]
+        return gone
+
     def read_rates(self, host, key):
         return self.w.rates.get(key, (UNLIMITED, UNLIMITED))
 
