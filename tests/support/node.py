@@ -644,7 +644,14 @@ def sigterm_as_interrupt():
         yield
         return
 
+    owner = os.getpid()
+
     def interrupt(signum: int, frame: object) -> None:
+        # A child forked from pytest (pyroute2's and the netns helpers' namespace workers) inherits
+        # this handler; raising there would run a second copy of the session teardown and stop the
+        # shared node under the parent. A child just ends as SIGTERM would have ended it.
+        if os.getpid() != owner:
+            os._exit(128 + signum)
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, interrupt)
