@@ -209,66 +209,36 @@ def _root(objects: list[TcObject]) -> TcObject | None:
     return next((o for o in objects if o.what == "qdisc" and o.parent == TC_H_ROOT), None)
 
 
+def _send_rate(s: _nl.Session, dev: _nl.Link, plan: DirectionPlan, op: int, doing: str) -> None:
+    """Send the rate-carrying object: the HTB class under our root, or our TBF root itself."""
+    if plan.kind == "htb":
+        # tc class add|change dev DEV parent 6b63: classid 6b63:1 htb rate R ceil R burst B cburst B
+        s.send_class(f"{doing} the htb class on {dev.ifname}", op, index=dev.index, classid=OUR_CLASS_ID,
+                     parent=OUR_ROOT_HANDLE, kind="htb", options=htb_class_options(plan))
+    else:
+        # tc qdisc replace|change dev DEV root handle 6b63: tbf rate R burst B limit L
+        s.send_qdisc(f"{doing} tbf at the root of {dev.ifname}", op, index=dev.index, handle=OUR_ROOT_HANDLE,
+                     parent=TC_H_ROOT, kind="tbf", options=tbf_options(plan))
+
+
 def _install(s: _nl.Session, dev: _nl.Link, plan: DirectionPlan, current_root: TcObject | None) -> None:
     """Put our qdisc at the root of ``dev``, or change its rate in place when it is ours already."""
     ours = current_root is not None and current_root.handle == OUR_ROOT_HANDLE
     if ours and current_root.kind == plan.kind:
-        if plan.kind == "htb":
-            # tc class change dev DEV classid 6b63:1 htb rate R ceil R burst B cburst B
-            s.send_class(
-                f"changing the htb rate on {dev.ifname}",
-                _nl.CHANGE,
-                index=dev.index,
-                classid=OUR_CLASS_ID,
-                parent=OUR_ROOT_HANDLE,
-                kind="htb",
-                options=htb_class_options(plan),
-            )
-        else:
-            s.send_qdisc(
-                f"changing the tbf rate on {dev.ifname}",
-                _nl.CHANGE,
-                index=dev.index,
-                handle=OUR_ROOT_HANDLE,
-                parent=TC_H_ROOT,
-                kind="tbf",
-                options=tbf_options(plan),
-            )
+        _send_rate(s, dev, plan, _nl.CHANGE, "changing")
         return
     if ours:
         # Another kind of ours: the kernel cannot change a qdisc's kind in place.
         s.delete_qdisc(f"deleting our {current_root.kind} on {dev.ifname}", index=dev.index, parent=TC_H_ROOT)
     if plan.kind == "htb":
         # tc qdisc replace dev DEV root handle 6b63: htb default 1
-        s.send_qdisc(
-            f"adding htb at the root of {dev.ifname}",
-            _nl.REPLACE,
-            index=dev.index,
-            handle=OUR_ROOT_HANDLE,
-            parent=TC_H_ROOT,
-            kind="htb",
-            options=htb_qdisc_options(OUR_CLASS_ID & 0xFFFF),
-        )
+        s.send_qdisc(f"adding htb at the root of {dev.ifname}", _nl.REPLACE, index=dev.index,
+                     handle=OUR_ROOT_HANDLE, parent=TC_H_ROOT, kind="htb",
+                     options=htb_qdisc_options(OUR_CLASS_ID & 0xFFFF))
         # Its leaf gets the kernel's default for HTB leaves, a pfifo of txqueuelen packets.
-        s.send_class(
-            f"adding the htb class on {dev.ifname}",
-            _nl.CREATE,
-            index=dev.index,
-            classid=OUR_CLASS_ID,
-            parent=OUR_ROOT_HANDLE,
-            kind="htb",
-            options=htb_class_options(plan),
-        )
+        _send_rate(s, dev, plan, _nl.CREATE, "adding")
     else:
-        s.send_qdisc(
-            f"adding tbf at the root of {dev.ifname}",
-            _nl.REPLACE,
-            index=dev.index,
-            handle=OUR_ROOT_HANDLE,
-            parent=TC_H_ROOT,
-            kind="tbf",
-            options=tbf_options(plan),
-        )
+        _send_rate(s, dev, plan, _nl.REPLACE, "adding")
 
 
 def _root_objects(s: _nl.Session, index: int) -> list[TcObject]:

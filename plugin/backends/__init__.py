@@ -154,27 +154,21 @@ class TargetResult:
 
 
 @dataclasses.dataclass(frozen=True)
-class ApplyResult:
+class _PerTarget:
+    targets: tuple[TargetResult, ...]
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return all(t.error is None for t in self.targets)
+
+
+class ApplyResult(_PerTarget):
     """The result of ``Backend.apply``: one entry per container changed (many with --selector)."""
 
-    targets: tuple[TargetResult, ...]
-    dry_run: bool = False
 
-    @property
-    def ok(self) -> bool:
-        return all(t.error is None for t in self.targets)
-
-
-@dataclasses.dataclass(frozen=True)
-class ResetResult:
+class ResetResult(_PerTarget):
     """The result of ``Backend.reset``: ``previous`` = chaos value, ``read_back`` = the original back."""
-
-    targets: tuple[TargetResult, ...]
-    dry_run: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return all(t.error is None for t in self.targets)
 
 
 @dataclasses.dataclass(frozen=True)
