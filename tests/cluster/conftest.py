@@ -1,11 +1,17 @@
 """Fixtures for the cluster tests: the fake API server with the project's CRD installed, and the
-agent (engine and controller) on the real test node with kubectl-chaos run as a user (``cluster``)."""
+agent on the real test node with kubectl-chaos run as a user: ``cluster`` runs the real
+``chaos-agent`` program as a child process, ``controller_cluster`` its engine and controller inside
+the test process (for the controller's own tests)."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 import subprocess
+
+# The in-process engine forks helpers (pyroute2 enters pod network namespaces that way); gRPC's
+# fork handlers make those children crash now and then. chaos-agent sets the same before gRPC starts.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import pytest
 import yaml
@@ -44,14 +50,29 @@ def kube(kubeconfig):
 
 @pytest.fixture
 def cluster(node, fakeapi, tmp_path):
-    """(fakeapi, agent, run): ``run(*args)`` runs kubectl-chaos as user alice (the user role, in "shop")."""
-    from tests.cluster.helpers import KUBECTL_CHAOS, Agent, role
+    """(fakeapi, agent, run) with a real chaos-agent process: ``run(*args)`` runs kubectl-chaos as user
+    alice (the user role, in "shop")."""
+    from tests.cluster.helpers import AgentProcess
+
+    yield from _cluster(AgentProcess(node, fakeapi, tmp_path), fakeapi, tmp_path)
+
+
+@pytest.fixture
+def controller_cluster(node, fakeapi, tmp_path):
+    """As ``cluster``, with the agent's engine and controller running inside the test process."""
+    from tests.cluster.helpers import Agent
+
+    yield from _cluster(Agent(node, fakeapi, tmp_path), fakeapi, tmp_path)
+
+
+def _cluster(agent, fakeapi, tmp_path):
+    from tests.cluster.helpers import KUBECTL_CHAOS, role
 
     fakeapi.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
     token = fakeapi.add_user("alice")
     fakeapi.bind("alice", role("user-role.yaml", "kubectl-chaos-user"), namespace="shop")
     kubeconfig = fakeapi.write_kubeconfig(tmp_path / "alice-kubeconfig", [("alice", token)], namespace="shop")
-    agent = Agent(node, fakeapi, tmp_path).start()
+    agent.start()
 
     def run(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
         env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "KUBECONFIG": kubeconfig}
@@ -60,4 +81,4 @@ def cluster(node, fakeapi, tmp_path):
     try:
         yield fakeapi, agent, run
     finally:
-        agent.stop()
+        agent.close()

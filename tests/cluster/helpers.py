@@ -1,11 +1,17 @@
-"""Helpers of the cluster tests: the agent (engine + controller) on the test node, pods mirrored into
-the fake API server, and what to read back."""
+"""Helpers of the cluster tests: the agent on the test node (a real ``chaos-agent`` process, or its
+engine and controller inside the test process), pods mirrored into the fake API server, and what to
+read back."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 
 import yaml
@@ -15,11 +21,108 @@ from tests.cluster.conftest import MANIFESTS
 
 NODE = "test-node"
 KUBECTL_CHAOS = os.path.join(os.path.dirname(sys.executable), "kubectl-chaos")
+REPO = pathlib.Path(__file__).resolve().parents[2]
+AGENT_USER = "system:serviceaccount:kubectl-chaos:chaos-agent"
 
 
 def role(file: str, name: str) -> dict:
     return next(d for d in yaml.safe_load_all((MANIFESTS / file).read_text())
                 if d and d["kind"] == "ClusterRole" and d["metadata"]["name"] == name)
+
+
+def agent_kubeconfig(fakeapi, workdir: pathlib.Path) -> str:
+    """A kubeconfig for the agent's service account, bound to the manifests' own ClusterRole."""
+    token = fakeapi.add_user(AGENT_USER)
+    fakeapi.bind(AGENT_USER, role("rbac.yaml", "kubectl-chaos-agent"))
+    return fakeapi.write_kubeconfig(workdir / "agent-kubeconfig", [(AGENT_USER, token)])
+
+
+class AgentProcess:
+    """``chaos-agent`` as a child process (the real program, as the DaemonSet runs it), with
+    ``--kubeconfig`` pointing at the fake API server; ``kill9()`` and ``start()`` again at will.
+
+    ``start()`` returns once the agent logged that its controller watches (after its first lists).
+    """
+
+    def __init__(self, node, fakeapi, workdir: pathlib.Path):
+        self.node = node
+        self.kubeconfig = agent_kubeconfig(fakeapi, workdir)
+        # Unix socket paths are limited to 107 bytes: pytest's tmp_path can be longer.
+        self.rundir = pathlib.Path(tempfile.mkdtemp(prefix="kcx-cl-", dir="/tmp"))
+        self.socket = self.rundir / "agent.sock"
+        self.state_dir = workdir / "state"
+        self.log = workdir / "agent.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout_s: float = 30.0) -> AgentProcess:
+        argv = [
+            sys.executable, "-m", "daemonset.agent",
+            "--cri-endpoint", str(self.node.socket),
+            "--listen", f"unix://{self.socket}",
+            "--state-dir", str(self.state_dir),
+            "--node-name", NODE,
+            "--kubeconfig", self.kubeconfig,
+            "--drift-interval", "1",
+            "--no-sweep-orphans",  # other test sessions on this machine may be shaping right now
+            "--log-format", "json",
+        ]  # fmt: skip
+        seen = self._ready_lines()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.starts += 1
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"chaos-agent exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self._ready_lines() > seen:
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"chaos-agent's controller not watching within {timeout_s}s:\n{self.log_tail()}")
+
+    def _ready_lines(self) -> int:
+        if not self.log.exists():
+            return 0
+        return sum(1 for line in self.log.read_text(errors="replace").splitlines()
+                   if "cluster mode: watching" in line)
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
+
+    def kill9(self) -> None:
+        """SIGKILL the agent and whatever helpers it forked (its own session)."""
+        assert self.proc is not None and self.proc.poll() is None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def experiments(self, namespace: str = "") -> list:
+        """The agent's own list of experiments in force (its gRPC List), as its node-local API reports it."""
+        import grpc
+
+        from daemonset.api.gen import agent_pb2, agent_pb2_grpc
+
+        with grpc.insecure_channel(f"unix://{self.socket}") as channel:
+            reply = agent_pb2_grpc.AgentStub(channel).List(agent_pb2.ListRequest(namespace=namespace), timeout=10)
+        return list(reply.experiments)
+
+    def records(self) -> list[dict]:
+        """The experiment records in the agent's state directory."""
+        d = self.state_dir / "experiments"
+        return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.exists() else []
 
 
 class Agent:
@@ -30,10 +133,7 @@ class Agent:
 
         self.node = node
         self.state_dir = workdir / "state"
-        token = fakeapi.add_user("system:serviceaccount:kubectl-chaos:chaos-agent")
-        fakeapi.bind("system:serviceaccount:kubectl-chaos:chaos-agent", role("rbac.yaml", "kubectl-chaos-agent"))
-        path = fakeapi.write_kubeconfig(workdir / "agent-kubeconfig",
-                                        [("system:serviceaccount:kubectl-chaos:chaos-agent", token)])
+        path = agent_kubeconfig(fakeapi, workdir)
         self.client = config.new_client_from_config(config_file=path)
         self.engine = None
         self.controller = None
@@ -59,6 +159,9 @@ class Agent:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+
+    def close(self) -> None:
+        self.stop()
 
 
 def mirror(fakeapi, pod, *, node: str = NODE, labels: dict | None = None, annotations: dict | None = None) -> dict:
@@ -98,3 +201,23 @@ def wait_for(condition, timeout_s: float = 10.0, what: str = "condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def settle(fakeapi, namespace: str = "shop") -> None:
+    """Return once the agent has worked off everything queued before this call.
+
+    Its controller reconciles one object at a time, in order: a ResourceChaos created now for a
+    pod of this node that is not running yet is answered ("Pending") only after the work before it.
+    """
+    rtype = fakeapi.resource_type(crd.GROUP, crd.PLURAL)
+    pods_type = fakeapi.resource_type("", "pods")
+    name = f"settle-{time.monotonic_ns()}"
+    fakeapi.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace},
+                    "spec": {"nodeName": NODE, "containers": [{"name": "app"}]}, "status": {"phase": "Pending"}})
+    fakeapi.create(crd.build(namespace, crd.ChaosSpec(pod=name, container="app", cpu_millicpu=100), name=name))
+    wait_for(lambda: crd.target_entry(fakeapi.get(rtype, namespace, name).get("status"), name),
+             timeout_s=15, what="the agent to answer the settle object")
+    fakeapi.delete(rtype, namespace, name)
+    fakeapi.delete(pods_type, namespace, name)
+    wait_for(lambda: not any(o["metadata"]["name"] == name for o in chaos_objects(fakeapi, namespace)),
+             what="the settle object to go")

@@ -1,5 +1,7 @@
-"""Cluster mode end to end: the kubectl-chaos executable -> fake API server -> the agent's
-controller -> the engine -> real containerd and real cgroups on the test node -> status -> output.
+"""Cluster mode end to end: the kubectl-chaos executable -> fake API server -> the chaos-agent
+process (its controller, its engine) -> real containerd and real cgroups on the test node -> status
+-> output. The agent is the real program, started with ``--kubeconfig`` for the fake API server,
+and killed with SIGKILL where a test restarts it.
 
 The pods in the fake API mirror real pods on the test node (same namespace, name and uid;
 ``spec.nodeName`` is the agent's node). The agent authenticates with its own token, bound to the
@@ -23,6 +25,7 @@ from tests.cluster.helpers import (
     memory_limit,
     mirror,
     quota_us,
+    settle,
     wait_for,
 )
 from tests.support.node import ContainerSpec
@@ -82,7 +85,7 @@ def test_delete_while_agent_down_reverts_on_restart(cluster, pods):
     assert out.returncode == 0, out.stderr
     assert quota_us(pod) == 20_000
 
-    agent.stop()
+    agent.kill9()
     rtype = fakeapi.resource_type(crd.GROUP, crd.PLURAL)
     fakeapi.delete(rtype, "shop", "web-2.app")
     held = fakeapi.get(rtype, "shop", "web-2.app")  # the agent's finalizer holds it
@@ -99,9 +102,10 @@ def test_restart_keeps_experiment_and_reset_still_works(cluster, pods):
     pod = pods.run("web-3", "shop", [ContainerSpec(cpu_millicpu=1000)])
     mirror(fakeapi, pod)
     assert run("--set-cpu=300m", "web-3").returncode == 0
-    agent.stop()
+    agent.kill9()
+    assert quota_us(pod) == 30_000
     agent.start()
-    assert agent.controller.idle(10)
+    settle(fakeapi)
     assert quota_us(pod) == 30_000  # still in force, not re-applied twice, not reverted
     assert [reason for reason, _ in events(fakeapi, "web-3")] == ["Applied"]
     out = run("--reset", "web-3")
@@ -131,7 +135,7 @@ def test_deleting_the_pod_deletes_its_experiment(cluster, pods):
     pod.delete()  # the kubelet's part
     fakeapi.delete(fakeapi.resource_type("", "pods"), "shop", "web-5")  # the API's part; GC follows
     wait_for(lambda: chaos_objects(fakeapi) == [], what="the garbage-collected experiment to go")
-    assert agent.engine.list("shop") == []
+    assert agent.experiments("shop") == []
 
 
 def test_selector_targets_many_pods(cluster, pods):
@@ -250,7 +254,7 @@ def test_bandwidth_both_ways_through_the_api(cluster, pods):
         assert abs(change["applied"] - 10_000_000) <= 100_000  # read back from the kernel (HTB rounds)
     out = run("--reset", "net")
     assert out.returncode == 0, out.stderr
-    assert agent.engine.list("shop") == []
+    assert agent.experiments("shop") == []
 
 
 def test_selector_with_a_silent_node_reports_each_pod(cluster, pods):

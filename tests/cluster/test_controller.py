@@ -11,8 +11,8 @@ from tests.support.node import ContainerSpec
 
 
 @pytest.fixture
-def api(cluster):
-    fakeapi, agent, _ = cluster
+def api(controller_cluster):
+    fakeapi, agent, _ = controller_cluster
     return fakeapi, agent
 
 
