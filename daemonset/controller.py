@@ -6,6 +6,8 @@ It watches ResourceChaos objects in every namespace and the pods of its own node
 - an object whose target pods run here: add this node's finalizer, ``Engine.apply``, write one
   ``status.targets`` entry per pod (originals, values read back, expiry), emit an Event on the pod;
 - a changed spec (a second ``kubectl chaos`` on the same container): apply the new values on top;
+  without ``durationSeconds`` the end time already in force stays; every command carries a new
+  ``requestId``, so an identical spec sent again is answered afresh (a Failed target is retried);
 - expiry, deletion, a pod that no longer matches: ``Engine.revert``, status ``Reverted`` with the
   restored values, an Event, and the finalizer dropped so the API server can remove the object;
 - restart: the engine recovers its own state; the controller re-lists, reverts what it applied for
@@ -476,17 +478,22 @@ class Controller:
                        " reset it with kubectl-chaos --agent-address first")
             return self._failed(pod, container, generation, message, previous)
         duration_s = spec.duration_s
-        if current and phase == crd.APPLIED:
+        if phase == crd.APPLIED and (current or spec.duration_s is None):
+            # The end time in force stays: same generation, or a further change that sets no
+            # duration of its own (the engine keeps an experiment's expiry when given none).
             expires = crd.parse_rfc3339(previous.get("expiresAt"))
             if expires is not None and expires.timestamp() <= self.clock():
-                return self._revert(ckey, owner or {"pod": pod_name, "container": container}, reason="expired",
-                                    status=obj.get("status"))
-            if active is not None:
+                entry = self._revert(ckey, owner or {"pod": pod_name, "container": container}, reason="expired",
+                                     status=obj.get("status"))
+                if entry is not None:
+                    entry["observedGeneration"] = generation  # the answer to this generation too
+                return entry
+            if current and active is not None:
                 if expires is not None:
                     self._schedule(expires.timestamp(), (namespace, name))
                 return None  # in force; the engine corrects drift itself
             # The node lost it (state lost, or the engine ended it): apply again for the time left.
-            if expires is not None:
+            if active is None and expires is not None:
                 duration_s = max(0.001, expires.timestamp() - self.clock())
         if not self._set_finalizer((namespace, name), present=True):
             return None  # being deleted meanwhile: the next event reverts

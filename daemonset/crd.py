@@ -64,6 +64,9 @@ class ChaosSpec:
     duration_s: float | None = None
     method: str = "auto"
     force: bool = False
+    # New on every kubectl-chaos command, so the same spec sent again is a new generation that
+    # every agent answers afresh (a Failed target is retried, an expired one applied again).
+    request_id: str | None = None
 
     @property
     def ingress_bps(self) -> int | None:
@@ -92,6 +95,8 @@ class ChaosSpec:
             spec["bandwidth"] = {"bitsPerSecond": self.bandwidth_bps, "direction": self.direction}
         if self.duration_s is not None:
             spec["durationSeconds"] = self.duration_s
+        if self.request_id:
+            spec["requestId"] = self.request_id
         return spec
 
     @classmethod
@@ -105,7 +110,7 @@ class ChaosSpec:
                      cpu_millicpu=spec.get("cpuMillicores"), memory_bytes=spec.get("memoryBytes"),
                      bandwidth_bps=bandwidth.get("bitsPerSecond"), direction=bandwidth.get("direction", "both"),
                      duration_s=spec.get("durationSeconds"), method=spec.get("method", "auto"),
-                     force=bool(spec.get("force", False)))
+                     force=bool(spec.get("force", False)), request_id=spec.get("requestId"))
         if not result.requested():
             raise SpecError("spec: nothing to change; set cpuMillicores, memoryBytes or bandwidth")
         return result

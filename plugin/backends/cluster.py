@@ -15,6 +15,7 @@ import datetime
 import json
 import math
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,7 +88,8 @@ class ClusterBackend:
                 pod=req.pod, selector=crd.parse_selector(req.selector) if req.selector else None,
                 container=containers[req.pod] if req.pod else req.container,
                 cpu_millicpu=req.cpu_millicpu, memory_bytes=req.memory_bytes, bandwidth_bps=req.bandwidth_bps,
-                direction=req.direction, duration_s=req.duration_s, method=req.method, force=req.force)
+                direction=req.direction, duration_s=req.duration_s, method=req.method, force=req.force,
+                request_id=uuid.uuid4().hex[:16])
             existing = self._find(namespace, req, spec.container)
             if existing is not None and crd.is_deleting(existing):
                 raise BackendError(f"ResourceChaos {namespace}/{existing['metadata']['name']} is being reset; "
@@ -401,9 +403,16 @@ def _kubeconfig_namespace(conn: Connection) -> str:
 
 
 def _spec_patch(spec: crd.ChaosSpec) -> dict:
-    """A merge patch that sets what this request asks and keeps the rest of the running experiment."""
+    """A merge patch that sets what this request asks and keeps the rest of the running experiment.
+
+    Without --duration it removes ``durationSeconds``: the agent then keeps the end time already in
+    force (as node-local mode does) instead of counting the old duration again from now. Its new
+    ``requestId`` makes even an identical request a new generation, which the agents answer afresh.
+    """
     patch = spec.to_dict()
     patch.pop("target", None)
+    if spec.duration_s is None:
+        patch["durationSeconds"] = None
     return patch
 
 
@@ -453,7 +462,9 @@ def _target_result(namespace: str, name: str, entry: dict, spec: crd.ChaosSpec, 
     changes = tuple(ResourceChange(c["resource"], was.get(c["resource"], c.get("original")),
                                    requested.get(c["resource"]), c.get("applied"), c.get("method", ""), expires)
                     for c in entry.get("changes") or [])
-    error = entry.get("message") or "failed" if entry["phase"] == crd.FAILED else None
+    # Reverted as the answer to this request: the experiment had ended (expired) before it arrived.
+    error = (entry.get("message") or entry["phase"].lower()) if entry["phase"] in (crd.FAILED, crd.REVERTED) \
+        else None
     return TargetResult(namespace, entry["pod"], entry.get("container", ""), changes=changes, node=entry.get("node"),
                         experiment_id=f"{namespace}/{name}", error=error)
 

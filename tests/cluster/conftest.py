@@ -78,6 +78,7 @@ def _cluster(agent, fakeapi, tmp_path):
         env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "KUBECONFIG": kubeconfig}
         return subprocess.run([KUBECTL_CHAOS, *args], env=env, capture_output=True, text=True, timeout=timeout_s)
 
+    run.kubeconfig = kubeconfig
     try:
         yield fakeapi, agent, run
     finally:

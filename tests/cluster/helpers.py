@@ -119,6 +119,20 @@ class AgentProcess:
             reply = agent_pb2_grpc.AgentStub(channel).List(agent_pb2.ListRequest(namespace=namespace), timeout=10)
         return list(reply.experiments)
 
+    def node_local(self, method: str, namespace: str, pod: str, container: str, **changes: int) -> object:
+        """A node-local request (``Apply`` or ``Revert``) on the agent's own gRPC socket."""
+        import grpc
+
+        from daemonset.api.gen import agent_pb2, agent_pb2_grpc
+
+        target = agent_pb2.Target(namespace=namespace, pod=pod, container=container)
+        with grpc.insecure_channel(f"unix://{self.socket}") as channel:
+            stub = agent_pb2_grpc.AgentStub(channel)
+            if method == "Apply":
+                return stub.Apply(agent_pb2.ApplyRequest(target=target, changes=agent_pb2.Changes(**changes)),
+                                  timeout=30)
+            return stub.Revert(agent_pb2.RevertRequest(target=target), timeout=30)
+
     def records(self) -> list[dict]:
         """The experiment records in the agent's state directory."""
         d = self.state_dir / "experiments"

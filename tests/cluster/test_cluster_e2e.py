@@ -274,3 +274,91 @@ def test_selector_with_a_silent_node_reports_each_pod(cluster, pods):
     assert [t["pod"] for t in obj["status"]["targets"]] == ["mixed-0"]
     assert run("--reset", "-l", "app=mixed").returncode == 0
     assert quota_us(here) == 100_000
+
+
+def test_agent_started_while_the_plugin_waits(cluster, pods):
+    """The agent is down when the command runs (a DaemonSet pod being replaced); the plugin's wait
+    ends with the agent's answer once it is back."""
+    fakeapi, agent, run = cluster
+    pod = pods.run("web-7", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, pod)
+    agent.kill9()
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": "/tmp", "KUBECONFIG": run.kubeconfig}
+    waiting = subprocess.Popen([KUBECTL_CHAOS, "--set-cpu=350m", "--timeout=40s", "web-7"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: chaos_objects(fakeapi), what="the ResourceChaos to be created")
+        assert quota_us(pod) == 100_000
+        agent.start()
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 0, err
+    assert "350m" in out, out
+    assert quota_us(pod) == 35_000
+    assert run("--reset", "web-7").returncode == 0
+    assert quota_us(pod) == 100_000
+
+
+def test_failed_request_sent_again_is_retried(cluster, pods):
+    """Re-running the same command after a failure asks the agent again (a new generation), and the
+    targets that had failed are retried; those in force stay in force."""
+    fakeapi, agent, run = cluster
+    ok, busy = (pods.run(f"retry-{i}", "shop", [ContainerSpec(cpu_millicpu=1000)]) for i in range(2))
+    for p in (ok, busy):
+        mirror(fakeapi, p, labels={"app": "retry"})
+    agent.node_local("Apply", "shop", "retry-1", "app", cpu_millicpu=900)  # someone's node-local experiment
+    assert quota_us(busy) == 90_000
+    out = run("--set-cpu=450m", "-l", "app=retry")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "already under a node-local experiment" in out.stdout + out.stderr
+    (obj,) = chaos_objects(fakeapi)
+    phases = {t["pod"]: t["phase"] for t in obj["status"]["targets"]}
+    assert phases == {"retry-0": "Applied", "retry-1": "Failed"}
+    generation = obj["metadata"]["generation"]
+    agent.node_local("Revert", "shop", "retry-1", "app")
+    assert quota_us(busy) == 100_000
+
+    out = run("--set-cpu=450m", "-l", "app=retry")  # the very same command
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert quota_us(ok) == 45_000 and quota_us(busy) == 45_000
+    (obj,) = chaos_objects(fakeapi)
+    assert obj["metadata"]["generation"] > generation
+    for entry in obj["status"]["targets"]:
+        assert entry["phase"] == "Applied" and entry["observedGeneration"] == obj["metadata"]["generation"]
+        assert {c["resource"]: c["original"] for c in entry["changes"]} == {"cpu": 1000}
+    assert run("--reset", "-l", "app=retry").returncode == 0
+    assert quota_us(ok) == 100_000 and quota_us(busy) == 100_000
+
+
+def test_change_without_duration_keeps_the_end_time(cluster, pods):
+    """A further change without --duration keeps the end time in force (as node-local mode does);
+    one with --duration counts from now."""
+    fakeapi, agent, run = cluster
+    pod = pods.run("web-9", "shop", [ContainerSpec(cpu_millicpu=1000, memory_bytes=256 * 2**20)])
+    mirror(fakeapi, pod)
+    rtype = fakeapi.resource_type(crd.GROUP, crd.PLURAL)
+
+    def entry() -> dict:
+        return fakeapi.get(rtype, "shop", "web-9.app")["status"]["targets"][0]
+
+    assert run("--set-cpu=400m", "--duration=5s", "web-9").returncode == 0
+    first_end = entry()["expiresAt"]
+    (experiment,) = agent.experiments("shop")
+    first_end_s = experiment.expires_at_unix_s
+    time.sleep(1.0)
+    out = run("--set-memory=128Mi", "web-9")
+    assert out.returncode == 0, out.stderr
+    assert memory_limit(pod) == 128 * 2**20 and quota_us(pod) == 40_000
+    assert entry()["expiresAt"] == first_end
+    (experiment,) = agent.experiments("shop")
+    assert experiment.expires_at_unix_s == first_end_s
+
+    out = run("--set-cpu=300m", "--duration=30s", "web-9")
+    assert out.returncode == 0, out.stderr
+    (experiment,) = agent.experiments("shop")
+    assert experiment.expires_at_unix_s >= first_end_s + 25
+    assert crd.parse_rfc3339(entry()["expiresAt"]).timestamp() >= first_end_s + 25
+    assert run("--reset", "web-9").returncode == 0
+    assert quota_us(pod) == 100_000 and memory_limit(pod) == 256 * 2**20
