@@ -13,6 +13,7 @@ interrupted: it reverts what expired, re-arms what still runs and undoes half-ma
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -123,11 +124,13 @@ class Engine:
         self._records: dict[str, dict[str, Any]] = {}
         self._known: dict[str, Any] = {}  # container id -> ContainerInfo of containers under experiment
         self._unrecovered: dict[str, dict[str, Any]] = {}  # records recovery could not finish yet
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, _KeyLock] = {}
         self._guard = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Runtime calls and state writes that overlap other work of the same request.
+        self._io = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="chaos-io")
 
     # -- lifecycle --
 
@@ -149,18 +152,28 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        self._io.shutdown(wait=True)
         self.store.close()
 
     @contextlib.contextmanager
     def _locked(self, key: str, *, blocking: bool = True) -> Iterator[bool]:
+        # A lock lives while someone holds or waits for it, so the table stays as small as the
+        # number of containers being worked on (not every container ever changed).
         with self._guard:
-            lock = self._locks.setdefault(key, threading.Lock())
+            lock = self._locks.get(key)
+            if lock is None:
+                lock = self._locks[key] = _KeyLock()
+            lock.users += 1
         got = lock.acquire(blocking)
         try:
             yield got
         finally:
             if got:
                 lock.release()
+            with self._guard:
+                lock.users -= 1
+                if lock.users == 0:
+                    del self._locks[key]
 
     # -- resolution --
 
@@ -183,12 +196,14 @@ class Engine:
         except cri_errors.CRIError as e:
             raise RuntimeUnavailable(f"cannot resolve {target.describe()}: {e}") from e
 
-    def _resolve_known(self, target: Target, needs_runtime_view: bool) -> Any | None:
+    def _resolve_known(self, target: Target, needs_runtime_view: bool) -> tuple[Any, Any] | None:
         """A container under experiment, without listing the runtime's containers; None to look it up.
 
         The container found when the experiment started still runs while its process lives in a
-        cgroup named after it (a restart makes a new container id and process). The runtime's view
-        of its resources is read fresh when the change goes through CRI (the merge needs it).
+        cgroup named after it (a restart makes a new container id and process). When the change
+        goes through CRI the merge needs the runtime's current view of its resources: that status
+        call is started here and runs while the cgroups are read; ``(info, pending)`` where
+        ``pending`` is a future of the fresh info (None there when the change needs no runtime view).
         """
         if target.namespace in self.deny_namespaces:
             return None
@@ -200,14 +215,23 @@ class Engine:
                         and r["target"]["pod"] == target.pod and r.get("only_container")]
                 rec = recs[0] if len(recs) == 1 else None
             info = self._known.get(rec["target"]["container_id"]) if rec else None
-        if info is None or not self._alive(info):
+        if info is None:
             return None
-        if needs_runtime_view:
-            try:
-                return self._with_fresh_resources(info)
-            except Exception:
-                return None
-        return info
+        pending = self._io.submit(self._with_fresh_resources, info) if needs_runtime_view else None
+        if not self._alive(info):
+            return None
+        return info, pending
+
+    @staticmethod
+    def _await_fresh(pending: Any) -> Any:
+        """The fresh info a ``_resolve_known`` status call returns; raises _Stale when it is not running."""
+        try:
+            fresh = pending.result()
+        except Exception as e:
+            raise _Stale(str(e)) from e
+        if fresh is None:
+            raise _Stale("not running")
+        return fresh
 
     def _with_fresh_resources(self, info: Any) -> Any | None:
         """``info`` with the resources the runtime holds now; None when it no longer runs.
@@ -252,10 +276,19 @@ class Engine:
             req.validate()
             needs_runtime_view = req.method is not Method.CGROUP and (
                 req.changes.cpu_millicpu is not None or req.changes.memory_bytes is not None)
-            info = self._resolve_known(req.target, needs_runtime_view) or self._resolve(req.target)
-            target = self._resolved(info)
-            with self._locked(target.key):
-                result = self._apply_locked(req, info, target)
+            known = self._resolve_known(req.target, needs_runtime_view)
+            try:
+                if known is None:
+                    raise _Stale("not under experiment")
+                info, pending = known
+                with self._locked(self._resolved(info).key):
+                    result = self._apply_locked(req, info, self._resolved(info), pending=pending)
+            except _Stale:
+                # Nothing was changed yet: look the container up through the runtime.
+                info = self._resolve(req.target)
+                target = self._resolved(info)
+                with self._locked(target.key):
+                    result = self._apply_locked(req, info, target)
         except EngineError as e:
             self.metrics.failures.labels("apply", type(e).__name__).inc()
             raise
@@ -266,11 +299,14 @@ class Engine:
             )
         return result
 
-    def _apply_locked(self, req: ApplyRequest, info: Any, target: ResolvedTarget) -> ApplyResult:
+    def _apply_locked(self, req: ApplyRequest, info: Any, target: ResolvedTarget, *, pending: Any = None) -> ApplyResult:
+        """``pending``: the runtime's fresh view of a known container, still on its way (see _resolve_known)."""
         existing = self._records.get(target.key)
         changes = req.changes.as_map()
         cg = self.cgroups.locate(pid=info.pid, cgroups_path=info.cgroups_path)
         before, cg_state = self.cgroups.read_for_plan(cg)
+        if pending is not None:
+            info = self._await_fresh(pending)  # raises _Stale before anything is changed
         new_snapshot = existing is None
         if existing is not None and existing["target"]["container_id"] != target.container_id:
             # The container was re-created since the experiment started: its own values are the originals
@@ -304,24 +340,37 @@ class Engine:
             # the same container needs no intent record: after a crash the active record's values
             # are enforced again (drift), so a half-made second change is undone that way.
             record["phase"] = "applying"
+            if req.method is not Method.CGROUP and new_snapshot:
+                # Which resources may reach the runtime: a crash after the call went out leaves the
+                # runtime holding the new values (and it may still write them after we are gone),
+                # so recovery puts the runtime's view back too, after any update still in flight.
+                record["cri_intent"] = sorted(r.value for r in changes if r in CPU_MEM)
             self.store.save(target.key, record, durable=True)
+        saving = None
         try:
             self._enforce(record, info, cg, changes=set(changes), method=req.method, force=req.force, before=before,
                           plan=plan)
+            # The change is made: the record of it is written while the kernel is read back. A
+            # read-back that disagrees rolls back and then rewrites (or deletes) the record.
+            record.pop("cri_intent", None)  # what reached the runtime is now in cri_used and methods
+            record["phase"] = "active"
+            saving = self._io.submit(self.store.save, target.key, _deep_copy(record), durable=False)
             in_force = self._verify(record, cg, set(changes))
+            saving.result()
         except Exception as e:
+            if saving is not None:
+                concurrent.futures.wait([saving])  # the rollback's own write must land after it
             self._roll_back(existing, record, info, cg, e)
             undone = "what this request had changed was rolled back"
             if isinstance(e, EngineError):
                 raise type(e)(f"{e}; {undone}") from e
             raise ApplyFailed(f"applying to {target.describe()} failed: {e}; {undone}") from e
-        record["phase"] = "active"
-        self.store.save(target.key, record, durable=False)
         with self._guard:
             self._records[target.key] = record
             self._known[info.id] = info
             self.metrics.active.set(len(self._records))
-        self._wake.set()
+        if record.get("expires_at") is not None:
+            self._wake.set()  # the background loop sleeps until the earliest expiry
         for r in changes:
             self.metrics.applies.labels(r.value, record["methods"][r.value]).inc()
             log.info(
@@ -494,6 +543,7 @@ class Engine:
     def _roll_back(self, existing: dict[str, Any] | None, record: dict[str, Any], info: Any, cg: Any, cause: BaseException) -> None:
         """Undo a failed apply: back to the originals (first change) or to the experiment as it was."""
         key = ResolvedTarget.from_dict(record["target"]).key
+        record.pop("cri_intent", None)  # here cri_used and methods say exactly what reached the runtime
         log.warning("apply on %s failed (%s); rolling back", key, cause)
         try:
             if existing is None:
@@ -545,9 +595,10 @@ class Engine:
                 self.cgroups.restore(record["cgroup_snapshot"], container_alive=info is not None)
             except Exception as e:
                 errors.append(f"cgroup restore: {e}")
-        if info is not None and record.get("cri_used") and record.get("cri_original"):
+        intent = set(record.get("cri_intent") or ())
+        if info is not None and (record.get("cri_used") or intent) and record.get("cri_original"):
             orig = record["cri_original"]
-            via_cri = {name for name, m in record["methods"].items() if m == Method.CRI.value}
+            via_cri = {name for name, m in record["methods"].items() if m == Method.CRI.value} | intent
             fields = {}
             if Resource.CPU.value in via_cri:
                 fields["cpu_quota_us"] = orig.get("cpu_quota_us") or UNLIMITED
@@ -890,6 +941,26 @@ class Engine:
                     next_drift = time.monotonic() + self.drift_interval_s
             except Exception as e:  # the loop must outlive any one bad record
                 log.error("background check failed: %s", e)
+
+
+class _KeyLock:
+    """A container's lock and how many requests hold or wait for it (the lock is dropped at zero)."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+    def acquire(self, blocking: bool) -> bool:
+        return self.lock.acquire(blocking)
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+class _Stale(Exception):
+    """The container found without the runtime no longer runs: resolve it through the runtime."""
 
 
 def _cpu_mem_method(record: dict[str, Any]) -> Method:

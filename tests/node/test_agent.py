@@ -453,6 +453,31 @@ def test_half_made_change_cleaned_up_on_start(agent, pods):
     assert not ifb_exists(pod)
 
 
+def test_crash_during_runtime_call_restores_the_runtime_view_too(agent, pods, node):
+    """Killed after UpdateContainerResources went out, before its answer: the runtime holds the new
+    values (its store, and the kernel once it finishes); recovery puts both back to the originals."""
+    pod = pods.run("midcall", containers=[ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
+    cid = pod.container_id()
+
+    def runtime_view() -> tuple[int, int]:
+        linux = node.client.container_status(cid, verbose=False).status.resources.linux
+        return linux.cpu_quota, linux.memory_limit_in_bytes
+
+    original = runtime_view()
+    agent.apply("default", "midcall", cpu_millicpu=200, memory_bytes=48 * MiB, method=agent_pb2.METHOD_CRI)
+    assert runtime_view() == (20000, 48 * MiB)
+    agent.kill9()
+    # The record as written before the call: intent only, nothing known to have reached the runtime.
+    [path] = (agent.state_dir / "experiments").glob("*.json")
+    record = json.loads(path.read_text())
+    record.update(phase="applying", methods={}, cri_used=False, cri_intent=["cpu", "memory"])
+    path.write_text(json.dumps(record))
+    agent.start()
+    assert runtime_view() == original == (50000, 64 * MiB)
+    assert cpu_files(pod)[0] == "50000" and mem_files(pod)[0] == str(64 * MiB)
+    assert agent.list() == [] and agent.records() == []
+
+
 def test_start_removes_orphaned_ifbs_keeps_active_ones(agent, pods):
     pod = pods.run("ifbs", containers=[ContainerSpec("app", cpu_millicpu=500)])
     agent.apply("default", "ifbs", egress_bps=10_000_000)

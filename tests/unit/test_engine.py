@@ -456,6 +456,10 @@ def test_same_container_serialized_different_in_parallel(world, clock, tmp_path)
     for t in threads:
         t.join()
     assert not errors and world.max_concurrent == 2
+    # Per-container locks live only while in use: a node that churns through containers keeps none.
+    e.revert(RevertRequest(Target("default", "web")))
+    e.check_drift()
+    assert e._locks == {}
 
 
 def test_revert_without_experiment(world, clock, tmp_path):
