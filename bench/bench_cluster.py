@@ -1,7 +1,8 @@
 """Cluster mode end to end: ``kubectl-chaos --set-cpu`` from process start to "Applied" and exit.
 
 Starts the fake API server, a private containerd node with one pod (mirrored into the API as a
-kubelet would register it), and the agent's engine and controller; then runs the real
+kubelet would register it), and the real ``chaos-agent`` process (``--kubeconfig`` pointing at the
+fake API server, as in tests/cluster); then runs the real
 ``kubectl-chaos`` executable N times, alternating the CPU limit so every run is a real change,
 and times each run from process start to exit (the plugin exits after it has seen the agent's
 "Applied" status). Also reports the agent's share (the object's create/patch to its status write,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,12 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_cluster: needs root (the test node runs containerd and cgroups)", file=sys.stderr)
         return 2
 
-    from kubernetes import config
-
-    from cri_api import RuntimeClient
     from daemonset import crd
-    from daemonset.controller import Controller
-    from daemonset.engine import Engine
     from tests.support.fakeapi import FakeKubeAPI
     from tests.support.node import ContainerSpec, TestNode
 
@@ -67,13 +64,22 @@ def main(argv: list[str] | None = None) -> int:
                     "spec": {"nodeName": NODE, "containers": [{"name": "app"}]}, "status": {"phase": "Running"}},
                    keep_uid=True)
         kubeconfig = api.write_kubeconfig(os.path.join(work, "kubeconfig"), namespace="bench")
-        engine = Engine(RuntimeClient(str(node.socket)), state_dir=os.path.join(work, "state"), node_name=NODE)
-        engine.start()
-        controller = Controller(engine, config.new_client_from_config(config_file=kubeconfig), NODE,
-                                state_dir=os.path.join(work, "state"))
-        controller.start()
+        agent_log = os.path.join(work, "agent.log")
+        with open(agent_log, "ab") as log:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "daemonset.agent", "--cri-endpoint", str(node.socket),
+                 "--listen", f"unix://{work}/agent.sock", "--state-dir", os.path.join(work, "state"),
+                 "--node-name", NODE, "--kubeconfig", kubeconfig, "--no-sweep-orphans", "--log-format", "json"],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         env = dict(os.environ, KUBECONFIG=kubeconfig, HOME=work)
         try:
+            deadline = time.monotonic() + 30
+            while "cluster mode: watching" not in open(agent_log).read():
+                if agent.poll() is not None or time.monotonic() > deadline:
+                    print(f"bench_cluster: chaos-agent did not start:\n{open(agent_log).read()[-3000:]}",
+                          file=sys.stderr)
+                    return 1
+                time.sleep(0.05)
             floor = []
             for _ in range(5):
                 t0 = time.perf_counter()
@@ -99,8 +105,13 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([os.path.join(BIN, "kubectl-chaos"), "--reset", "bench-pod"], env=env, check=True,
                            capture_output=True)
         finally:
-            controller.stop()
-            engine.close()
+            if agent.poll() is None:
+                agent.send_signal(signal.SIGTERM)
+                try:
+                    agent.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(agent.pid, signal.SIGKILL)
+                    agent.wait()
             node.delete_pod(pod)
 
     result = {

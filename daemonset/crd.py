@@ -7,8 +7,9 @@ daemonset/manifests/crd.yaml.
 
 The life of one experiment:
 
-1. the plugin creates a ResourceChaos (one per target container; ``-l`` makes one for a selector),
-   owned by the target pod(s), so deleting a pod deletes its experiments;
+1. the plugin creates a ResourceChaos (one per target container; ``-l`` makes one for a selector);
+   one for a named pod is owned by that pod, so deleting the pod deletes its experiment; one for
+   a selector has no owner and applies to every matching pod, also later ones, until deleted;
 2. each agent applies it to the matching pods on its own node, after adding its node's finalizer,
    and writes one ``status.targets`` entry per pod (original and read-back values, expiry);
 3. deleting the object (``--reset``) or reaching the expiry reverts; the agent writes the restored

@@ -99,7 +99,7 @@ class ClusterBackend:
             created = existing is None
             if created:
                 body = crd.build(namespace, spec, name=crd.object_name(req.pod, spec.container) if req.pod else None,
-                                 owners=pods, selector_text=req.selector)
+                                 owners=_owners(req, pods), selector_text=req.selector)
                 obj = self.api.request("POST", _chaos_path(namespace), body=body)
             else:
                 obj = self.api.request("PATCH", _chaos_path(namespace, existing["metadata"]["name"]),
@@ -308,7 +308,7 @@ class ClusterBackend:
                  containers: dict[str, str], existing: dict | None, failed: list[TargetResult]) -> ApplyResult:
         if existing is None:
             body = crd.build(namespace, spec, name=crd.object_name(req.pod, spec.container) if req.pod else None,
-                             owners=pods, selector_text=req.selector)
+                             owners=_owners(req, pods), selector_text=req.selector)
             self.api.request("POST", _chaos_path(namespace), body=body, query={"dryRun": "All"})
         results = list(failed)
         for pod in pods:
@@ -400,6 +400,17 @@ def _kubeconfig_namespace(conn: Connection) -> str:
     else:
         chosen = active
     return ((chosen or {}).get("context") or {}).get("namespace") or "default"
+
+
+def _owners(req: ChaosRequest, pods: list[dict]) -> list[dict]:
+    """The pods that own a new ResourceChaos: the target pod, so deleting it deletes its experiment.
+
+    A selector experiment has no owner: it applies to every pod that matches, also pods that come
+    later (a rollout's new pods), until --reset or its duration. Owned by the pods matching when it
+    was created, the garbage collector would delete it once those were all replaced, and revert
+    the newer pods with it.
+    """
+    return pods if req.pod is not None else []
 
 
 def _spec_patch(spec: crd.ChaosSpec) -> dict:

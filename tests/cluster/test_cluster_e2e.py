@@ -362,3 +362,35 @@ def test_change_without_duration_keeps_the_end_time(cluster, pods):
     assert crd.parse_rfc3339(entry()["expiresAt"]).timestamp() >= first_end_s + 25
     assert run("--reset", "web-9").returncode == 0
     assert quota_us(pod) == 100_000 and memory_limit(pod) == 256 * 2**20
+
+
+def test_selector_experiment_outlives_its_first_pods(cluster, pods):
+    """A selector experiment is owned by no pod: when the pods it started on are replaced (a
+    rollout), it goes on and applies to the new ones; --reset reverts them."""
+    fakeapi, agent, run = cluster
+    first = pods.run("roll-a", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, first, labels={"app": "roll"})
+    out = run("--set-cpu=600m", "-l", "app=roll")
+    assert out.returncode == 0, out.stderr
+    assert quota_us(first) == 60_000
+    (obj,) = chaos_objects(fakeapi)
+    assert "ownerReferences" not in obj["metadata"]
+
+    first.delete()
+    fakeapi.delete(fakeapi.resource_type("", "pods"), "shop", "roll-a")
+    second = pods.run("roll-b", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, second, labels={"app": "roll"})
+    wait_for(lambda: quota_us(second) == 60_000, what="the new pod to be limited")
+
+    def entries() -> dict:
+        (obj,) = chaos_objects(fakeapi)
+        return {t["pod"]: t for t in obj["status"]["targets"]}
+
+    wait_for(lambda: entries().get("roll-b", {}).get("phase") == "Applied", what="status Applied for roll-b")
+    entries = entries()
+    assert entries["roll-a"]["phase"] == "Reverted" and "pod deleted" in entries["roll-a"]["message"]
+
+    out = run("--reset", "-l", "app=roll")
+    assert out.returncode == 0, out.stderr
+    assert quota_us(second) == 100_000
+    assert chaos_objects(fakeapi) == []

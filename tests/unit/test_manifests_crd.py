@@ -33,6 +33,7 @@ def admitted(obj: dict) -> list[tuple[str, str]]:
     crd.ChaosSpec(pod="web-1", container="app", cpu_millicpu=500),
     crd.ChaosSpec(pod="web-1", container="app", memory_bytes=256 * 2**20, duration_s=30.0, method="cgroup"),
     crd.ChaosSpec(pod="web-1", bandwidth_bps=2_000_000, direction="egress", force=True),
+    crd.ChaosSpec(pod="web-1", container="app", cpu_millicpu=500, request_id="0123456789abcdef"),
     crd.ChaosSpec(selector=crd.parse_selector("app=web,tier in (a,b),!canary"), cpu_millicpu=1,
                   memory_bytes=4 * 2**20, bandwidth_bps=8000, direction="both", duration_s=0.5, method="cri"),
 ])
@@ -55,6 +56,7 @@ def test_schema_accepts_what_the_plugin_creates(spec):
     ({"target": {"pod": "a"}, "bandwidth": {"bitsPerSecond": 10**12}}, "spec.bandwidth.bitsPerSecond"),
     ({"target": {"pod": "a"}, "cpuMillicores": 5, "durationSeconds": 0}, "spec.durationSeconds"),
     ({"target": {"pod": "a"}, "cpuMillicores": 5, "method": "magic"}, "spec.method"),
+    ({"target": {"pod": "a"}, "cpuMillicores": 5, "requestId": "x" * 65}, "spec.requestId"),
     ({"target": {"selector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}}, "cpuMillicores": 5},
      "spec.target.selector.matchExpressions[0].operator"),
 ])
