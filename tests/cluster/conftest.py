@@ -58,6 +58,15 @@ def cluster(node, fakeapi, tmp_path):
 
 
 @pytest.fixture
+def in_cluster(node, fakeapi, tmp_path):
+    """As ``cluster``, the agent authenticating as in a pod: in-cluster environment variables and
+    the service account's token and CA files, no kubeconfig."""
+    from tests.cluster.helpers import AgentProcess
+
+    yield from _cluster(AgentProcess(node, fakeapi, tmp_path, in_cluster=True), fakeapi, tmp_path)
+
+
+@pytest.fixture
 def controller_cluster(node, fakeapi, tmp_path):
     """As ``cluster``, with the agent's engine and controller running inside the test process."""
     from tests.cluster.helpers import Agent

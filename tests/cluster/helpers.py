@@ -32,9 +32,23 @@ def role(file: str, name: str) -> dict:
 
 def agent_kubeconfig(fakeapi, workdir: pathlib.Path) -> str:
     """A kubeconfig for the agent's service account, bound to the manifests' own ClusterRole."""
+    return fakeapi.write_kubeconfig(workdir / "agent-kubeconfig", [(AGENT_USER, agent_token(fakeapi))])
+
+
+def agent_token(fakeapi) -> str:
     token = fakeapi.add_user(AGENT_USER)
     fakeapi.bind(AGENT_USER, role("rbac.yaml", "kubectl-chaos-agent"))
-    return fakeapi.write_kubeconfig(workdir / "agent-kubeconfig", [(AGENT_USER, token)])
+    return token
+
+
+# What a pod's service account mount gives the agent: the kubernetes client reads these two files
+# from this fixed path. The agent runs in a mount namespace of its own with a tmpfs over /run
+# (/var/run is /run), so the files are only visible to it.
+_SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+_IN_CLUSTER_WRAPPER = (
+    'set -e; mount -t tmpfs -o size=1m,mode=0755 kcx-sa /run; mkdir -p "$SA_DIR"; '
+    'cp "$SA_SRC/token" "$SA_SRC/ca.crt" "$SA_DIR/"; exec "$@"'
+)
 
 
 class AgentProcess:
@@ -44,8 +58,13 @@ class AgentProcess:
     ``start()`` returns once the agent logged that its controller watches (after its first lists).
     """
 
-    def __init__(self, node, fakeapi, workdir: pathlib.Path):
+    def __init__(self, node, fakeapi, workdir: pathlib.Path, *, in_cluster: bool = False):
+        """``in_cluster``: no --kubeconfig; the in-cluster environment variables and service account
+        files instead, as the DaemonSet's pod has them."""
         self.node = node
+        self.fakeapi = fakeapi
+        self.in_cluster = in_cluster
+        self.workdir = workdir
         self.kubeconfig = agent_kubeconfig(fakeapi, workdir)
         # Unix socket paths are limited to 107 bytes: pytest's tmp_path can be longer.
         self.rundir = pathlib.Path(tempfile.mkdtemp(prefix="kcx-cl-", dir="/tmp"))
@@ -62,14 +81,26 @@ class AgentProcess:
             "--listen", f"unix://{self.socket}",
             "--state-dir", str(self.state_dir),
             "--node-name", NODE,
-            "--kubeconfig", self.kubeconfig,
             "--drift-interval", "1",
             "--no-sweep-orphans",  # other test sessions on this machine may be shaping right now
             "--log-format", "json",
         ]  # fmt: skip
+        env = dict(os.environ)
+        if self.in_cluster:
+            host, port = self.fakeapi.url.removeprefix("https://").rsplit(":", 1)
+            source = self.workdir / "serviceaccount"
+            source.mkdir(exist_ok=True)
+            (source / "token").write_text(agent_token(self.fakeapi))
+            (source / "ca.crt").write_bytes(self.fakeapi.ca_pem)
+            env.update(KUBERNETES_SERVICE_HOST=host, KUBERNETES_SERVICE_PORT=port, SA_SRC=str(source),
+                       SA_DIR=_SERVICE_ACCOUNT_DIR)
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _IN_CLUSTER_WRAPPER, "sh", *argv]
+        else:
+            env.pop("KUBERNETES_SERVICE_HOST", None)
+            argv += ["--kubeconfig", self.kubeconfig]
         seen = self._ready_lines()
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         self.starts += 1
         deadline = time.monotonic() + timeout_s

@@ -18,6 +18,7 @@ import time
 
 from daemonset import crd
 from tests.cluster.helpers import (
+    AGENT_USER,
     KUBECTL_CHAOS,
     NODE,
     chaos_objects,
@@ -394,3 +395,17 @@ def test_selector_experiment_outlives_its_first_pods(cluster, pods):
     assert out.returncode == 0, out.stderr
     assert quota_us(second) == 100_000
     assert chaos_objects(fakeapi) == []
+
+
+def test_agent_with_in_cluster_credentials(in_cluster, pods):
+    """The agent as the DaemonSet runs it: KUBERNETES_SERVICE_HOST/PORT and the service account's
+    token and CA at /var/run/secrets/kubernetes.io/serviceaccount, no --kubeconfig."""
+    fakeapi, agent, run = in_cluster
+    pod = pods.run("incluster", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, pod)
+    out = run("--set-cpu=550m", "incluster")
+    assert out.returncode == 0, out.stderr
+    assert quota_us(pod) == 55_000
+    assert any(r.user == AGENT_USER and r.method == "WATCH" for r in fakeapi.requests)
+    assert run("--reset", "incluster").returncode == 0
+    assert quota_us(pod) == 100_000
