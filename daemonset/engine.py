@@ -335,10 +335,9 @@ class Engine:
         if req.dry_run:
             return self._result(record, set(changes), previous_values=previous, in_force=None, dry_run=True)
 
+        saving = early = None
         if new_snapshot or (record.get("net") and not existing.get("net")):
-            # A new snapshot of originals: on disk before anything changes. A further change on
-            # the same container needs no intent record: after a crash the active record's values
-            # are enforced again (drift), so a half-made second change is undone that way.
+            # A new snapshot of originals: on disk before anything changes.
             record["phase"] = "applying"
             if req.method is not Method.CGROUP and new_snapshot:
                 # Which resources may reach the runtime: a crash after the call went out leaves the
@@ -346,15 +345,24 @@ class Engine:
                 # so recovery puts the runtime's view back too, after any update still in flight.
                 record["cri_intent"] = sorted(r.value for r in changes if r in CPU_MEM)
             self.store.save(target.key, record, durable=True)
-        saving = None
+        else:
+            # A further change on the same container needs no intent record: it is written while
+            # the change is made. A crash meanwhile leaves either the old or the new active record,
+            # and drift enforces its values after the restart: the change is then wholly undone or
+            # wholly made. A failure rolls back and rewrites the old record after this write.
+            early = _as_made(record, changes, req.method)
+            saving = self._io.submit(self.store.save, target.key, early, durable=False)
         try:
             self._enforce(record, info, cg, changes=set(changes), method=req.method, force=req.force, before=before,
                           plan=plan)
-            # The change is made: the record of it is written while the kernel is read back. A
-            # read-back that disagrees rolls back and then rewrites (or deletes) the record.
             record.pop("cri_intent", None)  # what reached the runtime is now in cri_used and methods
             record["phase"] = "active"
-            saving = self._io.submit(self.store.save, target.key, _deep_copy(record), durable=False)
+            if early is None or any(early.get(k) != record.get(k) for k in ("methods", "cri_used", "net")):
+                # (Also when the runtime refused and cgroup writes did it.) Written while the kernel
+                # is read back; a read-back that disagrees rolls back and rewrites (or deletes) it.
+                if saving is not None:
+                    concurrent.futures.wait([saving])
+                saving = self._io.submit(self.store.save, target.key, _deep_copy(record), durable=False)
             in_force = self._verify(record, cg, set(changes))
             saving.result()
         except Exception as e:
@@ -387,7 +395,8 @@ class Engine:
         original_rates: dict[str, int] = {}
         if any(r in changes for r in BANDWIDTH):
             host = self.net.find_host_veth(info.pid)
-            net = {"host_ifname": host, "ifb_key": info.sandbox_id, "snapshot": None}
+            net = {"host_ifname": host, "ifb_key": info.sandbox_id, "snapshot": None,
+                   "ingress_hook_before": self.net.has_ingress_hook(host)}
             rates = self.net.read_rates(host, info.sandbox_id)
             original_rates = {Resource.INGRESS.value: rates[0], Resource.EGRESS.value: rates[1]}
         original = {
@@ -423,7 +432,8 @@ class Engine:
             record["expires_at"] = self.clock() + req.duration_s
         if any(r in changes for r in BANDWIDTH) and record.get("net") is None:
             host = self.net.find_host_veth(info.pid)
-            record["net"] = {"host_ifname": host, "ifb_key": info.sandbox_id, "snapshot": None}
+            record["net"] = {"host_ifname": host, "ifb_key": info.sandbox_id, "snapshot": None,
+                             "ingress_hook_before": self.net.has_ingress_hook(host)}
             rates = self.net.read_rates(host, info.sandbox_id)
             record["original"][Resource.INGRESS.value] = rates[0]
             record["original"][Resource.EGRESS.value] = rates[1]
@@ -620,7 +630,10 @@ class Engine:
 
     def _unshape(self, record: dict[str, Any]) -> None:
         net = record["net"]
-        self.net.unshape(net["host_ifname"], net["ifb_key"], net.get("snapshot"))
+        # No snapshot: the crash came before the first shaping returned one; an ingress qdisc
+        # the veth did not have when the record was written can only be that shaping's.
+        self.net.unshape(net["host_ifname"], net["ifb_key"], net.get("snapshot"),
+                         ingress_hook_ours=net.get("ingress_hook_before") is False)
 
     # -- revert --
 
@@ -941,6 +954,19 @@ class Engine:
                     next_drift = time.monotonic() + self.drift_interval_s
             except Exception as e:  # the loop must outlive any one bad record
                 log.error("background check failed: %s", e)
+
+
+def _as_made(record: dict[str, Any], changes: dict[Resource, int], method: Method) -> dict[str, Any]:
+    """The record as it will be once ``changes`` are made by ``method`` (the runtime for auto)."""
+    out = _deep_copy(record)
+    out["phase"] = "active"
+    out.pop("cri_intent", None)
+    for r in changes:
+        out["methods"][r.value] = (Method.NETLINK if r in BANDWIDTH else Method.CGROUP if method is Method.CGROUP
+                                   else Method.CRI).value
+    if method is not Method.CGROUP and any(r in CPU_MEM for r in changes):
+        out["cri_used"] = True
+    return out
 
 
 class _KeyLock:

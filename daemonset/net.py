@@ -10,6 +10,8 @@ from typing import Any
 
 from daemonset.types import UNLIMITED, ApplyFailed, InvalidRequest, TargetNotFound
 
+_TC_H_INGRESS = 0xFFFFFFF1  # parent of an ingress or clsact qdisc
+
 
 def _engine_error(err: Exception, what: str) -> Exception:
     from netshape import errors as ne
@@ -54,12 +56,30 @@ class NetOps:
             raise _engine_error(e, f"shaping {host_ifname}") from e
         return snap.to_dict()
 
-    def unshape(self, host_ifname: str, key: str, snapshot: dict[str, Any] | None) -> None:
+    def has_ingress_hook(self, host_ifname: str) -> bool | None:
+        """Whether the veth has an ingress (or clsact) qdisc now; None when that cannot be read."""
+        from pyroute2 import IPRoute
+
+        try:
+            with IPRoute() as ipr:
+                index = ipr.link_lookup(ifname=host_ifname)
+                if not index:
+                    return None
+                return any(q.get("parent") == _TC_H_INGRESS for q in ipr.get_qdiscs(index[0]))
+        except Exception:  # noqa: BLE001 - only a hint for a crash recovery; unknown is safe
+            return None
+
+    def unshape(self, host_ifname: str, key: str, snapshot: dict[str, Any] | None, *,
+                ingress_hook_ours: bool = False) -> None:
+        """Remove our shaping, putting back what ``snapshot`` saw. Without one (a crash before the
+        first shaping returned), ``ingress_hook_ours`` says the veth had no ingress qdisc before:
+        one there now with no filters left but ours is ours to remove too."""
         import netshape
         from netshape import errors as ne
         from netshape.snapshot import Snapshot
 
-        snap = Snapshot.from_dict(snapshot) if snapshot else Snapshot(host_ifname=host_ifname, target_key=key)
+        snap = (Snapshot.from_dict(snapshot) if snapshot
+                else Snapshot(host_ifname=host_ifname, target_key=key, ingress_qdisc_created=ingress_hook_ours))
         try:
             netshape.unshape(host_ifname, key, snap)
         except ne.ShapeError as e:

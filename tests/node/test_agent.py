@@ -478,6 +478,30 @@ def test_crash_during_runtime_call_restores_the_runtime_view_too(agent, pods, no
     assert agent.list() == [] and agent.records() == []
 
 
+def test_crash_before_first_shaping_returned_leaves_no_ingress_qdisc(agent, pods):
+    """Killed inside the first shaping: the record has no netshape snapshot yet, but says the veth
+    had no ingress qdisc before; recovery removes the one the shaping had added, and the IFB."""
+    pod = pods.run("midshape", containers=[ContainerSpec("app", cpu_millicpu=500)])
+    agent.apply("default", "midshape", egress_bps=10_000_000)
+    agent.kill9()
+    [path] = (agent.state_dir / "experiments").glob("*.json")
+    record = json.loads(path.read_text())
+    veth = record["net"]["host_ifname"]
+
+    def ingress_qdiscs() -> str:
+        return subprocess.run(["tc", "qdisc", "show", "dev", veth, "ingress"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert ingress_qdiscs() and ifb_exists(pod)
+    assert record["net"]["ingress_hook_before"] is False
+    record.update(phase="applying", methods={})
+    record["net"]["snapshot"] = None  # as written before the shaping
+    path.write_text(json.dumps(record))
+    agent.start()
+    assert ingress_qdiscs() == "" and not ifb_exists(pod)
+    assert agent.list() == [] and agent.records() == []
+
+
 def test_start_removes_orphaned_ifbs_keeps_active_ones(agent, pods):
     pod = pods.run("ifbs", containers=[ContainerSpec("app", cpu_millicpu=500)])
     agent.apply("default", "ifbs", egress_bps=10_000_000)

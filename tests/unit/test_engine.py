@@ -212,7 +212,10 @@ class FakeNet:
         self.w.rates[key] = (ingress_bps or old[0], egress_bps or old[1])
         return {"was": "nothing"}
 
-    def unshape(self, host, key, snapshot):
+    def has_ingress_hook(self, host):
+        return False
+
+    def unshape(self, host, key, snapshot, *, ingress_hook_ours=False):
         self.w.rates.pop(key, None)
 
     def sweep_orphans(self, active_keys):
