@@ -38,6 +38,7 @@ from daemonset.types import (
     EngineError,
     Method,
     RevertRequest,
+    RuntimeUnavailable,
     Target,
     TargetNotFound,
 )
@@ -47,6 +48,7 @@ log = logging.getLogger("chaos-agent.controller")
 RESOURCE_NAMES = {"cpu": "cpu", "memory": "memory", "ingress": "bandwidth-ingress", "egress": "bandwidth-egress"}
 WATCH_TIMEOUT_S = 240
 RESYNC_S = 60.0
+RETRY_S = 2.0  # after a transient failure (the runtime not answering)
 
 
 class ControllerError(Exception):
@@ -504,6 +506,14 @@ class Controller:
             duration_s=duration_s, method=Method(spec.method), force=spec.force)
         try:
             result = self.engine.apply(request)
+        except RuntimeUnavailable as e:
+            # Transient (the runtime restarting, say): not an answer. Pending, and ask again soon.
+            log.warning("ResourceChaos %s/%s on %s: %s; retrying in %.0fs", namespace, name, ckey, e, RETRY_S)
+            self._schedule(self.clock() + RETRY_S, (namespace, name))
+            if current and phase == crd.PENDING:
+                return None
+            return self._entry(pod, container, crd.PENDING, generation,
+                               message=f"the container runtime does not answer ({e}); retrying every {RETRY_S:g}s")
         except EngineError as e:
             log.warning("ResourceChaos %s/%s on %s: %s", namespace, name, ckey, e)
             return self._failed(pod, container, generation, str(e), previous)

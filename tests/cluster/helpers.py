@@ -9,9 +9,11 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import yaml
@@ -58,12 +60,14 @@ class AgentProcess:
     ``start()`` returns once the agent logged that its controller watches (after its first lists).
     """
 
-    def __init__(self, node, fakeapi, workdir: pathlib.Path, *, in_cluster: bool = False):
+    def __init__(self, node, fakeapi, workdir: pathlib.Path, *, in_cluster: bool = False,
+                 cri_endpoint: str | None = None):
         """``in_cluster``: no --kubeconfig; the in-cluster environment variables and service account
         files instead, as the DaemonSet's pod has them."""
         self.node = node
         self.fakeapi = fakeapi
         self.in_cluster = in_cluster
+        self.cri_endpoint = cri_endpoint or str(node.socket)
         self.workdir = workdir
         self.kubeconfig = agent_kubeconfig(fakeapi, workdir)
         # Unix socket paths are limited to 107 bytes: pytest's tmp_path can be longer.
@@ -77,7 +81,7 @@ class AgentProcess:
     def start(self, timeout_s: float = 30.0) -> AgentProcess:
         argv = [
             sys.executable, "-m", "daemonset.agent",
-            "--cri-endpoint", str(self.node.socket),
+            "--cri-endpoint", self.cri_endpoint,
             "--listen", f"unix://{self.socket}",
             "--state-dir", str(self.state_dir),
             "--node-name", NODE,
@@ -266,3 +270,65 @@ def settle(fakeapi, namespace: str = "shop") -> None:
     fakeapi.delete(pods_type, namespace, name)
     wait_for(lambda: not any(o["metadata"]["name"] == name for o in chaos_objects(fakeapi, namespace)),
              what="the settle object to go")
+
+
+class SocketRelay:
+    """A unix socket that relays byte streams to another one (the node's containerd socket), and can
+    be cut: ``cut()`` closes every relayed connection and stops listening, as a runtime that is
+    restarting looks to its clients; ``restore()`` listens again."""
+
+    def __init__(self, upstream: str, path: pathlib.Path):
+        self.upstream = upstream
+        self.path = path
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def restore(self) -> SocketRelay:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.path))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if listener is not None:
+            listener.close()
+            self.path.unlink(missing_ok=True)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.connect(self.upstream)
+            with self._lock:
+                self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

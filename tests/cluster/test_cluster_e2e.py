@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import shutil
 import subprocess
+import tempfile
 import time
 
 from daemonset import crd
@@ -409,3 +412,35 @@ def test_agent_with_in_cluster_credentials(in_cluster, pods):
     assert any(r.user == AGENT_USER and r.method == "WATCH" for r in fakeapi.requests)
     assert run("--reset", "incluster").returncode == 0
     assert quota_us(pod) == 100_000
+
+
+def test_runtime_not_answering_is_retried_not_failed(node, pods, fakeapi, tmp_path):
+    """The runtime stops answering the agent (containerd restarting): the experiment stays Pending,
+    the plugin says what the agent waits for, and the agent applies it once the runtime is back."""
+    from tests.cluster.conftest import _cluster
+    from tests.cluster.helpers import AgentProcess, SocketRelay
+
+    rundir = pathlib.Path(tempfile.mkdtemp(prefix="kcx-relay-", dir="/tmp"))
+    relay = SocketRelay(str(node.socket), rundir / "cri.sock").restore()
+    agent = AgentProcess(node, fakeapi, tmp_path, cri_endpoint=str(relay.path))
+    fixture = _cluster(agent, fakeapi, tmp_path)
+    fakeapi_, agent, run = next(fixture)
+    try:
+        pod = pods.run("flaky", "shop", [ContainerSpec(cpu_millicpu=1000)])
+        mirror(fakeapi, pod)
+        relay.cut()
+        out = run("--set-cpu=450m", "--timeout=3s", "flaky")
+        assert out.returncode == 1
+        assert "the chaos-agent on node test-node is waiting: the container runtime does not answer" in out.stderr, \
+            out.stderr
+        assert quota_us(pod) == 100_000
+        relay.restore()
+        out = run("--set-cpu=450m", "--timeout=30s", "flaky")
+        assert out.returncode == 0, out.stderr
+        assert quota_us(pod) == 45_000
+        assert run("--reset", "flaky").returncode == 0
+        assert quota_us(pod) == 100_000
+    finally:
+        fixture.close()
+        relay.cut()
+        shutil.rmtree(rundir, ignore_errors=True)
