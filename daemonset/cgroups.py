@@ -131,14 +131,26 @@ class CgroupOps:
         self._located[key] = cg
         return cg
 
-    def read_for_plan(self, cg: Any) -> tuple[Readings, Any]:
-        """The container's limits and cgroupctl's ``State`` (what ``check`` plans from) in one read."""
+    def read_for_plan(self, cg: Any, *, memory_usage: bool = True) -> tuple[Readings, Any]:
+        """The container's limits and cgroupctl's ``State`` (what ``check`` plans from) in one read.
+
+        ``memory_usage=False`` (no memory limit to plan): the usage files are not read; the state
+        then has an empty ``Usage``, with which a memory plan would skip its below-usage check.
+        """
         import cgroupctl
         from cgroupctl import errors as ce
-        from cgroupctl.read import limits_from_files
+        from cgroupctl.model import State, Usage
+        from cgroupctl.read import all_limit_paths, limits_from_files, read_files, read_pod_children
 
         try:
-            state = cgroupctl.read_state(cg)
+            if memory_usage:
+                state = cgroupctl.read_state(cg)
+            else:
+                files = read_files(all_limit_paths(cg))
+                if not any(p.startswith(d + "/") for p in files for d in (cg.container.cpu, cg.container.memory) if d):
+                    raise ce.NotFound(f"no limit file found in the container cgroups {cg.container.to_dict()}:"
+                                      " has the container exited?")
+                state = State(cgroups=cg, files=files, container_usage=Usage(), pod_children=read_pod_children(cg))
             lim = limits_from_files(cg, cg.container, dict(state.files))
         except ce.CgroupError as e:
             raise engine_error(e, "reading the limits") from e

@@ -304,7 +304,8 @@ class Engine:
         existing = self._records.get(target.key)
         changes = req.changes.as_map()
         cg = self.cgroups.locate(pid=info.pid, cgroups_path=info.cgroups_path)
-        before, cg_state = self.cgroups.read_for_plan(cg)
+        # Usage matters only to a memory limit (below-usage refusal); its files are 8 more reads.
+        before, cg_state = self.cgroups.read_for_plan(cg, memory_usage=Resource.MEMORY in changes)
         if pending is not None:
             info = self._await_fresh(pending)  # raises _Stale before anything is changed
         new_snapshot = existing is None

@@ -145,7 +145,7 @@ class FakeCgroups:
         return Readings(cpu_quota_us=c.quota_us, cpu_period_us=c.period_us, memory_limit_bytes=c.memory,
                         memsw_limit_bytes=c.memory)
 
-    def read_for_plan(self, cg):
+    def read_for_plan(self, cg, *, memory_usage=True):
         return self.read(cg), None
 
     def check(self, cg, *, cpu_quota_us, memory_limit_bytes, force, state=None):
