@@ -124,6 +124,7 @@ class Engine:
         self._records: dict[str, dict[str, Any]] = {}
         self._known: dict[str, Any] = {}  # container id -> ContainerInfo of containers under experiment
         self._unrecovered: dict[str, dict[str, Any]] = {}  # records recovery could not finish yet
+        self._recovery_errors: dict[str, str] = {}  # and why, by key
         self._locks: dict[str, _KeyLock] = {}
         self._guard = threading.Lock()
         self._wake = threading.Event()
@@ -274,6 +275,7 @@ class Engine:
         started = time.perf_counter()
         try:
             req.validate()
+            self._refuse_while_unrecovered(req.target)
             needs_runtime_view = req.method is not Method.CGROUP and (
                 req.changes.cpu_millicpu is not None or req.changes.memory_bytes is not None)
             known = self._resolve_known(req.target, needs_runtime_view)
@@ -642,6 +644,7 @@ class Engine:
         """Restore the originals of one container; ``was_active`` is false when nothing was under experiment."""
         try:
             req.validate()
+            self._refuse_while_unrecovered(req.target)
             key = self._find_record_key(req.target)
             if key is None:
                 info = self._resolve(req.target)
@@ -657,6 +660,20 @@ class Engine:
         except EngineError as e:
             self.metrics.failures.labels("revert", type(e).__name__).inc()
             raise
+
+    def _refuse_while_unrecovered(self, target: Target) -> None:
+        """A record that recovery has not finished holds the true originals: a revert now would find
+        nothing to revert (and report success), and an apply would snapshot the experiment's values as
+        the originals. Both wait, as a runtime outage, until the background loop has recovered it."""
+        prefix = f"{target.namespace}/{target.pod}/"
+        with self._guard:
+            keys = [k for k in self._unrecovered
+                    if (k == prefix + target.container if target.container else k.startswith(prefix))]
+            if keys:
+                key = keys[0]
+                raise RuntimeUnavailable(
+                    f"the experiment on {key} is not recovered yet after the agent's restart "
+                    f"({self._recovery_errors.get(key, 'retrying')}); nothing was changed, try again shortly")
 
     def _find_record_key(self, target: Target) -> str | None:
         with self._guard:
@@ -828,12 +845,14 @@ class Engine:
                         self._records[key] = record
             with self._guard:
                 self._unrecovered.pop(key, None)
+                self._recovery_errors.pop(key, None)
         except Exception as e:
             # Typically the runtime not answering yet: the background loop tries again.
             log.error("recovering %s failed: %s; will retry", key, e)
             self.metrics.failures.labels("recover", type(e).__name__).inc()
             with self._guard:
                 self._unrecovered[key] = record
+                self._recovery_errors[key] = str(e)
 
     def retry_recovery(self) -> None:
         with self._guard:

@@ -29,6 +29,7 @@ from daemonset.types import (
     Refused,
     Resource,
     RevertRequest,
+    RuntimeUnavailable,
     Target,
     TargetNotFound,
 )
@@ -495,6 +496,30 @@ def test_recovery_retried_when_the_runtime_is_not_there_yet(world, clock, tmp_pa
     e2.retry_recovery()
     assert world.containers[("default", "web", "app")].quota_us == 50_000
     assert not e2._unrecovered and list(e2.store.load_all()) == []
+
+
+def test_apply_and_revert_wait_for_an_unfinished_recovery(world, clock, tmp_path):
+    # Expired while the agent was down, and the runtime does not answer at its restart: the record
+    # keeps the true originals, so neither a revert (it would find nothing and report success) nor a
+    # new apply (it would snapshot the experiment's 200m as the original) may go ahead meanwhile.
+    e = make_engine(world, clock, tmp_path)
+    apply(e, cpu_millicpu=200, duration_s=5)
+    e.close()
+    clock.now += 10
+    world.runtime_down = True
+    e2 = make_engine(world, clock, tmp_path)
+    world.runtime_down = False
+    assert e2._unrecovered
+    with pytest.raises(RuntimeUnavailable, match="not recovered yet"):
+        e2.revert(RevertRequest(Target("default", "web", "app")))
+    with pytest.raises(RuntimeUnavailable, match="not recovered yet"):
+        apply(e2, cpu_millicpu=300)
+    assert world.containers[("default", "web", "app")].quota_us == 20_000
+    e2.retry_recovery()
+    assert world.containers[("default", "web", "app")].quota_us == 50_000
+    apply(e2, cpu_millicpu=300)
+    [exp] = e2.list()
+    assert exp.resources[0].original == 500
 
 
 def test_one_agent_per_state_dir(world, clock, tmp_path):
