@@ -40,7 +40,7 @@ demo: setup
 	$(VENV)/bin/python -m scripts.demo
 
 bench: setup
-	for b in bench/bench_*.py; do $(VENV)/bin/python $$b || exit 1; done
+	fail=0; for b in bench/bench_*.py; do $(VENV)/bin/python $$b || fail=1; done; exit $$fail
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
