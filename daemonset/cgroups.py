@@ -1,9 +1,9 @@
 """The engine's view of cgroups: cgroupctl with the roots bound, plain ints (UNLIMITED = -1), engine errors.
 
-cgroupctl plans a change in three stages: ``pod-before`` (raise the pod cgroup so the container
-may go above it), ``container``, ``pod-after`` (lower the pod cgroup once the container is
-below). The ``auto`` and ``cri`` methods run the pod stages here and let the runtime do the
-container stage; ``cgroup`` runs the whole plan.
+cgroupctl plans a change as ``pod-before`` (raise the pod cgroup, only where the container would go
+above it) and ``container``; a change never lowers the pod, only a restore does. The ``auto`` and
+``cri`` methods run the pod stage here and let the runtime do the container stage; ``cgroup`` runs
+the whole plan.
 """
 
 from __future__ import annotations
@@ -62,43 +62,6 @@ def engine_error(err: Exception, what: str) -> Exception:
     if isinstance(err, ce.NotFound):
         return TargetNotFound(f"{what}: {err}")
     return ApplyFailed(f"{what}: {err}")
-
-
-def pod_raise_needed(pod: Readings, *, cpu_quota_us: int | None, cpu_period_us: int,
-                     memory_limit_bytes: int | None) -> tuple[bool, bool]:
-    """Whether the pod cgroup must go up for the container to reach these values: (cpu, memory).
-
-    cgroup v1 refuses a child CFS quota above its parent's (EINVAL); a child memory limit above the
-    parent's is accepted but capped by it. Either way only a value above the pod's needs the pod raised.
-    """
-    cpu = (cpu_quota_us is not None and pod.cpu_quota_us != UNLIMITED
-           and (cpu_quota_us == UNLIMITED or cpu_quota_us * pod.cpu_period_us > pod.cpu_quota_us * cpu_period_us))
-    memory = (memory_limit_bytes is not None and pod.memory_limit_bytes != UNLIMITED
-              and (memory_limit_bytes == UNLIMITED or memory_limit_bytes > pod.memory_limit_bytes))
-    return cpu, memory
-
-
-def _pod_steps_as_needed(plan: Any, cpu: bool, memory: bool) -> Any:
-    """The plan with the pod raised only where needed and never lowered.
-
-    cgroupctl keeps the kubelet's sum (pod = pod + container change), raising the pod before and
-    lowering it after the container. Lowering is left out: on cgroup v1 a container the kubelet
-    (re)starts during the experiment gets its spec's quota, which the kernel refuses above a lowered
-    parent (EINVAL), so the restart would fail. And without lowering, raising by the sum on every
-    change would ratchet the pod up; so the pod is raised only when the container would exceed it.
-    The container's own limit is what binds; the pod goes back exactly to its original on revert.
-    """
-    import cgroupctl
-
-    def keep(step: Any) -> bool:
-        if step.stage == cgroupctl.CONTAINER:
-            return True
-        if step.stage != cgroupctl.POD_BEFORE:
-            return False
-        name = os.path.basename(step.path)
-        return (cpu and name.startswith("cpu.")) or (memory and name.startswith("memory."))
-
-    return cgroupctl.Plan(tuple(s for s in plan.steps if keep(s)))
 
 
 class CgroupOps:
@@ -201,13 +164,13 @@ class CgroupOps:
 
     def set_container(self, cg: Any, *, cpu_quota_us: int | None, memory_limit_bytes: int | None, force: bool,
                       plan: Any = None) -> None:
-        """The plan by direct writes: pod raised first where needed, never lowered (see ``_pod_steps_as_needed``).
+        """The plan by direct writes: cgroupctl raises the pod first where needed and never lowers it.
 
         ``plan``: one made by ``check`` for the same values under the same lock (saves reading again).
         """
         if plan is None:
             plan = self.plan(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force)
-        self._apply(self._trim(cg, plan, cpu_quota_us, memory_limit_bytes), "writing the cgroup limits")
+        self._apply(plan, "writing the cgroup limits")
 
     def set_through(self, cg: Any, *, cpu_quota_us: int | None, memory_limit_bytes: int | None, force: bool,
                     runtime_call: Callable[[], None], plan: Any = None) -> None:
@@ -217,8 +180,7 @@ class CgroupOps:
 
         if plan is None:
             plan = self.plan(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force)
-        trimmed = self._trim(cg, plan, cpu_quota_us, memory_limit_bytes)
-        raise_pod = trimmed.pod_before
+        raise_pod = plan.pod_before
         pod_saved = cgroupctl.snapshot(cg, list(raise_pod.paths)) if raise_pod else None
         self._apply(raise_pod, "raising the pod cgroup")
         try:
@@ -231,22 +193,13 @@ class CgroupOps:
                     log.error("putting the pod cgroup back after a refused runtime call failed: %s", e)
             raise
         # What the runtime leaves undone: on v2 the container's memory.high follows memory.max
-        # (runc sets only memory.max). The pod is never lowered: see _pod_steps_as_needed.
-        change = cgroupctl.PodChange(plan=trimmed, snapshot=pod_saved or cgroupctl.Snapshot(cgroups=cg, files={}),
+        # (runc sets only memory.max). A change plan never lowers the pod (cgroupctl.planner).
+        change = cgroupctl.PodChange(plan=plan, snapshot=pod_saved or cgroupctl.Snapshot(cgroups=cg, files={}),
                                      before=cgroupctl.Applied())
         try:
             change.finish()
         except ce.CgroupError as e:
             raise engine_error(e, "moving memory.high after the runtime's change") from e
-
-    def _trim(self, cg: Any, plan: Any, cpu_quota_us: int | None, memory_limit_bytes: int | None) -> Any:
-        if not plan.pod_before:
-            return _pod_steps_as_needed(plan, False, False)
-        pod = self.read(cg, pod=True)
-        period = self.read(cg).cpu_period_us if cpu_quota_us is not None else pod.cpu_period_us
-        cpu, memory = pod_raise_needed(pod, cpu_quota_us=cpu_quota_us, cpu_period_us=period,
-                                       memory_limit_bytes=memory_limit_bytes)
-        return _pod_steps_as_needed(plan, cpu, memory)
 
     def snapshot(self, cg: Any) -> dict[str, Any]:
         """The exact content of every limit file of the container and its pod, JSON-ready."""

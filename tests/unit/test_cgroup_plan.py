@@ -388,3 +388,20 @@ def test_a_first_memory_limit_comes_without_swap_as_containerd_sets_it():
 def test_changing_only_the_period_of_an_unlimited_container_leaves_the_pod_alone():
     assert table(plan(v1_state(ctr_q=UNLIMITED), Limits(cpu_period_us=50000))) == [
         (CONTAINER, "ctr", "cpu.cfs_period_us", "50000")]
+
+
+def test_the_pod_is_raised_only_where_the_container_would_exceed_it():
+    # Pod 0.5 CPU and 64 MiB, container 0.5 CPU and 32 MiB: which requests touch the pod, per controller.
+    def pod_files(limits, **state):
+        st = v1_state(**{"pod_q": 50000, "pod_mem": 64 * MiB, "ctr_mem": 32 * MiB, "ctr_floor": 1 * MiB,
+                         "pod_floor": 1 * MiB, **state})
+        return sorted({name for stage, level, name, _ in table(plan(st, limits)) if level == "pod"})
+
+    assert pod_files(Limits(cpu_quota_us=30_000, memory_limit_bytes=16 * MiB)) == []
+    assert pod_files(Limits(cpu_quota_us=150_000)) == ["cpu.cfs_quota_us"]
+    assert pod_files(Limits(memory_limit_bytes=65 * MiB)) == ["memory.limit_in_bytes"]
+    # A container period of 50 ms: 30000 us per 50 ms is 0.6 CPU, above the pod's 0.5.
+    assert pod_files(Limits(cpu_quota_us=30_000), ctr_p=50_000) == ["cpu.cfs_quota_us"]
+    assert pod_files(Limits(cpu_quota_us=10**7, memory_limit_bytes=2**40), pod_q=UNLIMITED, pod_mem=UNLIMITED) == []
+    assert pod_files(Limits(cpu_quota_us=UNLIMITED, memory_limit_bytes=UNLIMITED)) == [
+        "cpu.cfs_quota_us", "memory.limit_in_bytes"]

@@ -15,7 +15,7 @@ import pytest
 
 from cri_api import errors as cri_errors
 from cri_api.types import ContainerInfo, LinuxResources
-from daemonset.cgroups import Readings, pod_raise_needed
+from daemonset.cgroups import Readings
 from daemonset.engine import Engine, millicpu_of, quota_for, same_quantity
 from daemonset.types import (
     UNLIMITED,
@@ -470,32 +470,6 @@ def test_revert_without_experiment(world, clock, tmp_path):
     e = make_engine(world, clock, tmp_path)
     res = e.revert(RevertRequest(Target("default", "web")))
     assert not res.was_active and res.target.container == "app"
-
-
-def test_pod_raised_only_where_the_container_would_exceed_it():
-    pod = Readings(cpu_quota_us=50_000, cpu_period_us=100_000, memory_limit_bytes=64 * MiB)
-    assert pod_raise_needed(pod, cpu_quota_us=30_000, cpu_period_us=100_000, memory_limit_bytes=32 * MiB) == (False, False)
-    assert pod_raise_needed(pod, cpu_quota_us=150_000, cpu_period_us=100_000, memory_limit_bytes=None) == (True, False)
-    assert pod_raise_needed(pod, cpu_quota_us=None, cpu_period_us=100_000, memory_limit_bytes=65 * MiB) == (False, True)
-    # a container period of 50 ms: 30000 us per 50 ms is 0.6 CPU, above the pod's 0.5
-    assert pod_raise_needed(pod, cpu_quota_us=30_000, cpu_period_us=50_000, memory_limit_bytes=None) == (True, False)
-    unlimited = Readings(cpu_quota_us=UNLIMITED, cpu_period_us=100_000, memory_limit_bytes=UNLIMITED)
-    assert pod_raise_needed(unlimited, cpu_quota_us=10**7, cpu_period_us=100_000, memory_limit_bytes=2**40) == (False, False)
-    assert pod_raise_needed(pod, cpu_quota_us=UNLIMITED, cpu_period_us=100_000, memory_limit_bytes=UNLIMITED) == (True, True)
-
-
-def test_recovery_retried_when_the_runtime_is_not_there_yet(world, clock, tmp_path):
-    e = make_engine(world, clock, tmp_path)
-    apply(e, cpu_millicpu=200, duration_s=5)
-    e.close()
-    clock.now += 10  # expired while down
-    world.runtime_down = True
-    e2 = make_engine(world, clock, tmp_path)
-    assert world.containers[("default", "web", "app")].quota_us == 20_000 and e2._unrecovered
-    world.runtime_down = False
-    e2.retry_recovery()
-    assert world.containers[("default", "web", "app")].quota_us == 50_000
-    assert not e2._unrecovered and list(e2.store.load_all()) == []
 
 
 def test_apply_and_revert_wait_for_an_unfinished_recovery(world, clock, tmp_path):
