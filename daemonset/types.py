@@ -82,6 +82,75 @@ class RuntimeUnavailable(EngineError):
     """The container runtime does not answer."""
 
 
+class RevertIncomplete(EngineError):
+    """The originals could not all be put back yet; the agent retries with backoff (the message says what is
+    still changed and when the next try is)."""
+
+    def __init__(self, message: str, *, next_retry_at: float | None = None):
+        super().__init__(message)
+        self.next_retry_at = next_retry_at
+
+
+class Phase(str, enum.Enum):
+    """Where an experiment is in its life; a record leaves the state directory when it has ended."""
+
+    APPLYING = "applying"  # the first change is being made (the record holds the originals)
+    ACTIVE = "active"
+    REVERTING = "reverting"  # the originals are being put back
+    REVERT_FAILING = "revert-failing"  # the kernel or runtime refused the restore; retried with backoff
+    ROLLBACK_FAILED = "rollback-failed"  # a failed apply could not be undone; retried as a full restore
+
+
+class OwnerKind(str, enum.Enum):
+    NODE_LOCAL = "node-local"  # a kubectl-chaos --agent-address client (root on the node)
+    RESOURCE_CHAOS = "ResourceChaos"  # a ResourceChaos object, through the agent's controller
+
+
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    """Who an experiment belongs to; kept in its record, written in the same atomic step."""
+
+    kind: OwnerKind = OwnerKind.NODE_LOCAL
+    namespace: str = ""
+    name: str = ""
+    uid: str = ""
+
+    def describe(self) -> str:
+        if self.kind is OwnerKind.NODE_LOCAL:
+            return "a node-local experiment"
+        return f"ResourceChaos {self.namespace}/{self.name}"
+
+
+NODE_LOCAL = Owner()
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """Why the last attempt at an experiment's pending step failed, and when the supervisor tries again."""
+
+    reason: str
+    attempts: int
+    since: float  # seconds since the epoch, first failure
+    next_retry_at: float | None  # seconds since the epoch
+
+
+class EventKind(str, enum.Enum):
+    APPLIED = "applied"
+    ENDED = "ended"
+    REVERT_FAILING = "revert-failing"
+
+
+# Reasons an experiment ended (EngineEvent.reason for ENDED).
+END_REQUESTED = "reset"
+END_EXPIRED = "expired"
+END_POD_DELETED = "pod deleted"
+END_POD_REPLACED = "pod replaced"
+END_POD_STOPPED = "pod stopped"
+END_SUPERSEDED = "superseded by an in-place resize"
+END_RECOVERED = "half-made change undone after a restart"
+END_ROLLED_BACK = "rollback finished"
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     namespace: str
@@ -144,6 +213,7 @@ class ApplyRequest:
     method: Method = Method.AUTO
     force: bool = False
     dry_run: bool = False
+    owner: Owner = NODE_LOCAL
 
     def validate(self) -> None:
         self.target.validate()
@@ -162,6 +232,8 @@ class ApplyRequest:
 class RevertRequest:
     target: Target
     dry_run: bool = False
+    force: bool = False  # memory may go back below what the container cannot give back (v1 waits for reclaim)
+    owner: Owner | None = None  # None: whoever owns it (node-local reset); else only that owner's experiment
 
     def validate(self) -> None:
         self.target.validate()
@@ -201,6 +273,8 @@ class ResourceResult:
     requested: int
     in_force: int
     method: Method
+    # Non-empty when ``in_force`` could not be read from the kernel: why (``in_force`` is then meaningless).
+    unknown: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +292,8 @@ class RevertResult:
     resources: tuple[ResourceResult, ...]
     was_active: bool
     dry_run: bool = False
+    # What could not be put back, one phrase each (e.g. a damaged record's lost originals); empty = exact.
+    not_restored: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,3 +304,30 @@ class ExperimentInfo:
     started_at: float
     expires_at: float | None
     drift_corrections: int
+    phase: Phase = Phase.ACTIVE
+    owner: Owner = NODE_LOCAL
+    failure: Failure | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DamagedRecord:
+    """A state record the agent cannot read: listed in status so the change it held is never invisible."""
+
+    file: str
+    reason: str
+    key: str = ""  # namespace/pod/container when known (from the record or by matching its file name)
+    cleaned: tuple[str, ...] = ()  # what the agent removed because it is recognisably ours
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineEvent:
+    """What the engine's supervisor tells the front doors (the controller turns these into status and Events)."""
+
+    kind: EventKind
+    target: ResolvedTarget
+    owner: Owner
+    experiment_id: str
+    reason: str = ""  # ENDED: one of the END_* reasons; REVERT_FAILING: what was refused, with the values
+    resources: tuple[ResourceResult, ...] = ()  # read back from the kernel (ENDED: the restored values)
+    next_retry_at: float | None = None  # REVERT_FAILING
+    expires_at: float | None = None  # APPLIED
