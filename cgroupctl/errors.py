@@ -18,11 +18,13 @@ class OrderingError(CgroupError):
 class BelowUsage(CgroupError):
     """A memory limit below what the cgroup cannot give back; refused unless forced."""
 
-    def __init__(self, message: str, *, path: str = "", limit_bytes: int = 0, unreclaimable_bytes: int = 0):
+    def __init__(self, message: str, *, path: str = "", limit_bytes: int = 0, unreclaimable_bytes: int = 0,
+                 usage_bytes: int = 0):
         super().__init__(message)
         self.path = path
         self.limit_bytes = limit_bytes
         self.unreclaimable_bytes = unreclaimable_bytes
+        self.usage_bytes = usage_bytes
 
 
 class OutOfRange(CgroupError):

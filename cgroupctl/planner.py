@@ -267,7 +267,8 @@ def _check_below_usage(limit: LimitValue, usage: Usage | None, where: str, path:
             f" {floor} bytes ({_mib(floor)}) it cannot give back (usage {usage.memory_usage_bytes} bytes,"
             f" of which only {reclaimable} reclaimable page cache); refused, it would end in an OOM kill"
             f" or EBUSY: accepted are {floor} bytes or more, or force",
-            path=path, limit_bytes=limit, unreclaimable_bytes=floor)
+            path=path, limit_bytes=limit, unreclaimable_bytes=floor,
+            usage_bytes=usage.memory_usage_bytes or 0)
 
 
 def _moved_high(cur_high: LimitValue | None, cur_limit: LimitValue, new_limit: LimitValue) -> LimitValue | None:

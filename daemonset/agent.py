@@ -123,11 +123,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cri = RuntimeClient(args.cri_endpoint)
-        version = cri.version()
     except CRIError as e:
-        log.error("no container runtime: %s", e)
+        # Auto-detection found no runtime socket at all: nothing tells which runtime to wait for.
+        log.error("no container runtime: %s (give --cri-endpoint to start and wait for it)", e)
         return 1
-    log.info("runtime %s %s at %s", version.runtime_name, version.runtime_version, cri.endpoint)
+    try:
+        version = cri.version()
+        log.info("runtime %s %s at %s", version.runtime_name, version.runtime_version, cri.endpoint)
+    except CRIError as e:
+        # Serve what can be served without it (status, bandwidth resets, the kernel side of a restore);
+        # the supervisor retries the rest with backoff until the runtime answers.
+        log.warning("the runtime at %s does not answer yet (%s); starting anyway", cri.endpoint, e)
 
     # Loaded now rather than on the first request that needs them (pyroute2 alone takes ~0.1 s).
     import cgroupctl  # noqa: F401

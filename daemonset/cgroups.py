@@ -56,12 +56,30 @@ def engine_error(err: Exception, what: str) -> Exception:
     from cgroupctl import errors as ce
 
     if isinstance(err, ce.BelowUsage):
-        return Refused(f"{what}: {err} (nothing was changed; --force to try anyway)")
+        # One line for the person at the terminal; the path and byte counts go to the agent's log.
+        log.info("%s: %s", what, err)
+        return Refused(below_usage_message(err, what))
     if isinstance(err, (ce.OutOfRange, ce.OrderingError)):
         return InvalidRequest(f"{what}: {err}")
     if isinstance(err, ce.NotFound):
         return TargetNotFound(f"{what}: {err}")
     return ApplyFailed(f"{what}: {err}")
+
+
+def below_usage_message(err: Any, what: str = "") -> str:
+    """``memory 32Mi is below the 60.8Mi this container cannot give back (it uses 60.9Mi); nothing was
+    changed; --force to try anyway``; with ``what`` (a restore) ``<what>: the container holds ... ``."""
+    from daemonset.restore import fmt
+    from daemonset.types import Resource
+
+    def mem(v: int) -> str:
+        return fmt(Resource.MEMORY, v)
+
+    used = f" (it uses {mem(err.usage_bytes)})" if err.usage_bytes else ""
+    if what:
+        return f"{what}: the container holds {mem(err.unreclaimable_bytes)} it cannot give back{used}"
+    return (f"memory {mem(err.limit_bytes)} is below the {mem(err.unreclaimable_bytes)} this container cannot give"
+            f" back{used}; nothing was changed; --force to try anyway")
 
 
 class CgroupOps:
@@ -130,7 +148,7 @@ class CgroupOps:
         return _readings(lim)
 
     def plan(self, cg: Any, *, cpu_quota_us: int | None, memory_limit_bytes: int | None, force: bool,
-             state: Any = None) -> Any:
+             state: Any = None, what: str = "") -> Any:
         """cgroupctl's plan for these values (pure after one read); raises Refused/InvalidRequest."""
         import cgroupctl
         from cgroupctl import errors as ce
@@ -140,16 +158,20 @@ class CgroupOps:
             return cgroupctl.plan(state, cgroupctl.Limits(cpu_quota_us=_cg_value(cpu_quota_us),
                                                           memory_limit_bytes=_cg_value(memory_limit_bytes)),
                                   force=force)
+        except ce.BelowUsage as e:
+            raise engine_error(e, what) from e
         except ce.CgroupError as e:
             raise engine_error(e, "planning the cgroup change") from e
 
     def check(self, cg: Any, *, cpu_quota_us: int | None, memory_limit_bytes: int | None, force: bool,
-              state: Any = None) -> Any:
-        """The plan for these values, or None when neither is asked; raises what a plan refuses."""
+              state: Any = None, what: str = "") -> Any:
+        """The plan for these values, or None when neither is asked; raises what a plan refuses.
+
+        ``what`` heads a below-usage refusal (default: ``memory <limit> is below ...``)."""
         if cpu_quota_us is None and memory_limit_bytes is None:
             return None
         return self.plan(cg, cpu_quota_us=cpu_quota_us, memory_limit_bytes=memory_limit_bytes, force=force,
-                         state=state)
+                         state=state, what=what)
 
     def _apply(self, plan: Any, what: str) -> None:
         import cgroupctl
@@ -227,13 +249,16 @@ class CgroupOps:
         new["files"] = files
         return new
 
-    def restore(self, snapshot: dict[str, Any], *, container_alive: bool = True) -> None:
-        """Put back the saved contents in a safe order; files that are gone (container gone) are skipped."""
+    def restore(self, snapshot: dict[str, Any], *, force: bool = False) -> None:
+        """Put back the saved contents in a safe order, each file read back and compared; files that are
+        gone (container gone) are skipped. Memory below what cannot be given back: Refused unless ``force``."""
         import cgroupctl
         from cgroupctl import errors as ce
         from cgroupctl.model import Snapshot
 
         try:
-            cgroupctl.restore(Snapshot.from_dict(snapshot))
+            cgroupctl.restore(Snapshot.from_dict(snapshot), force=force)
+        except ce.BelowUsage as e:
+            raise engine_error(e, "memory cannot go back to its original yet") from e
         except ce.CgroupError as e:
             raise engine_error(e, "restoring the original cgroup limits") from e

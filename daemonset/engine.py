@@ -1,14 +1,25 @@
-"""The experiment engine: resolve, snapshot, apply, verify, roll back, expire, correct drift.
+"""The experiment engine: one transaction per change, one restore, one supervisor of time.
 
-One ``Engine`` per node serves every front door (the agent's gRPC server, cluster mode). It is
-thread-safe: changes to one container are serialized by a per-container lock, different containers
-proceed in parallel. Its dependencies come in through the constructor: the CRI client, the cgroup
-and proc roots (``/host/sys/fs/cgroup`` and ``/host/proc`` in a pod), the bandwidth shaper and the
-clock.
+One ``Engine`` per node serves every front door (the agent's gRPC server, cluster mode). Its
+dependencies come in through the constructor: the CRI client, the cgroup and proc roots
+(``/host/sys/fs/cgroup`` and ``/host/proc`` in a pod), the bandwidth shaper and the clock.
 
-The state directory holds one record per container under experiment (see ``daemonset.state``),
-written before anything is touched and after every change, so a restart finishes what a crash
-interrupted: it reverts what expired, re-arms what still runs and undoes half-made changes.
+- **Record** (``daemonset.record``): one typed ``Experiment`` per container, the only state, kept in
+  memory and in the state directory. The engine is its only writer.
+- **Transaction** (``apply``): resolve the container (its pod UID included), read the runtime's
+  view and the kernel under the pod's lock, plan, write the record (the first change durably, with
+  the snapshot of the originals, before anything is touched), enforce, verify every resource of
+  the experiment against what the kernel reads back, commit; or roll back exactly.
+- **Restore** (``daemonset.restore``): the one way back to the originals, used by revert,
+  rollback, recovery and retries; "restored" only when the kernel reads the originals back.
+- **Supervisor** (``daemonset.supervisor``): end times, retries with capped exponential backoff and
+  jitter, and the drift pass. Drift only ever touches an ``active`` record; a pod with another UID
+  is another pod (the experiment ends, nothing touches the new pod); a runtime view that is neither
+  ours nor the originals is an in-place resize, to which the experiment yields.
+
+Locks are per pod: the veth and IFB are one resource for all of a pod's containers, and the
+runtime's view is only read while the lock is held. Front doors learn of what the supervisor does
+through ``subscribe`` (``EngineEvent``): applied, ended (with the reason), revert failing.
 """
 
 from __future__ import annotations
@@ -17,6 +28,8 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import pathlib
+import random
 import threading
 import time
 import uuid
@@ -28,21 +41,40 @@ from daemonset import state as state_mod
 from daemonset.cgroups import CgroupOps, Readings
 from daemonset.metrics import Metrics
 from daemonset.net import NetOps
+from daemonset.record import BANDWIDTH, CPU_MEM, Experiment, NetState, RecordError, decode, encode, key_of
+from daemonset.restore import Location, RestoreError, Restorer, fmt
+from daemonset.supervisor import Supervisor
 from daemonset.types import (
+    END_EXPIRED,
+    END_POD_DELETED,
+    END_POD_REPLACED,
+    END_POD_STOPPED,
+    END_RECOVERED,
+    END_REQUESTED,
+    END_ROLLED_BACK,
+    END_SUPERSEDED,
+    NODE_LOCAL,
     UNLIMITED,
     ApplyFailed,
     ApplyRequest,
     ApplyResult,
     Conflict,
+    DamagedRecord,
     Denied,
     EngineError,
+    EngineEvent,
+    EventKind,
     ExperimentInfo,
+    Failure,
     InvalidRequest,
     Method,
+    OwnerKind,
+    Phase,
     Refused,
     ResolvedTarget,
     Resource,
     ResourceResult,
+    RevertIncomplete,
     RevertRequest,
     RevertResult,
     RuntimeUnavailable,
@@ -57,9 +89,7 @@ DEFAULT_DENY_NAMESPACES = ("kube-system",)
 _PAGE_BYTES = 4096
 # The kernel stores an HTB rate in bytes per second: a read-back may differ by rounding.
 _RATE_TOLERANCE = 0.01
-
-CPU_MEM = (Resource.CPU, Resource.MEMORY)
-BANDWIDTH = (Resource.INGRESS, Resource.EGRESS)
+_GONE = (END_POD_DELETED, END_POD_REPLACED)
 
 
 # --- pure arithmetic ---------------------------------------------------------------------------
@@ -88,6 +118,21 @@ def same_quantity(resource: Resource, want: int, got: int) -> bool:
     return False
 
 
+def view_of(resources: Any) -> tuple[int, int, int] | None:
+    """The part of a runtime's LinuxContainerResources that an in-place resize changes."""
+    if resources is None:
+        return None
+    get = resources.get if isinstance(resources, dict) else lambda n, d=None: getattr(resources, n, d)
+    if not any(get(n) for n in ("cpu_quota_us", "cpu_period_us", "memory_limit_bytes")):
+        return None  # an empty view (a record of schema 1 did not keep what it sent)
+    return (get("cpu_quota_us") or 0, get("cpu_period_us") or 0, get("memory_limit_bytes") or 0)
+
+
+def pod_key(key: str) -> str:
+    """``namespace/pod`` of a container key ``namespace/pod/container``."""
+    return key.rsplit("/", 1)[0]
+
+
 # --- the engine --------------------------------------------------------------------------------
 
 class Engine:
@@ -108,6 +153,9 @@ class Engine:
         metrics: Metrics | None = None,
         drift_interval_s: float = 3.0,
         sweep_orphan_ifbs: bool = True,
+        rng: random.Random | None = None,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 60.0,
     ):
         self.cri = cri
         self.proc_root = proc_root
@@ -118,72 +166,129 @@ class Engine:
         self.net = net if net is not None else NetOps(proc_root=proc_root)
         self.clock = clock
         self.metrics = metrics if metrics is not None else Metrics()
-        self.drift_interval_s = drift_interval_s
         self.sweep_orphan_ifbs = sweep_orphan_ifbs
         self.store = state_mod.StateStore(state_dir)
-        self._records: dict[str, dict[str, Any]] = {}
+        self.restorer = Restorer(cri, self.cgroups, self.net)
+        self.supervisor = Supervisor(on_due=self._on_due, drift=self.check_drift, clock=clock,
+                                     drift_interval_s=drift_interval_s, rng=rng, backoff_base_s=backoff_base_s,
+                                     backoff_max_s=backoff_max_s)
+        self._records: dict[str, Experiment] = {}
+        self._damaged: dict[str, DamagedRecord] = {}  # by file path
         self._known: dict[str, Any] = {}  # container id -> ContainerInfo of containers under experiment
-        self._unrecovered: dict[str, dict[str, Any]] = {}  # records recovery could not finish yet
-        self._recovery_errors: dict[str, str] = {}  # and why, by key
+        self._listeners: list[Callable[[EngineEvent], None]] = []
         self._locks: dict[str, _KeyLock] = {}
         self._guard = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._runtime_down = ""  # the last runtime error the drift pass logged (one line per outage)
         # Runtime calls and state writes that overlap other work of the same request.
         self._io = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="chaos-io")
 
     # -- lifecycle --
 
     def start(self, *, background: bool = True) -> None:
-        """Recover from the state directory, then expire and check drift in a background thread."""
+        """Recover from the state directory, then run the supervisor (end times, retries, drift)."""
         try:
             self.store.lock()
         except state_mod.StateError as e:
             raise EngineError(str(e)) from e
         self.recover()
-        if background and self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="chaos-engine", daemon=True)
-            self._thread.start()
+        if background:
+            self.supervisor.start()
 
     def close(self) -> None:
-        """Stop the background thread; experiments stay in force and on disk for the next start."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        """Stop the supervisor; experiments stay in force and on disk for the next start."""
+        self.supervisor.stop()
         self._io.shutdown(wait=True)
         self.store.close()
+
+    def subscribe(self, listener: Callable[[EngineEvent], None]) -> None:
+        """Call ``listener`` for every event (from the thread that did the work: keep it cheap)."""
+        self._listeners.append(listener)
+
+    def _emit(self, kind: EventKind, exp: Experiment, *, reason: str = "", resources: tuple[ResourceResult, ...] = (),
+              next_retry_at: float | None = None) -> None:
+        event = EngineEvent(kind=kind, target=exp.target, owner=exp.owner, experiment_id=exp.experiment_id,
+                            reason=reason, resources=resources, next_retry_at=next_retry_at,
+                            expires_at=exp.expires_at)
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception as e:  # a front door's bug must not undo the engine's work
+                log.error("event listener failed on %s %s: %s", kind.value, exp.key, e)
 
     @contextlib.contextmanager
     def _locked(self, key: str, *, blocking: bool = True) -> Iterator[bool]:
         # A lock lives while someone holds or waits for it, so the table stays as small as the
-        # number of containers being worked on (not every container ever changed).
+        # number of pods being worked on (not every pod ever changed).
         with self._guard:
             lock = self._locks.get(key)
             if lock is None:
                 lock = self._locks[key] = _KeyLock()
             lock.users += 1
-        got = lock.acquire(blocking)
+        got = lock.lock.acquire(blocking)
         try:
             yield got
         finally:
             if got:
-                lock.release()
+                lock.lock.release()
             with self._guard:
                 lock.users -= 1
                 if lock.users == 0:
                     del self._locks[key]
 
+    # -- records --
+
+    def _set(self, exp: Experiment) -> None:
+        with self._guard:
+            self._records[exp.key] = exp
+            self.metrics.active.set(len(self._records))
+
+    def _save(self, exp: Experiment, durable: bool) -> None:
+        self.store.save(exp.key, encode(exp), durable=durable)
+
+    def _save_quiet(self, exp: Experiment) -> bool:
+        """Write the record; a full or failing state filesystem is logged, never a reason to stop a restore."""
+        try:
+            self._save(exp, durable=False)
+            return True
+        except state_mod.StateError as e:
+            log.error("%s; going on with the record in memory", e)
+            return False
+
+    def _forget(self, exp: Experiment) -> None:
+        """The experiment has ended: its record leaves disk, memory and the schedule."""
+        try:
+            self.store.delete(exp.key)
+        except state_mod.StateError as e:
+            log.error("%s", e)
+        with self._guard:
+            if self._records.get(exp.key) is not None and self._records[exp.key].experiment_id == exp.experiment_id:
+                del self._records[exp.key]
+            self._known.pop(exp.target.container_id, None)
+            self.metrics.active.set(len(self._records))
+        self.supervisor.cancel(exp.key)
+
+    def _record_for(self, target: Target, *, only_container: bool = False) -> Experiment | None:
+        """The experiment on a named container, or on a pod's one container under experiment."""
+        with self._guard:
+            if target.container:
+                return self._records.get(f"{target.namespace}/{target.pod}/{target.container}")
+            found = [e for e in self._records.values() if e.target.namespace == target.namespace
+                     and e.target.pod == target.pod and (e.only_container or not only_container)]
+        if len(found) > 1:
+            names = ", ".join(sorted(e.target.container for e in found))
+            raise InvalidRequest(f"pod {target.namespace}/{target.pod} has experiments on several containers ({names});"
+                                 " name one with -c")
+        return found[0] if found else None
+
     # -- resolution --
+
+    def _check_namespace(self, target: Target) -> None:
+        if target.namespace in self.deny_namespaces:
+            raise Denied(f"namespace {target.namespace} is denied on this agent"
+                         f" (denied: {', '.join(sorted(self.deny_namespaces))})")
 
     def _resolve(self, target: Target) -> Any:
         """The running container asked for, through CRI; errors name what was asked and what exists."""
-        if target.namespace in self.deny_namespaces:
-            raise Denied(
-                f"namespace {target.namespace} is denied on this agent (denied: {', '.join(sorted(self.deny_namespaces))})"
-            )
         from cri_api import errors as cri_errors
 
         try:
@@ -196,43 +301,6 @@ class Engine:
             raise RuntimeUnavailable(str(e)) from e
         except cri_errors.CRIError as e:
             raise RuntimeUnavailable(f"cannot resolve {target.describe()}: {e}") from e
-
-    def _resolve_known(self, target: Target, needs_runtime_view: bool) -> tuple[Any, Any] | None:
-        """A container under experiment, without listing the runtime's containers; None to look it up.
-
-        The container found when the experiment started still runs while its process lives in a
-        cgroup named after it (a restart makes a new container id and process). When the change
-        goes through CRI the merge needs the runtime's current view of its resources: that status
-        call is started here and runs while the cgroups are read; ``(info, pending)`` where
-        ``pending`` is a future of the fresh info (None there when the change needs no runtime view).
-        """
-        if target.namespace in self.deny_namespaces:
-            return None
-        with self._guard:
-            if target.container:
-                rec = self._records.get(f"{target.namespace}/{target.pod}/{target.container}")
-            else:
-                recs = [r for r in self._records.values() if r["target"]["namespace"] == target.namespace
-                        and r["target"]["pod"] == target.pod and r.get("only_container")]
-                rec = recs[0] if len(recs) == 1 else None
-            info = self._known.get(rec["target"]["container_id"]) if rec else None
-        if info is None:
-            return None
-        pending = self._io.submit(self._with_fresh_resources, info) if needs_runtime_view else None
-        if not self._alive(info):
-            return None
-        return info, pending
-
-    @staticmethod
-    def _await_fresh(pending: Any) -> Any:
-        """The fresh info a ``_resolve_known`` status call returns; raises _Stale when it is not running."""
-        try:
-            fresh = pending.result()
-        except Exception as e:
-            raise _Stale(str(e)) from e
-        if fresh is None:
-            raise _Stale("not running")
-        return fresh
 
     def _with_fresh_resources(self, info: Any) -> Any | None:
         """``info`` with the resources the runtime holds now; None when it no longer runs.
@@ -258,15 +326,53 @@ class Engine:
         except (OSError, TypeError):
             return False
 
+    def _sandbox_ready(self, sandbox_id: str) -> bool:
+        """Whether the pod's sandbox still runs (a container that exited in it is being restarted)."""
+        from cri_api import errors as cri_errors
+        from cri_api.v1 import api_pb2
+
+        try:
+            return self.cri.pod_sandbox_status(sandbox_id).status.state == api_pb2.SANDBOX_READY
+        except cri_errors.NotFound:
+            return False
+
     def _resolved(self, info: Any) -> ResolvedTarget:
-        return ResolvedTarget(
-            namespace=info.pod_namespace,
-            pod=info.pod_name,
-            container=info.name,
-            container_id=info.id,
-            pod_uid=info.pod_uid or "",
-            node_name=self.node_name,
-        )
+        return ResolvedTarget(namespace=info.pod_namespace, pod=info.pod_name, container=info.name,
+                              container_id=info.id, pod_uid=info.pod_uid or "", node_name=self.node_name)
+
+    def _locate(self, exp: Experiment) -> tuple[Experiment, Location]:
+        """Where the experiment's container is now; a container re-created in the same pod is adopted."""
+        from cri_api import errors as cri_errors
+
+        t = exp.target
+        try:
+            info = self.cri.find_container(t.namespace, t.pod, t.container)
+        except cri_errors.NotFound:
+            return exp, Location(None, None, gone=END_POD_DELETED)
+        except cri_errors.NotRunning:
+            try:
+                ready = self._sandbox_ready(exp.sandbox_id)
+            except cri_errors.CRIError as e:
+                return exp, Location(None, self._snapshot_cgroups(exp), runtime_error=str(e))
+            return exp, Location(None, self._snapshot_cgroups(exp), gone="" if ready else END_POD_STOPPED)
+        except cri_errors.CRIError as e:
+            return exp, Location(None, self._snapshot_cgroups(exp), runtime_error=str(e))
+        if t.pod_uid and info.pod_uid and info.pod_uid != t.pod_uid:
+            return exp, Location(None, None, gone=END_POD_REPLACED)
+        cg = self.cgroups.locate(pid=info.pid, cgroups_path=info.cgroups_path)
+        if info.id != t.container_id:
+            exp = self._adopt(exp, info, cg)
+        return exp, Location(info, cg)
+
+    def _snapshot_cgroups(self, exp: Experiment) -> Any | None:
+        return self.cgroups.from_snapshot(exp.cgroup_snapshot) if exp.cgroup_snapshot is not None else None
+
+    def _adopt(self, exp: Experiment, info: Any, cg: Any) -> Experiment:
+        """A container re-created in the same pod: its own files are the originals again, the pod's as first saved."""
+        snap = self.cgroups.refresh_container_snapshot(exp.cgroup_snapshot, cg) if exp.cgroup_snapshot else None
+        return exp.replace(target=dataclasses.replace(exp.target, container_id=info.id), cgroup_snapshot=snap,
+                           cri_original=info.resources.to_dict() if info.resources is not None else None,
+                           cri_sent=None, cri_intent=())
 
     # -- apply --
 
@@ -275,722 +381,852 @@ class Engine:
         started = time.perf_counter()
         try:
             req.validate()
-            self._refuse_while_unrecovered(req.target)
-            needs_runtime_view = req.method is not Method.CGROUP and (
-                req.changes.cpu_millicpu is not None or req.changes.memory_bytes is not None)
-            known = self._resolve_known(req.target, needs_runtime_view)
-            try:
-                if known is None:
-                    raise _Stale("not under experiment")
-                info, pending = known
-                with self._locked(self._resolved(info).key):
-                    result = self._apply_locked(req, info, self._resolved(info), pending=pending)
-            except _Stale:
-                # Nothing was changed yet: look the container up through the runtime.
-                info = self._resolve(req.target)
-                target = self._resolved(info)
-                with self._locked(target.key):
-                    result = self._apply_locked(req, info, target)
+            self._check_namespace(req.target)
+            with self._locked(f"{req.target.namespace}/{req.target.pod}"):
+                result = self._apply_locked(req)
         except EngineError as e:
             self.metrics.failures.labels("apply", type(e).__name__).inc()
             raise
         if not req.dry_run:
             methods = {r.method.value for r in result.resources if r.resource in CPU_MEM}
-            self.metrics.apply_latency.labels(methods.pop() if len(methods) == 1 else "netlink" if not methods else "mixed").observe(
-                time.perf_counter() - started
-            )
+            self.metrics.apply_latency.labels(
+                methods.pop() if len(methods) == 1 else "netlink" if not methods else "mixed"
+            ).observe(time.perf_counter() - started)
         return result
 
-    def _apply_locked(self, req: ApplyRequest, info: Any, target: ResolvedTarget, *, pending: Any = None) -> ApplyResult:
-        """``pending``: the runtime's fresh view of a known container, still on its way (see _resolve_known)."""
-        existing = self._records.get(target.key)
-        changes = req.changes.as_map()
+    def _prepare(self, req: ApplyRequest, existing: Experiment | None, needs_view: bool,
+                 memory_usage: bool) -> tuple[Any, Any, Readings, Any]:
+        """The container (with the runtime's current view when the change goes through it), its cgroups and
+        their readings, all under the pod's lock."""
+        info = None
+        pending = None
+        if existing is not None:
+            known = self._known.get(existing.target.container_id)
+            if known is not None and self._alive(known):
+                info = known
+                if needs_view:  # the status call runs while the cgroups are read
+                    pending = self._io.submit(self._with_fresh_resources, known)
+        if info is None:
+            info = self._resolve(req.target)  # a verbose status: its view is fresh
         cg = self.cgroups.locate(pid=info.pid, cgroups_path=info.cgroups_path)
-        # Usage matters only to a memory limit (below-usage refusal); its files are 8 more reads.
-        before, cg_state = self.cgroups.read_for_plan(cg, memory_usage=Resource.MEMORY in changes)
+        before, cg_state = self.cgroups.read_for_plan(cg, memory_usage=memory_usage)
         if pending is not None:
-            info = self._await_fresh(pending)  # raises _Stale before anything is changed
-        new_snapshot = existing is None
-        if existing is not None and existing["target"]["container_id"] != target.container_id:
-            # The container was re-created since the experiment started: its own values are the originals
-            # again. Adopted on a copy: the live record changes only when this request succeeds.
-            existing = _deep_copy(existing)
-            self._adopt_new_container(existing, info, cg)
-            new_snapshot = True
+            try:
+                fresh = pending.result()
+            except Exception:
+                fresh = None
+            if fresh is None:  # stopped meanwhile: ask the runtime from scratch
+                info = self._resolve(req.target)
+                cg = self.cgroups.locate(pid=info.pid, cgroups_path=info.cgroups_path)
+                before, cg_state = self.cgroups.read_for_plan(cg, memory_usage=memory_usage)
+            else:
+                info = fresh
+        return info, cg, before, cg_state
 
+    def _apply_locked(self, req: ApplyRequest) -> ApplyResult:
+        changes = req.changes.as_map()
+        existing = self._record_for(req.target, only_container=True)
+        if existing is not None:
+            self._check_may_change(existing, req)
+        needs_view = req.method is not Method.CGROUP and any(r in CPU_MEM for r in changes)
+        info, cg, before, cg_state = self._prepare(req, existing, needs_view, Resource.MEMORY in changes)
+        target = self._resolved(info)
         if existing is None:
-            record = self._new_record(req, info, target, cg, before, changes)
-        else:
-            record = self._merged_record(existing, req, info, target, changes)
-        net_before = self._read_rates(record) if any(r in changes for r in BANDWIDTH) else {}
-        previous = self._current_values(before, net_before, record)
+            existing = self._records.get(target.key)
+            if existing is not None:
+                self._check_may_change(existing, req)
+        self._refuse_damaged(target)
+        if existing is not None and existing.target.pod_uid and target.pod_uid \
+                and existing.target.pod_uid != target.pod_uid:
+            # A pod of the same name but another UID (a StatefulSet re-created it): another pod. The old
+            # experiment ends; nothing of it is carried over to the new pod.
+            self._end(existing, END_POD_REPLACED, Location(None, None, gone=END_POD_REPLACED))
+            existing = None
+
+        base = existing
+        new_snapshot = existing is None
+        if existing is not None and existing.target.container_id != target.container_id:
+            base = self._adopt(existing, info, cg)
+            new_snapshot = True
+        exp = self._new_record(req, info, target, cg, before, changes) if base is None \
+            else self._merged_record(base, req, info, changes)
+        net_before = self._rates(exp) if any(r in changes for r in BANDWIDTH) else {}
+        previous = _values(before, net_before, exp)
 
         # Pure checks first, so a refused request changes nothing.
-        cpu_quota = self._cpu_quota(record, before)
-        mem = record["desired"].get(Resource.MEMORY.value)
-        self._check_cpu_quota(cpu_quota, before, changes)
+        cpu_quota = quota_for(exp.desired[Resource.CPU], before.cpu_period_us) if Resource.CPU in exp.desired else None
+        if Resource.CPU in changes:
+            self._check_cpu_quota(cpu_quota, before, changes[Resource.CPU])
         plan = self.cgroups.check(cg, cpu_quota_us=cpu_quota if Resource.CPU in changes else None,
-                                  memory_limit_bytes=mem if Resource.MEMORY in changes else None, force=req.force,
-                                  state=cg_state)
+                                  memory_limit_bytes=exp.desired.get(Resource.MEMORY) if Resource.MEMORY in changes
+                                  else None, force=req.force, state=cg_state)
         if any(r in changes for r in BANDWIDTH):
-            self._check_bandwidth_owner(record)
-
+            self._check_bandwidth_owner(exp)
         if req.dry_run:
-            return self._result(record, set(changes), previous_values=previous, in_force=None, dry_run=True)
+            return self._result(exp, set(changes), previous, None, dry_run=True)
 
-        saving = early = None
-        if new_snapshot or (record.get("net") and not existing.get("net")):
-            # A new snapshot of originals: on disk before anything changes.
-            record["phase"] = "applying"
-            if req.method is not Method.CGROUP and new_snapshot:
-                # Which resources may reach the runtime: a crash after the call went out leaves the
-                # runtime holding the new values (and it may still write them after we are gone),
-                # so recovery puts the runtime's view back too, after any update still in flight.
-                record["cri_intent"] = sorted(r.value for r in changes if r in CPU_MEM)
-            self.store.save(target.key, record, durable=True)
+        payload = self._cri_payload(exp, info, before) if needs_view else None
+        attempt = _as_made(exp, changes, req.method, payload)  # what the record says once made
+        saving = None
+        if new_snapshot or (exp.net is not None and (base is None or base.net is None)):
+            # A new snapshot of originals: on disk before anything changes. A crash after this point
+            # is undone at the next start; with the runtime involved, its view is put back too.
+            intent = exp.replace(phase=Phase.APPLYING, cri_intent=tuple(
+                sorted((r for r in changes if r in CPU_MEM), key=lambda r: r.value)) if needs_view else ())
+            try:
+                self._save(intent, durable=True)
+            except state_mod.StateError as e:
+                raise ApplyFailed(f"{e}; nothing was changed") from e
+            exp = intent
+            attempt = attempt.replace(cri_intent=intent.cri_intent, phase=Phase.APPLYING)
         else:
-            # A further change on the same container needs no intent record: it is written while
-            # the change is made. A crash meanwhile leaves either the old or the new active record,
-            # and drift enforces its values after the restart: the change is then wholly undone or
-            # wholly made. A failure rolls back and rewrites the old record after this write.
-            early = _as_made(record, changes, req.method)
-            saving = self._io.submit(self.store.save, target.key, early, durable=False)
+            # A further change: the record is written while the change is made. A crash meanwhile
+            # leaves the old or the new active record, and drift makes the kernel match it.
+            saving = self._io.submit(self._save, attempt.replace(phase=Phase.ACTIVE), False)
+        progress = _Progress()
         try:
-            self._enforce(record, info, cg, changes=set(changes), method=req.method, force=req.force, before=before,
-                          plan=plan)
-            record.pop("cri_intent", None)  # what reached the runtime is now in cri_used and methods
-            record["phase"] = "active"
-            if early is None or any(early.get(k) != record.get(k) for k in ("methods", "cri_used", "net")):
-                # (Also when the runtime refused and cgroup writes did it.) Written while the kernel
-                # is read back; a read-back that disagrees rolls back and rewrites (or deletes) it.
+            made = self._enforce(exp, info, cg, changes=set(changes), method=req.method, force=req.force,
+                                 before=before, plan=plan, payload=payload, progress=progress)
+            made = made.replace(phase=Phase.ACTIVE, cri_intent=())
+            if saving is None or (made.methods, made.cri_sent, made.net) != (attempt.methods, attempt.cri_sent,
+                                                                             attempt.net):
+                # (Also when the runtime refused and cgroup writes did it.)
                 if saving is not None:
                     concurrent.futures.wait([saving])
-                saving = self._io.submit(self.store.save, target.key, _deep_copy(record), durable=False)
-            in_force = self._verify(record, cg, set(changes))
+                saving = self._io.submit(self._save, made, False)
+            in_force = self._verify(made, cg, set(made.desired))
             saving.result()
         except Exception as e:
             if saving is not None:
                 concurrent.futures.wait([saving])  # the rollback's own write must land after it
-            self._roll_back(existing, record, info, cg, e)
-            undone = "what this request had changed was rolled back"
+            # What the rollback must undo: the runtime's view only if the call reached it (or may have).
+            attempt = attempt.replace(cri_intent=(), cri_sent=progress.cri_sent if progress.cri_sent is not None
+                                      else exp.cri_sent)
+            undone = self._roll_back(base, attempt, info, cg, e, set(changes))
             if isinstance(e, EngineError):
                 raise type(e)(f"{e}; {undone}") from e
             raise ApplyFailed(f"applying to {target.describe()} failed: {e}; {undone}") from e
+        self._set(made)
         with self._guard:
-            self._records[target.key] = record
             self._known[info.id] = info
-            self.metrics.active.set(len(self._records))
-        if record.get("expires_at") is not None:
-            self._wake.set()  # the background loop sleeps until the earliest expiry
+        if made.expires_at is not None:
+            self.supervisor.schedule(made.key, made.expires_at)
+        else:
+            self.supervisor.cancel(made.key)
         for r in changes:
-            self.metrics.applies.labels(r.value, record["methods"][r.value]).inc()
-            log.info(
-                "applied %s on %s: %s -> %s (read back) via %s%s",
-                r.value, target.describe(), _fmt(r, previous[r]), _fmt(r, in_force[r]), record["methods"][r.value],
-                f", expires at {_iso(record['expires_at'])}" if record.get("expires_at") else "",
-            )
-        return self._result(record, set(changes), previous_values=previous, in_force=in_force, dry_run=False)
+            self.metrics.applies.labels(r.value, made.methods[r].value).inc()
+            log.info("applied %s on %s: %s -> %s (read back) via %s%s", r.value, target.describe(),
+                     fmt(r, previous[r]), fmt(r, in_force[r]), made.methods[r].value,
+                     f", expires at {_iso(made.expires_at)}" if made.expires_at else "")
+        result = self._result(made, set(changes), previous, in_force, dry_run=False)
+        self._emit(EventKind.APPLIED, made, resources=result.resources)
+        return result
+
+    def _check_may_change(self, exp: Experiment, req: ApplyRequest) -> None:
+        if exp.phase is not Phase.ACTIVE:
+            why = f" ({exp.failure.reason})" if exp.failure else ""
+            raise Conflict(f"the experiment on {exp.key} is being reverted{why}; nothing was changed; wait for"
+                           " it to finish (status shows it) or run --reset to try the restore now")
+        if exp.owner != req.owner:
+            if exp.owner.kind is OwnerKind.NODE_LOCAL:
+                raise Conflict(f"container {exp.target.container} is already under a node-local experiment"
+                               f" ({exp.experiment_id}); reset it with kubectl-chaos --agent-address first")
+            raise Conflict(f"container {exp.target.container} is already changed by {exp.owner.describe()};"
+                           " reset that one first")
+
+    def _refuse_damaged(self, target: ResolvedTarget) -> None:
+        stem = state_mod.record_name(target.key)
+        with self._guard:
+            bad = next((d for d in self._damaged.values() if pathlib.Path(d.file).stem == stem or d.key == target.key),
+                       None)
+        if bad is not None:
+            raise Conflict(f"the state record of {target.key} is damaged ({bad.reason}); what it held may still be in"
+                           f" force: run --reset on it first (file {bad.file})")
 
     def _new_record(self, req: ApplyRequest, info: Any, target: ResolvedTarget, cg: Any, before: Readings,
-                    changes: dict[Resource, int]) -> dict[str, Any]:
+                    changes: dict[Resource, int]) -> Experiment:
         now = self.clock()
         net = None
-        original_rates: dict[str, int] = {}
+        original: dict[Resource, int] = {Resource.CPU: millicpu_of(before.cpu_quota_us, before.cpu_period_us),
+                                         Resource.MEMORY: before.memory_limit_bytes}
         if any(r in changes for r in BANDWIDTH):
-            host = self.net.find_host_veth(info.pid)
-            net = {"host_ifname": host, "ifb_key": info.sandbox_id, "snapshot": None,
-                   "ingress_hook_before": self.net.has_ingress_hook(host)}
-            rates = self.net.read_rates(host, info.sandbox_id)
-            original_rates = {Resource.INGRESS.value: rates[0], Resource.EGRESS.value: rates[1]}
-        original = {
-            Resource.CPU.value: millicpu_of(before.cpu_quota_us, before.cpu_period_us),
-            Resource.MEMORY.value: before.memory_limit_bytes,
-            **original_rates,
-        }
-        return {
-            "experiment_id": uuid.uuid4().hex[:12],
-            "phase": "new",
-            "target": target.to_dict(),
-            "sandbox_id": info.sandbox_id,
-            "started_at": now,
-            "expires_at": now + req.duration_s if req.duration_s else None,
-            "original": original,
-            "desired": {r.value: v for r, v in changes.items()},
-            "methods": {},
-            "cri_original": info.resources.to_dict() if info.resources is not None else None,
-            "cri_used": False,
-            "cgroup_snapshot": self.cgroups.snapshot(cg),
-            "net": net,
-            "drift_corrections": 0,
-            # Resolved without naming the container: the pod had just this one.
-            "only_container": req.target.container is None,
-        }
+            net, rates = self._new_net(info)
+            original.update(rates)
+        return Experiment(
+            experiment_id=uuid.uuid4().hex[:12],
+            target=target,
+            sandbox_id=info.sandbox_id,
+            owner=req.owner,
+            phase=Phase.APPLYING,
+            started_at=now,
+            expires_at=now + req.duration_s if req.duration_s else None,
+            original=original,
+            desired=dict(changes),
+            methods={},
+            cgroup_snapshot=self.cgroups.snapshot(cg),
+            cri_original=info.resources.to_dict() if info.resources is not None else None,
+            net=net,
+            only_container=req.target.container is None,
+        )
 
-    def _merged_record(self, existing: dict[str, Any], req: ApplyRequest, info: Any, target: ResolvedTarget,
-                       changes: dict[Resource, int]) -> dict[str, Any]:
-        """A second change on the same container keeps the first snapshot, so a reset returns to the true original."""
-        record = _deep_copy(existing)
-        record["desired"].update({r.value: v for r, v in changes.items()})
-        if req.duration_s:
-            record["expires_at"] = self.clock() + req.duration_s
-        if any(r in changes for r in BANDWIDTH) and record.get("net") is None:
-            host = self.net.find_host_veth(info.pid)
-            record["net"] = {"host_ifname": host, "ifb_key": info.sandbox_id, "snapshot": None,
-                             "ingress_hook_before": self.net.has_ingress_hook(host)}
-            rates = self.net.read_rates(host, info.sandbox_id)
-            record["original"][Resource.INGRESS.value] = rates[0]
-            record["original"][Resource.EGRESS.value] = rates[1]
-        return record
+    def _new_net(self, info: Any) -> tuple[NetState, dict[Resource, int]]:
+        host = self.net.find_host_veth(info.pid)
+        net = NetState(host_ifname=host, ifb_key=info.sandbox_id, snapshot=None,
+                       ingress_hook_before=self.net.has_ingress_hook(host))
+        ingress, egress = self.net.read_rates(host, info.sandbox_id)
+        return net, {Resource.INGRESS: ingress, Resource.EGRESS: egress}
 
-    def _adopt_new_container(self, record: dict[str, Any], info: Any, cg: Any) -> None:
-        record["target"]["container_id"] = info.id
-        record["cgroup_snapshot"] = self.cgroups.refresh_container_snapshot(record["cgroup_snapshot"], cg)
-        record["cri_original"] = info.resources.to_dict() if info.resources is not None else None
-        record["cri_used"] = False
+    def _merged_record(self, base: Experiment, req: ApplyRequest, info: Any, changes: dict[Resource, int]) -> Experiment:
+        """A further change on the same container keeps the first snapshot, so a reset returns to the true original."""
+        desired = {**base.desired, **changes}
+        original = dict(base.original)
+        net = base.net
+        if any(r in changes for r in BANDWIDTH) and net is None:
+            net, rates = self._new_net(info)
+            original.update(rates)
+        return base.replace(desired=desired, original=original, net=net,
+                            expires_at=self.clock() + req.duration_s if req.duration_s else base.expires_at)
 
-    def _cpu_quota(self, record: dict[str, Any], before: Readings) -> int | None:
-        millicpu = record["desired"].get(Resource.CPU.value)
-        return None if millicpu is None else quota_for(millicpu, before.cpu_period_us)
-
-    def _check_cpu_quota(self, quota_us: int | None, before: Readings, changes: dict[Resource, int]) -> None:
-        if quota_us is None or Resource.CPU not in changes:
-            return
-        if quota_us < 1000:
-            m = changes[Resource.CPU]
+    def _check_cpu_quota(self, quota_us: int | None, before: Readings, millicpu: int) -> None:
+        if quota_us is not None and quota_us < 1000:
             raise InvalidRequest(
-                f"cpu {m}m gives a CFS quota of {quota_us}us at the container's period of {before.cpu_period_us}us;"
-                f" the kernel accepts >= 1000us (>= {-(-1000 * 1000 // before.cpu_period_us)}m at this period)"
-            )
+                f"cpu {millicpu}m gives a CFS quota of {quota_us}us at the container's period of {before.cpu_period_us}us;"
+                f" the kernel accepts >= 1000us (>= {-(-1000 * 1000 // before.cpu_period_us)}m at this period)")
 
-    def _check_bandwidth_owner(self, record: dict[str, Any]) -> None:
-        own_key = ResolvedTarget.from_dict(record["target"]).key
+    def _check_bandwidth_owner(self, exp: Experiment) -> None:
         with self._guard:
             for key, other in self._records.items():
-                if key != own_key and other.get("net") and other.get("sandbox_id") == record["sandbox_id"]:
-                    raise Conflict(
-                        f"the bandwidth of pod {record['target']['namespace']}/{record['target']['pod']} is already"
-                        f" shaped by the experiment on container {other['target']['container']}; change it there"
-                    )
+                if key != exp.key and other.net is not None and other.sandbox_id == exp.sandbox_id:
+                    raise Conflict(f"the bandwidth of pod {exp.pod_key} is already shaped by the experiment on"
+                                   f" container {other.target.container}; change it there")
 
     # -- doing it --
 
-    def _enforce(self, record: dict[str, Any], info: Any, cg: Any, *, changes: set[Resource], method: Method,
-                 force: bool, before: Readings | None = None, plan: Any = None) -> None:
-        """Put the record's desired values in force for ``changes``; raises on the first failure.
+    def _cri_payload(self, exp: Experiment, info: Any, before: Readings) -> Any:
+        """What UpdateContainerResources gets: the runtime's current view with every CPU and memory value of
+        the experiment (not only this request's), so the runtime's stored view never holds a stale one."""
+        kw: dict[str, int] = {}
+        if Resource.CPU in exp.desired:
+            kw["cpu_quota_us"] = quota_for(exp.desired[Resource.CPU], before.cpu_period_us)
+        if Resource.MEMORY in exp.desired:
+            kw["memory_limit_bytes"] = exp.desired[Resource.MEMORY]
+        # memsw follows the memory limit in the merge (containerd keeps them equal: no swap).
+        return merge_resources(info.resources, **kw)
 
-        ``before`` and ``plan`` are the readings and cgroup plan the caller already made under the
-        same lock (the apply path); without them they are made here.
-        """
-        desired = record["desired"]
+    def _enforce(self, exp: Experiment, info: Any, cg: Any, *, changes: set[Resource], method: Method, force: bool,
+                 before: Readings | None = None, plan: Any = None, payload: Any = None,
+                 progress: _Progress | None = None) -> Experiment:
+        """Put ``changes`` of the desired values in force; the record as made. Raises on the first failure."""
         before = before if before is not None else self.cgroups.read(cg)
-        cpu_quota = quota_for(desired[Resource.CPU.value], before.cpu_period_us) if Resource.CPU in changes else None
-        mem = desired[Resource.MEMORY.value] if Resource.MEMORY in changes else None
+        desired = exp.desired
+        methods = dict(exp.methods)
+        cri_sent = exp.cri_sent
+        net = exp.net
+        cpu_quota = quota_for(desired[Resource.CPU], before.cpu_period_us) if Resource.CPU in changes else None
+        mem = desired[Resource.MEMORY] if Resource.MEMORY in changes else None
         if cpu_quota is not None or mem is not None:
-            used = self._set_cpu_memory(record, info, cg, cpu_quota, mem, method, force, plan)
-            for r, v in ((Resource.CPU, cpu_quota), (Resource.MEMORY, mem)):
-                if v is not None:
-                    record["methods"][r.value] = used.value
+            used = self._set_cpu_memory(exp, info, cg, cpu_quota, mem, method, force, plan, before, payload,
+                                        progress or _Progress())
+            if used[0] is Method.CRI:
+                cri_sent = used[1].to_dict()
+            for r in changes & set(CPU_MEM):
+                methods[r] = used[0]
         if changes & set(BANDWIDTH):
-            net = record["net"]
-            ingress = desired.get(Resource.INGRESS.value)
-            egress = desired.get(Resource.EGRESS.value)
+            assert net is not None
             # The first shaping's snapshot saw the veth as it was; later calls extend it, never replace it.
-            net["snapshot"] = self.net.shape(net["host_ifname"], net["ifb_key"], ingress_bps=ingress,
-                                             egress_bps=egress, snapshot=net.get("snapshot"))
+            snap = self.net.shape(net.host_ifname, net.ifb_key, ingress_bps=desired.get(Resource.INGRESS),
+                                  egress_bps=desired.get(Resource.EGRESS), snapshot=net.snapshot)
+            net = dataclasses.replace(net, snapshot=snap)
             for r in BANDWIDTH:
-                if desired.get(r.value) is not None:
-                    record["methods"][r.value] = Method.NETLINK.value
+                if r in desired:
+                    methods[r] = Method.NETLINK
+        return exp.replace(methods=methods, cri_sent=cri_sent, net=net)
 
-    def _set_cpu_memory(self, record: dict[str, Any], info: Any, cg: Any, cpu_quota: int | None, mem: int | None,
-                        method: Method, force: bool, plan: Any = None) -> Method:
+    def _set_cpu_memory(self, exp: Experiment, info: Any, cg: Any, cpu_quota: int | None, mem: int | None,
+                        method: Method, force: bool, plan: Any, before: Readings, payload: Any,
+                        progress: _Progress) -> tuple[Method, Any]:
         from cri_api import errors as cri_errors
 
         if method in (Method.AUTO, Method.CRI):
+            sent = payload if payload is not None else self._cri_payload(exp, info, before)
+
             def runtime_call() -> None:
-                # ``info`` was read just now: merge into it rather than ask the runtime again. memsw
-                # follows the memory limit in the merge (containerd keeps them equal: no swap).
-                merged = merge_resources(info.resources, cpu_quota_us=cpu_quota, memory_limit_bytes=mem)
-                self.cri.update_container_resources(info.id, merged)
+                try:
+                    self.cri.update_container_resources(info.id, sent)
+                except cri_errors.RuntimeUnreachable:
+                    # A timeout may have reached the runtime; an answered refusal left its view as it was.
+                    progress.cri_sent = sent.to_dict()
+                    raise
+                progress.cri_sent = sent.to_dict()
 
             try:
                 self.cgroups.set_through(cg, cpu_quota_us=cpu_quota, memory_limit_bytes=mem, force=force,
                                          runtime_call=runtime_call, plan=plan)
-                record["cri_used"] = True
-                return Method.CRI
+                return Method.CRI, sent
             except cri_errors.CRIError as e:
                 if method is Method.CRI:
                     raise Refused(f"the runtime refused UpdateContainerResources for {info.id[:12]}: {e}") from e
                 log.warning("runtime refused UpdateContainerResources for %s (%s); falling back to cgroup writes",
                             info.id[:12], e)
         self.cgroups.set_container(cg, cpu_quota_us=cpu_quota, memory_limit_bytes=mem, force=force, plan=plan)
-        return Method.CGROUP
+        return Method.CGROUP, None
 
-    def _verify(self, record: dict[str, Any], cg: Any, changes: set[Resource]) -> dict[Resource, int]:
-        """Read the kernel back; raise if what is in force is not what was asked."""
-        after = self.cgroups.read(cg)
-        in_force = self._current_values(after, self._read_rates(record) if changes & set(BANDWIDTH) else {}, record)
-        for r in changes:
-            want = record["desired"][r.value]
+    def _verify(self, exp: Experiment, cg: Any, resources: set[Resource]) -> dict[Resource, int]:
+        """Read the kernel back; raise if any resource of the experiment is not what it must be."""
+        after = self.cgroups.read(cg) if resources & set(CPU_MEM) else None
+        rates = self._rates(exp) if resources & set(BANDWIDTH) else {}
+        in_force = _values(after, rates, exp)
+        for r in resources:
+            want = exp.desired[r]
             if not same_quantity(r, want, in_force[r]):
-                raise ApplyFailed(
-                    f"{r.value} reads back as {_fmt(r, in_force[r])} after setting {_fmt(r, want)}"
-                )
+                raise ApplyFailed(f"{r.value} reads back as {fmt(r, in_force[r])} after setting {fmt(r, want)}")
         return in_force
 
-    def _read_rates(self, record: dict[str, Any]) -> dict[Resource, int]:
-        net = record.get("net")
-        if not net:
+    def _rates(self, exp: Experiment) -> dict[Resource, int]:
+        if exp.net is None:
             return {}
-        ingress, egress = self.net.read_rates(net["host_ifname"], net["ifb_key"])
+        ingress, egress = self.net.read_rates(exp.net.host_ifname, exp.net.ifb_key)
         return {Resource.INGRESS: ingress, Resource.EGRESS: egress}
 
-    def _current_values(self, readings: Readings, rates: dict[Resource, int], record: dict[str, Any]) -> dict[Resource, int]:
-        values = {
-            Resource.CPU: millicpu_of(readings.cpu_quota_us, readings.cpu_period_us),
-            Resource.MEMORY: readings.memory_limit_bytes,
-        }
-        for r in BANDWIDTH:
-            values[r] = rates.get(r, record["original"].get(r.value, UNLIMITED))
-        return values
-
-    def _roll_back(self, existing: dict[str, Any] | None, record: dict[str, Any], info: Any, cg: Any, cause: BaseException) -> None:
-        """Undo a failed apply: back to the originals (first change) or to the experiment as it was."""
-        key = ResolvedTarget.from_dict(record["target"]).key
-        record.pop("cri_intent", None)  # here cri_used and methods say exactly what reached the runtime
-        log.warning("apply on %s failed (%s); rolling back", key, cause)
+    def _roll_back(self, base: Experiment | None, attempt: Experiment, info: Any, cg: Any, cause: BaseException,
+                   changes: set[Resource]) -> str:
+        """Undo a failed apply exactly: back to the originals (first change) or to the experiment as it was.
+        A rollback that fails keeps the record (rollback-failed, the true originals) and is retried."""
+        log.warning("apply on %s failed (%s); rolling back", attempt.key, cause)
+        loc = Location(info, cg)
         try:
-            if existing is None:
-                self._restore(record, info, cg)
-                self.store.delete(key)
-                return
-            kept = {Resource(r) for r in existing["desired"]}
-            added = {Resource(r) for r in record["desired"]} - kept
-            # Resources this request added go back to their originals, exactly.
-            self._restore_resources(record, info, cg, added & set(CPU_MEM))
-            if kept & set(CPU_MEM):
-                self._enforce(existing, info, cg, changes=kept & set(CPU_MEM), method=_cpu_mem_method(existing), force=True)
-            if record.get("net"):
-                # Our shaping off entirely (the veth as first saved), then the experiment's rates again.
-                self._unshape(record)
-                if existing.get("net"):
-                    existing["net"]["snapshot"] = None
-                    self._enforce(existing, info, cg, changes=kept & set(BANDWIDTH), method=Method.AUTO, force=True)
-            self.store.save(key, existing, durable=True)
-        except Exception as e:  # the original error is what the caller needs; this one goes to the log
-            log.error("rollback on %s incomplete: %s", key, e)
+            if base is None:
+                self.restorer.restore(attempt, loc)
+                self._forget(attempt)
+                return "what this request had changed was rolled back"
+            added = set(attempt.desired) - set(base.desired)
+            if added:
+                self.restorer.restore(attempt, loc, only=added)
+            kept = base
+            if set(base.desired) & set(CPU_MEM) & changes:
+                kept = self._enforce(kept, info, cg, changes=set(base.desired) & set(CPU_MEM) & changes,
+                                     method=_cpu_mem_method(base), force=True)
+            if base.net is not None and changes & set(BANDWIDTH):
+                kept = self._enforce(kept, info, cg, changes=set(base.desired) & set(BANDWIDTH), method=Method.AUTO,
+                                     force=True)
+            if attempt.cri_sent is not None and attempt.cri_sent != kept.cri_sent and not (set(kept.desired) & set(CPU_MEM) & changes):
+                # The runtime was sent this request's values for a resource the experiment keeps
+                # unchanged: tell it the experiment's values again.
+                kept = self._enforce(kept, info, cg, changes=set(kept.desired) & set(CPU_MEM), method=Method.CRI,
+                                     force=True)
+            self._verify(kept, cg, set(kept.desired))
+            self._save(kept, durable=True)
+            self._set(kept)
+            return "what this request had changed was rolled back; the experiment is as it was"
+        except Exception as e:
+            failing = self._failed(attempt.replace(phase=Phase.ROLLBACK_FAILED, end_reason=END_ROLLED_BACK), str(e))
+            still = ", ".join(self._still_changed(failing)) or "nothing that could be read"
+            return (f"the rollback failed too ({e}); still changed: {still}; the agent keeps restoring the originals"
+                    f" (next try in {failing.failure.next_retry_at - self.clock():.0f}s; status shows it)")
 
-    def _restore_resources(self, record: dict[str, Any], info: Any, cg: Any, resources: set[Resource]) -> None:
-        """Put the originals of some of CPU and memory back: their saved files, then the runtime's view."""
-        if not resources:
-            return
-        prefixes = tuple(f"{r.value}." for r in resources)  # cpu.cfs_* / memory.* files
-        snap = record["cgroup_snapshot"]
-        subset = {**snap, "files": {p: v for p, v in snap["files"].items()
-                                    if p.rsplit("/", 1)[-1].startswith(prefixes)}}
-        self.cgroups.restore(subset)
-        orig = record.get("cri_original") or {}
-        fields: dict[str, int] = {}
-        if Resource.CPU in resources and record["methods"].get("cpu") == Method.CRI.value:
-            fields["cpu_quota_us"] = orig.get("cpu_quota_us") or UNLIMITED
-        if Resource.MEMORY in resources and record["methods"].get("memory") == Method.CRI.value:
-            fields["memory_limit_bytes"] = orig.get("memory_limit_bytes") or UNLIMITED
-            fields["memory_swap_limit_bytes"] = orig.get("memory_swap_limit_bytes") or fields["memory_limit_bytes"]
-        if fields and info is not None:
-            self.cri.update_resources(info.id, **fields)
+    def _still_changed(self, exp: Experiment) -> list[str]:
+        """What differs from the originals now, as read from the kernel."""
+        values, unknown = self._readings(exp, None)
+        out = []
+        for r in sorted(exp.desired, key=lambda r: r.value):
+            orig = exp.original.get(r, UNLIMITED)
+            if r in unknown:
+                out.append(f"{r.value} unknown ({unknown[r]})")
+            elif not same_quantity(r, orig, values.get(r, orig)):
+                out.append(f"{r.value} {fmt(r, values[r])} (original {fmt(r, orig)})")
+        return out
 
-    def _restore(self, record: dict[str, Any], info: Any | None, cg: Any | None) -> None:
-        """Put the originals back: the exact cgroup files first (cgroupctl orders pod and container
-        writes so the kernel accepts them), then the runtime's view, so containerd's store matches
-        and a later ``runc update`` re-applies the originals rather than the experiment."""
-        errors: list[str] = []
-        if record.get("cgroup_snapshot") is not None:
-            try:
-                self.cgroups.restore(record["cgroup_snapshot"], container_alive=info is not None)
-            except Exception as e:
-                errors.append(f"cgroup restore: {e}")
-        intent = set(record.get("cri_intent") or ())
-        if info is not None and (record.get("cri_used") or intent) and record.get("cri_original"):
-            orig = record["cri_original"]
-            via_cri = {name for name, m in record["methods"].items() if m == Method.CRI.value} | intent
-            fields = {}
-            if Resource.CPU.value in via_cri:
-                fields["cpu_quota_us"] = orig.get("cpu_quota_us") or UNLIMITED
-            if Resource.MEMORY.value in via_cri:
-                fields["memory_limit_bytes"] = orig.get("memory_limit_bytes") or UNLIMITED
-                fields["memory_swap_limit_bytes"] = orig.get("memory_swap_limit_bytes") or fields["memory_limit_bytes"]
-            try:
-                if fields:
-                    self.cri.update_resources(info.id, **fields)
-            except Exception as e:
-                errors.append(f"runtime restore: {e}")
-        if record.get("net"):
-            try:
-                self._unshape(record)
-            except Exception as e:
-                errors.append(f"bandwidth restore: {e}")
-        if errors:
-            raise ApplyFailed("; ".join(errors))
+    def _failed(self, exp: Experiment, reason: str) -> Experiment:
+        """Record a failed restore: the next try after backoff, one log line, one event."""
+        now = self.clock()
+        attempts = exp.failure.attempts + 1 if exp.failure else 1
+        delay = self.supervisor.backoff(attempts)
+        failing = exp.replace(failure=Failure(reason=reason, attempts=attempts,
+                                              since=exp.failure.since if exp.failure else now,
+                                              next_retry_at=now + delay))
+        self._save_quiet(failing)
+        self._set(failing)
+        self.supervisor.schedule(failing.key, now + delay)
+        log.warning("restoring %s (%s) failed, try %d: %s; next try in %.1fs", failing.key, failing.phase.value,
+                    attempts, reason, delay)
+        self.metrics.failures.labels("restore", failing.phase.value).inc()
+        self._emit(EventKind.REVERT_FAILING, failing, reason=reason, next_retry_at=now + delay)
+        return failing
 
-    def _unshape(self, record: dict[str, Any]) -> None:
-        net = record["net"]
-        # No snapshot: the crash came before the first shaping returned one; an ingress qdisc
-        # the veth did not have when the record was written can only be that shaping's.
-        self.net.unshape(net["host_ifname"], net["ifb_key"], net.get("snapshot"),
-                         ingress_hook_ours=net.get("ingress_hook_before") is False)
-
-    # -- revert --
+    # -- revert, end --
 
     def revert(self, req: RevertRequest) -> RevertResult:
         """Restore the originals of one container; ``was_active`` is false when nothing was under experiment."""
         try:
             req.validate()
-            self._refuse_while_unrecovered(req.target)
-            key = self._find_record_key(req.target)
-            if key is None:
-                info = self._resolve(req.target)
-                return RevertResult(target=self._resolved(info), resources=(), was_active=False, dry_run=req.dry_run)
-            with self._locked(key):
-                record = self._records.get(key)
-                if record is None:  # reverted meanwhile
-                    return RevertResult(target=ResolvedTarget.from_dict({"namespace": req.target.namespace,
-                                                                        "pod": req.target.pod,
-                                                                        "container": req.target.container or ""}),
-                                        resources=(), was_active=False, dry_run=req.dry_run)
-                return self._revert_locked(key, record, reason="requested", dry_run=req.dry_run)
+            self._check_namespace(req.target)
+            with self._locked(f"{req.target.namespace}/{req.target.pod}"):
+                exp = self._record_for(req.target)
+                if exp is None:
+                    return self._revert_nothing(req)
+                if req.owner is not None and exp.owner != req.owner:
+                    raise Conflict(f"the experiment on {exp.key} belongs to {exp.owner.describe()}, not to"
+                                   f" {req.owner.describe()}; nothing was changed")
+                return self._revert_locked(exp, reason=END_REQUESTED, force=req.force, dry_run=req.dry_run)
         except EngineError as e:
             self.metrics.failures.labels("revert", type(e).__name__).inc()
             raise
 
-    def _refuse_while_unrecovered(self, target: Target) -> None:
-        """A record that recovery has not finished holds the true originals: a revert now would find
-        nothing to revert (and report success), and an apply would snapshot the experiment's values as
-        the originals. Both wait, as a runtime outage, until the background loop has recovered it."""
-        prefix = f"{target.namespace}/{target.pod}/"
-        with self._guard:
-            keys = [k for k in self._unrecovered
-                    if (k == prefix + target.container if target.container else k.startswith(prefix))]
-            if keys:
-                key = keys[0]
-                raise RuntimeUnavailable(
-                    f"the experiment on {key} is not recovered yet after the agent's restart "
-                    f"({self._recovery_errors.get(key, 'retrying')}); nothing was changed, try again shortly")
+    def _revert_nothing(self, req: RevertRequest) -> RevertResult:
+        target = req.target
+        bad = self._damaged_for(target)
+        if bad is not None:
+            return self._reset_damaged(bad, req.dry_run)
+        info = self._resolve(target)
+        resolved = self._resolved(info)
+        bad = self._damaged_for(Target(resolved.namespace, resolved.pod, resolved.container))
+        if bad is not None:
+            return self._reset_damaged(bad, req.dry_run)
+        return RevertResult(target=resolved, resources=(), was_active=False, dry_run=req.dry_run)
 
-    def _find_record_key(self, target: Target) -> str | None:
-        with self._guard:
-            if target.container:
-                key = f"{target.namespace}/{target.pod}/{target.container}"
-                return key if key in self._records else None
-            keys = [k for k, r in self._records.items()
-                    if r["target"]["namespace"] == target.namespace and r["target"]["pod"] == target.pod]
-        if len(keys) > 1:
-            names = ", ".join(sorted(k.rsplit("/", 1)[1] for k in keys))
-            raise InvalidRequest(f"pod {target.namespace}/{target.pod} has experiments on several containers ({names}); name one")
-        return keys[0] if keys else None
-
-    def _revert_locked(self, key: str, record: dict[str, Any], *, reason: str, dry_run: bool = False) -> RevertResult:
-        target = ResolvedTarget.from_dict(record["target"])
-        info, cg = self._locate_current(record)
-        before = self.cgroups.read(cg) if cg is not None else None
-        previous = self._current_values(before, self._safe_rates(record), record) if before else {}
+    def _revert_locked(self, exp: Experiment, *, reason: str, force: bool = False, dry_run: bool = False) -> RevertResult:
+        exp, loc = self._locate(exp)
+        previous, prev_unknown = self._readings(exp, loc)
         if dry_run:
-            return RevertResult(target=target, resources=self._revert_results(record, previous, None), was_active=True,
-                                dry_run=True)
-        record["phase"] = "reverting"
-        self.store.save(key, record, durable=False)
-        self._restore(record, info, cg)
-        after = self.cgroups.read(cg) if cg is not None else None
-        in_force = self._current_values(after, self._safe_rates(record), record) if after else None
-        self.store.delete(key)
-        with self._guard:
-            self._records.pop(key, None)
-            self._known.pop(record["target"]["container_id"], None)
-            self.metrics.active.set(len(self._records))
+            return RevertResult(target=exp.target, resources=self._revert_results(exp, previous, prev_unknown, None, {}),
+                                was_active=True, dry_run=True)
+        if exp.phase is Phase.ACTIVE:
+            exp = exp.replace(phase=Phase.REVERTING, end_reason=reason)
+            # The restore comes first even when this write fails (a full state filesystem): the
+            # record is removed afterwards, and unlinking needs no space.
+            self._save_quiet(exp)
+        elif not exp.end_reason:
+            exp = exp.replace(end_reason=END_RECOVERED if exp.phase is Phase.APPLYING else reason)
+        self._set(exp)
+        try:
+            self.restorer.restore(exp, loc, force=force)
+        except RestoreError as e:
+            failing = self._failed(exp if exp.phase is not Phase.REVERTING else exp.replace(phase=Phase.REVERT_FAILING),
+                                   str(e))
+            done = f"; restored: {', '.join(e.done)}" if e.done else ""
+            still = ", ".join(e.still) or "nothing"
+            raise RevertIncomplete(
+                f"{exp.target.describe()}: {e}{done}; still changed: {still}; the agent tries again in"
+                f" {failing.failure.next_retry_at - self.clock():.0f}s and backs off up to"
+                f" {self.supervisor.backoff_max_s:.0f}s (status shows it)",
+                next_retry_at=failing.failure.next_retry_at) from e
+        after, after_unknown = self._readings(exp, loc)  # the pod gone: every value unknown, saying why
+        self._forget(exp)
+        why = exp.end_reason or reason
+        self.metrics.reverts.labels(why).inc()
+        results = self._revert_results(exp, previous, prev_unknown, after, after_unknown)
+        for r in results:
+            log.info("reverted %s on %s (%s): %s -> %s", r.resource.value, exp.target.describe(), why,
+                     fmt(r.resource, r.previous), r.unknown or f"{fmt(r.resource, r.in_force)} (read back)")
+        self._emit(EventKind.ENDED, exp, reason=why, resources=results)
+        return RevertResult(target=exp.target, resources=results, was_active=True)
+
+    def _end(self, exp: Experiment, reason: str, loc: Location, *, keep_cpu_memory: bool = False) -> None:
+        """End an experiment for a reason the node gave (pod gone, replaced, stopped, resized)."""
+        try:
+            if keep_cpu_memory:
+                if exp.net is not None:
+                    self.restorer.restore(exp, loc, only=set(BANDWIDTH))
+            else:
+                self.restorer.restore(exp, loc)
+        except RestoreError as e:
+            self._failed(exp.replace(phase=Phase.REVERT_FAILING, end_reason=reason), str(e))
+            return
+        log.info("%s: %s; experiment ended%s", exp.key, reason,
+                 " (the new CPU and memory values stand)" if keep_cpu_memory else "")
+        self._forget(exp)
         self.metrics.reverts.labels(reason).inc()
-        for r in (Resource(k) for k in record["desired"]):
-            log.info("reverted %s on %s (%s): %s -> %s (read back)", r.value, target.describe(), reason,
-                     _fmt(r, previous.get(r, UNLIMITED)) if previous else "?",
-                     _fmt(r, in_force[r]) if in_force else "container gone")
-        return RevertResult(target=target, resources=self._revert_results(record, previous, in_force),
-                            was_active=True)
+        self._emit(EventKind.ENDED, exp, reason=reason)
 
-    def _safe_rates(self, record: dict[str, Any]) -> dict[Resource, int]:
-        try:
-            return self._read_rates(record)
-        except Exception:
-            return {}
-
-    def _revert_results(self, record: dict[str, Any], previous: dict[Resource, int],
-                        in_force: dict[Resource, int] | None) -> tuple[ResourceResult, ...]:
-        out = []
-        for name in record["desired"]:
-            r = Resource(name)
-            orig = record["original"].get(name, UNLIMITED)
-            out.append(ResourceResult(
-                resource=r, original=orig, previous=previous.get(r, UNLIMITED), requested=orig,
-                in_force=(in_force or {}).get(r, orig),
-                method=Method(record["methods"].get(name, Method.AUTO.value)),
-            ))
-        return tuple(out)
-
-    def _locate_current(self, record: dict[str, Any]) -> tuple[Any | None, Any | None]:
-        """The container of ``record`` as it runs now, and its cgroups; (None, None) when it is gone."""
-        from cri_api import errors as cri_errors
-
-        t = record["target"]
-        try:
-            info = self.cri.find_container(t["namespace"], t["pod"], t["container"])
-        except (cri_errors.NotFound, cri_errors.NotRunning):
-            return None, None
-        if info.id != t["container_id"]:
-            self._adopt_new_container(record, info, self.cgroups.locate(pid=info.pid, cgroups_path=info.cgroups_path))
-        return info, self.cgroups.locate(pid=info.pid, cgroups_path=info.cgroups_path)
+    def supersede(self, target: Target, reason: str = END_SUPERSEDED) -> bool:
+        """End an experiment without putting its CPU and memory originals back (an in-place resize set new
+        ones); its bandwidth shaping is removed. False when there was none."""
+        with self._locked(f"{target.namespace}/{target.pod}"):
+            exp = self._record_for(target)
+            if exp is None:
+                return False
+            exp, loc = self._locate(exp)
+            self._end(exp, reason, loc, keep_cpu_memory=True)
+            return True
 
     # -- list --
 
     def list(self, namespace: str | None = None) -> list[ExperimentInfo]:
+        """Every experiment with what the kernel reads now (or why it cannot be read); no runtime call."""
         with self._guard:
-            records = [_deep_copy(r) for r in self._records.values()]
+            records = list(self._records.values())
         out = []
-        for rec in records:
-            t = ResolvedTarget.from_dict(rec["target"])
-            if namespace and t.namespace != namespace:
+        for exp in records:
+            if namespace and exp.target.namespace != namespace:
                 continue
-            now = self._in_force_now(rec)
+            values, unknown = self._readings(exp, None)
             resources = tuple(
-                ResourceResult(resource=Resource(n), original=rec["original"].get(n, UNLIMITED),
-                               previous=rec["original"].get(n, UNLIMITED), requested=v,
-                               in_force=now.get(Resource(n), v),
-                               method=Method(rec["methods"].get(n, Method.AUTO.value)))
-                for n, v in rec["desired"].items()
-            )
-            out.append(ExperimentInfo(experiment_id=rec["experiment_id"], target=t, resources=resources,
-                                      started_at=rec["started_at"], expires_at=rec.get("expires_at"),
-                                      drift_corrections=rec.get("drift_corrections", 0)))
+                ResourceResult(resource=r, original=exp.original.get(r, UNLIMITED),
+                               previous=exp.original.get(r, UNLIMITED), requested=v,
+                               in_force=values.get(r, UNLIMITED), method=exp.methods.get(r, Method.AUTO),
+                               unknown=unknown.get(r, ""))
+                for r, v in sorted(exp.desired.items(), key=lambda kv: kv[0].value))
+            out.append(ExperimentInfo(experiment_id=exp.experiment_id, target=exp.target, resources=resources,
+                                      started_at=exp.started_at, expires_at=exp.expires_at,
+                                      drift_corrections=exp.drift_corrections, phase=exp.phase, owner=exp.owner,
+                                      failure=exp.failure))
         return sorted(out, key=lambda e: e.target.key)
 
-    def _in_force_now(self, rec: dict[str, Any]) -> dict[Resource, int]:
-        """What the kernel holds now for an experiment (no runtime call); empty where it cannot be read."""
-        out: dict[Resource, int] = {}
-        try:
-            cg = self.cgroups.from_snapshot(rec["cgroup_snapshot"])
-            readings = self.cgroups.read(cg)
-            out[Resource.CPU] = millicpu_of(readings.cpu_quota_us, readings.cpu_period_us)
-            out[Resource.MEMORY] = readings.memory_limit_bytes
-        except Exception:
-            pass
-        out.update(self._safe_rates(rec))
-        return out
-
-    def _result(self, record: dict[str, Any], changed: set[Resource], *, previous_values: dict[Resource, int],
-                in_force: dict[Resource, int] | None, dry_run: bool) -> ApplyResult:
-        """The resources this request changed (others of the experiment stay as they were)."""
-        resources = []
-        for name, want in record["desired"].items():
-            r = Resource(name)
-            if r not in changed:
-                continue
-            resources.append(ResourceResult(
-                resource=r,
-                original=record["original"].get(name, UNLIMITED),
-                previous=previous_values.get(r, UNLIMITED),
-                requested=want,
-                in_force=in_force[r] if in_force is not None else want,
-                method=Method(record["methods"].get(name, Method.NETLINK.value if r in BANDWIDTH else Method.AUTO.value)),
-            ))
-        return ApplyResult(
-            experiment_id=record["experiment_id"],
-            target=ResolvedTarget.from_dict(record["target"]),
-            resources=tuple(resources),
-            expires_at=record.get("expires_at"),
-            dry_run=dry_run,
-        )
-
-    # -- recovery, expiry, drift --
-
-    def recover(self) -> None:
-        """Finish what the state directory says was under way when the agent last stopped."""
-        for record in self.store.load_all():
-            self._recover_one(record)
+    def list_damaged(self, namespace: str | None = None) -> list[DamagedRecord]:
         with self._guard:
-            self.metrics.active.set(len(self._records))
-            keys = {r["net"]["ifb_key"] for r in [*self._records.values(), *self._unrecovered.values()] if r.get("net")}
-        if self.sweep_orphan_ifbs:
-            # IFBs of pods that went away while no record knew of them (state lost with a node disk, say).
+            bad = list(self._damaged.values())
+        return sorted((d for d in bad if not namespace or not d.key or d.key.startswith(namespace + "/")),
+                      key=lambda d: d.file)
+
+    def scheduled(self) -> int:
+        """How many moments the supervisor holds (at most one per experiment)."""
+        return self.supervisor.pending()
+
+    def _readings(self, exp: Experiment, loc: Location | None) -> tuple[dict[Resource, int], dict[Resource, str]]:
+        """What the kernel holds now for the experiment's resources, and why any could not be read."""
+        values: dict[Resource, int] = {}
+        unknown: dict[Resource, str] = {}
+        cpu_mem = [r for r in CPU_MEM if r in exp.desired]
+        if loc is not None and loc.gone:
+            return {}, {r: f"the pod is gone ({loc.gone})" for r in exp.desired}
+        if cpu_mem:
             try:
-                for name in self.net.sweep_orphans(keys):
-                    log.warning("removed orphaned IFB device %s (no experiment owns it, nothing redirects to it)", name)
+                cg = loc.cg if loc is not None and loc.cg is not None else self._snapshot_cgroups(exp)
+                readings = self.cgroups.read(cg)
+                values[Resource.CPU] = millicpu_of(readings.cpu_quota_us, readings.cpu_period_us)
+                values[Resource.MEMORY] = readings.memory_limit_bytes
             except Exception as e:
-                log.error("sweeping orphaned IFB devices failed: %s", e)
-        self.check_drift()
+                for r in cpu_mem:
+                    unknown[r] = f"cannot read the cgroup: {e}"
+        if exp.net is not None and any(r in exp.desired for r in BANDWIDTH):
+            try:
+                values.update(self._rates(exp))
+            except Exception as e:
+                for r in BANDWIDTH:
+                    if r in exp.desired:
+                        unknown[r] = f"cannot read the qdiscs: {e}"
+        return values, unknown
 
-    def _recover_one(self, record: dict[str, Any]) -> None:
-        key = record["key"]
-        phase = record.get("phase")
-        try:
-            with self._locked(key):
-                if phase in ("new", "applying"):
-                    log.warning("recovering %s: half-made change; restoring the originals", key)
-                    info, cg = self._locate_current(record)
-                    self._restore(record, info, cg)
-                    self.store.delete(key)
-                elif phase == "reverting":
-                    log.warning("recovering %s: interrupted revert; finishing it", key)
-                    self._revert_locked(key, record, reason="recovered")
-                elif record.get("expires_at") is not None and record["expires_at"] <= self.clock():
-                    log.info("recovering %s: expired while the agent was down; reverting", key)
-                    self._revert_locked(key, record, reason="expired")
-                else:
-                    log.info("recovering %s: still running; re-armed", key)
-                    with self._guard:
-                        self._records[key] = record
-            with self._guard:
-                self._unrecovered.pop(key, None)
-                self._recovery_errors.pop(key, None)
-        except Exception as e:
-            # Typically the runtime not answering yet: the background loop tries again.
-            log.error("recovering %s failed: %s; will retry", key, e)
-            self.metrics.failures.labels("recover", type(e).__name__).inc()
-            with self._guard:
-                self._unrecovered[key] = record
-                self._recovery_errors[key] = str(e)
+    def _result(self, exp: Experiment, changed: set[Resource], previous: dict[Resource, int],
+                in_force: dict[Resource, int] | None, *, dry_run: bool) -> ApplyResult:
+        """The resources this request changed (others of the experiment stay as they were)."""
+        resources = tuple(
+            ResourceResult(resource=r, original=exp.original.get(r, UNLIMITED), previous=previous.get(r, UNLIMITED),
+                           requested=exp.desired[r], in_force=in_force[r] if in_force is not None else UNLIMITED,
+                           method=exp.methods.get(r, Method.NETLINK if r in BANDWIDTH else Method.AUTO),
+                           unknown="" if in_force is not None else "dry run: nothing was changed")
+            for r in sorted(changed, key=lambda r: r.value))
+        return ApplyResult(experiment_id=exp.experiment_id, target=exp.target, resources=resources,
+                           expires_at=exp.expires_at, dry_run=dry_run)
 
-    def retry_recovery(self) -> None:
+    def _revert_results(self, exp: Experiment, previous: dict[Resource, int], prev_unknown: dict[Resource, str],
+                        after: dict[Resource, int] | None, after_unknown: dict[Resource, str]) -> tuple[ResourceResult, ...]:
+        out = []
+        for r in sorted(exp.desired, key=lambda r: r.value):
+            orig = exp.original.get(r, UNLIMITED)
+            if after is None:
+                why = "dry run: nothing was changed"
+            else:
+                why = after_unknown.get(r, "" if r in after else "not read back")
+            out.append(ResourceResult(resource=r, original=orig, previous=previous.get(r, UNLIMITED), requested=orig,
+                                      in_force=(after or {}).get(r, UNLIMITED), method=exp.methods.get(r, Method.AUTO),
+                                      unknown=why))
+        return tuple(out)
+
+    # -- damaged records --
+
+    def _add_damaged(self, path: pathlib.Path, reason: str, key: str) -> None:
+        log.error("state record %s is damaged (%s); listed in status until --reset%s", path, reason,
+                  f" {key}" if key else "")
         with self._guard:
-            pending = list(self._unrecovered.values())
-        for record in pending:
-            self._recover_one(record)
+            self._damaged[str(path)] = DamagedRecord(file=str(path), reason=reason, key=key)
 
-    def expire_due(self) -> None:
-        now = self.clock()
+    def _damaged_for(self, target: Target) -> DamagedRecord | None:
         with self._guard:
-            due = [k for k, r in self._records.items() if r.get("expires_at") is not None and r["expires_at"] <= now]
-        for key in due:
-            with self._locked(key):
-                record = self._records.get(key)
-                if record is None or record.get("expires_at") is None or record["expires_at"] > self.clock():
-                    continue
-                try:
-                    self._revert_locked(key, record, reason="expired")
-                except Exception as e:
-                    log.error("reverting expired %s failed: %s; will retry", key, e)
-                    self.metrics.failures.labels("expire", type(e).__name__).inc()
+            bad = list(self._damaged.values())
+        if target.container:
+            key = f"{target.namespace}/{target.pod}/{target.container}"
+            stem = state_mod.record_name(key)
+            return next((d for d in bad if d.key == key or pathlib.Path(d.file).stem == stem), None)
+        return next((d for d in bad if d.key.startswith(f"{target.namespace}/{target.pod}/")), None)
 
-    def check_drift(self) -> None:
-        """Re-apply experiments whose limits something reset; end those whose pod is gone."""
+    def _match_damaged(self) -> None:
+        """Find the containers of damaged records (by the record's key or its file name, a hash of the key)
+        and remove what is recognisably ours on their pods' network: our IFB, filter and root qdisc."""
+        from cri_api import convert
         from cri_api import errors as cri_errors
 
         with self._guard:
+            todo = {pathlib.Path(d.file).stem: d for d in self._damaged.values() if not d.cleaned}
+        if not todo:
+            return
+        try:
+            containers = self.cri.list_containers(running_only=True)
+        except cri_errors.CRIError:
+            return  # the next drift pass tries again
+        for c in containers:
+            key = "/".join((c.labels.get(convert.LABEL_POD_NAMESPACE, ""), c.labels.get(convert.LABEL_POD_NAME, ""),
+                            c.labels.get(convert.LABEL_CONTAINER_NAME, "") or c.metadata.name))
+            bad = todo.get(state_mod.record_name(key))
+            if bad is None:
+                bad = next((d for d in todo.values() if d.key == key), None)
+            if bad is None:
+                continue
+            cleaned = self._clean_damaged_net(c, key)
+            with self._guard:
+                if bad.file in self._damaged:
+                    self._damaged[bad.file] = dataclasses.replace(bad, key=key, cleaned=cleaned)
+
+    def _clean_damaged_net(self, container: Any, key: str) -> tuple[str, ...]:
+        try:
+            info = self.cri.container_info(container.id)
+            host = self.net.find_host_veth(info.pid)
+            ingress, egress = self.net.read_rates(host, container.pod_sandbox_id)
+            self.net.unshape(host, container.pod_sandbox_id, None)
+        except EngineError as e:
+            log.error("removing our shaping of %s (damaged record) failed: %s", key, e)
+            return ()
+        except Exception as e:  # hostNetwork pods, a veth gone meanwhile: nothing of ours to remove
+            log.info("no shaping of ours to remove for %s: %s", key, e)
+            return ("no shaping of ours found on the pod's network",)
+        shaped = [f"{d} {fmt(Resource.INGRESS, v)}" for d, v in (("into the pod", ingress), ("out of the pod", egress))
+                  if v != UNLIMITED]
+        if shaped:
+            log.warning("removed our shaping of %s (damaged record): %s", key, ", ".join(shaped))
+            return (f"removed our bandwidth shaping ({', '.join(shaped)})",)
+        return ("no shaping of ours found on the pod's network",)
+
+    def _reset_damaged(self, bad: DamagedRecord, dry_run: bool) -> RevertResult:
+        """A reset of a container whose record is damaged: remove what is ours, say what cannot be put back."""
+        from cri_api import errors as cri_errors
+
+        namespace, pod, container = (bad.key.split("/", 2) + ["", "", ""])[:3] if bad.key else ("", "", "")
+        target = ResolvedTarget(namespace=namespace, pod=pod, container=container, container_id="",
+                                node_name=self.node_name)
+        not_restored = [f"the state record {bad.file} is damaged ({bad.reason})"]
+        try:
+            info = self.cri.find_container(namespace, pod, container)
+            target = self._resolved(info)
+            if not dry_run and not bad.cleaned:
+                containers = [c for c in self.cri.list_containers(running_only=True) if c.id == info.id]
+                if containers:
+                    bad = dataclasses.replace(bad, cleaned=self._clean_damaged_net(containers[0], bad.key))
+            cg = self.cgroups.locate(pid=info.pid, cgroups_path=info.cgroups_path)
+            now = self.cgroups.read(cg)
+            not_restored.append(
+                f"cpu and memory originals were in that record: now in force cpu"
+                f" {fmt(Resource.CPU, millicpu_of(now.cpu_quota_us, now.cpu_period_us))}, memory"
+                f" {fmt(Resource.MEMORY, now.memory_limit_bytes)} (read from the kernel); the pod spec's limits are the"
+                f" originals: re-create the container (kubectl delete pod {pod} -n {namespace}) to get them back")
+        except (cri_errors.CRIError, EngineError) as e:
+            not_restored.append(f"the container cannot be read ({e})")
+        not_restored.extend(bad.cleaned)
+        if not dry_run:
+            self.store.delete_file(pathlib.Path(bad.file))
+            with self._guard:
+                self._damaged.pop(bad.file, None)
+            log.warning("reset of damaged record %s: %s", bad.file, "; ".join(not_restored))
+        return RevertResult(target=target, resources=(), was_active=True, dry_run=dry_run,
+                            not_restored=tuple(not_restored))
+
+    # -- recovery, the supervisor's work --
+
+    def recover(self) -> None:
+        """Finish what the state directory says was under way when the agent last stopped."""
+        for loaded in self.store.load_all():
+            if loaded.error:
+                self._add_damaged(loaded.path, loaded.error, "")
+                continue
+            try:
+                exp = decode(loaded.data)
+                if self.store.path_for(exp.key) != loaded.path:
+                    raise RecordError(f"its file name does not belong to its key {exp.key}")
+            except RecordError as e:
+                self._add_damaged(loaded.path, str(e), key_of(loaded.data))
+                continue
+            self._set(exp)
+        with self._guard:
             keys = list(self._records)
+            ifb_keys = {e.net.ifb_key for e in self._records.values() if e.net is not None}
         for key in keys:
-            with self._locked(key, blocking=False) as got:
+            exp = self._records[key]
+            if exp.phase is Phase.ACTIVE and (exp.expires_at is None or exp.expires_at > self.clock()):
+                log.info("recovering %s: still running; re-armed", key)
+                if exp.expires_at is not None:
+                    self.supervisor.schedule(key, exp.expires_at)
+            else:
+                log.warning("recovering %s (%s): %s", key, exp.phase.value,
+                            "expired while the agent was down; reverting" if exp.phase is Phase.ACTIVE
+                            else "finishing the restore")
+                self._on_due(key)
+        if self.sweep_orphan_ifbs:
+            # IFBs of pods that went away while no record knew of them (state lost with a node disk, say).
+            try:
+                for name in self.net.sweep_orphans(ifb_keys):
+                    log.warning("removed orphaned IFB device %s (no experiment owns it, nothing redirects to it)", name)
+            except Exception as e:
+                log.error("sweeping orphaned IFB devices failed: %s", e)
+        self._match_damaged()
+        self.check_drift()
+
+    def _on_due(self, key: str) -> None:
+        """The supervisor's call: an end time has come, or a failed restore is to be tried again."""
+        with self._locked(pod_key(key)):
+            exp = self._records.get(key)
+            if exp is None:
+                return
+            if exp.phase is Phase.ACTIVE:
+                if exp.expires_at is None:
+                    return
+                if exp.expires_at > self.clock():
+                    self.supervisor.schedule(key, exp.expires_at)
+                    return
+                reason = END_EXPIRED
+            else:
+                reason = exp.end_reason or (END_RECOVERED if exp.phase is Phase.APPLYING else END_REQUESTED)
+            try:
+                self._revert_locked(exp, reason=reason)
+            except RevertIncomplete:
+                pass  # logged, scheduled and announced by _failed
+            except Exception as e:
+                self._failed(exp if exp.phase is not Phase.ACTIVE else exp.replace(phase=Phase.REVERT_FAILING,
+                                                                                   end_reason=reason), str(e))
+
+    # Names the tests and the agent used before the supervisor existed.
+    def expire_due(self) -> None:
+        self.supervisor.run_due()
+
+    retry_recovery = expire_due
+
+    def check_drift(self) -> None:
+        """Re-apply active experiments whose limits something reset; end those whose pod is gone, replaced or
+        stopped, and those an in-place resize has superseded. Never touches a record that is not active."""
+        with self._guard:
+            keys = [k for k, e in self._records.items() if e.phase is Phase.ACTIVE]
+        for key in keys:
+            with self._locked(pod_key(key), blocking=False) as got:
                 if not got:
-                    continue  # a request is working on it right now
-                record = self._records.get(key)
-                if record is None:
+                    continue  # a request is working on the pod right now
+                exp = self._records.get(key)
+                if exp is None or exp.phase is not Phase.ACTIVE:
                     continue
-                t = record["target"]
-                info = self._known.get(t["container_id"])
-                if info is None or not self._alive(info):
-                    # Gone, restarted or not seen since the agent started: ask the runtime.
-                    try:
-                        info = self.cri.find_container(t["namespace"], t["pod"], t["container"])
-                    except cri_errors.NotFound:
-                        self._end_gone(key, record)
-                        continue
-                    except (cri_errors.NotRunning, cri_errors.CRIError):
-                        continue  # restarting, or the runtime is busy: look again next round
                 try:
-                    self._correct(key, record, info)
+                    self._check_one(exp)
                 except Exception as e:
                     log.error("drift check on %s failed: %s", key, e)
                     self.metrics.failures.labels("drift", type(e).__name__).inc()
+        if self._damaged:
+            self._match_damaged()
 
-    def _correct(self, key: str, record: dict[str, Any], info: Any) -> None:
-        cause = None
-        old_id = record["target"]["container_id"]
-        if info.id != old_id:
+    def _runtime_unreachable(self, err: Exception) -> None:
+        if str(err) != self._runtime_down:
+            log.warning("drift check: the runtime does not answer (%s); trying again every pass", err)
+            self._runtime_down = str(err)
+
+    def _check_one(self, exp: Experiment) -> None:
+        from cri_api import errors as cri_errors
+
+        fresh = None
+        old_id = exp.target.container_id
+        try:
+            info = self._known.get(old_id)
+            if info is not None and self._alive(info):
+                fresh = self._with_fresh_resources(info)
+            if fresh is None:
+                fresh = self.cri.find_container(exp.target.namespace, exp.target.pod, exp.target.container)
+        except cri_errors.NotFound:
+            self._end(exp, END_POD_DELETED, Location(None, None, gone=END_POD_DELETED))
+            return
+        except cri_errors.NotRunning:
+            try:
+                if not self._sandbox_ready(exp.sandbox_id):
+                    self._end(exp, END_POD_STOPPED, Location(None, self._snapshot_cgroups(exp), gone=END_POD_STOPPED))
+            except cri_errors.CRIError as e:
+                self._runtime_unreachable(e)
+            return  # the kubelet is restarting it: look again next pass
+        except cri_errors.CRIError as e:
+            self._runtime_unreachable(e)
+            return
+        self._runtime_down = ""
+        if exp.target.pod_uid and fresh.pod_uid and fresh.pod_uid != exp.target.pod_uid:
+            self._end(exp, END_POD_REPLACED, Location(None, None, gone=END_POD_REPLACED))
+            return
+        cg = self.cgroups.locate(pid=fresh.pid, cgroups_path=fresh.cgroups_path)
+        view = view_of(fresh.resources)
+        if fresh.id != exp.target.container_id:
+            # Re-created in the same pod: its values come from the pod spec. The originals again means the
+            # spec is unchanged: follow it. Anything else is a resize that restarted the container.
+            if view is not None and view_of(exp.cri_original) not in (None, view):
+                self._end(exp, END_SUPERSEDED, Location(fresh, cg), keep_cpu_memory=True)
+                return
             cause = "container-restarted"
-            cg = self.cgroups.locate(pid=info.pid, cgroups_path=info.cgroups_path)
-            self._adopt_new_container(record, info, cg)
-            if record.get("net"):
-                record["net"]["host_ifname"] = self.net.find_host_veth(info.pid)
-            stale = {Resource(n) for n in record["desired"]}
+            exp = self._adopt(exp, fresh, cg)
+            if exp.net is not None:
+                exp = exp.replace(net=dataclasses.replace(exp.net, host_ifname=self.net.find_host_veth(fresh.pid)))
+            stale = set(exp.desired)
         else:
-            cg = self.cgroups.locate(pid=info.pid, cgroups_path=info.cgroups_path)
-            now = self._current_values(self.cgroups.read(cg), self._safe_rates(record), record)
-            stale = {Resource(n) for n, v in record["desired"].items() if not same_quantity(Resource(n), v, now[Resource(n)])}
-            if stale:
-                cause = "limit-reset"
+            ours = view_of(exp.cri_sent) if exp.cri_sent is not None else view_of(exp.cri_original)
+            if view is not None and ours is not None and view not in (ours, view_of(exp.cri_original)):
+                # Neither what we sent nor the originals: the kubelet resized the container in place.
+                self._end(exp, END_SUPERSEDED, Location(fresh, cg), keep_cpu_memory=True)
+                return
+            readings = self.cgroups.read(cg) if set(exp.desired) & set(CPU_MEM) else None
+            now = _values(readings, self._rates(exp) if exp.net is not None else {}, exp)
+            stale = {r for r, v in exp.desired.items() if not same_quantity(r, v, now[r])}
+            if view is not None and view == view_of(exp.cri_original) and ours not in (None, view) \
+                    and set(exp.desired) & set(CPU_MEM):
+                stale |= set(exp.desired) & set(CPU_MEM)  # the runtime was set back: tell it again
+            cause = "limit-reset"
         with self._guard:
-            if old_id != info.id:
+            if old_id != fresh.id:
                 self._known.pop(old_id, None)
-            self._known[info.id] = info
+            self._known[fresh.id] = fresh
         if not stale:
             return
-        log.warning("drift on %s (%s): %s no longer in force; applying again", key, cause,
+        log.warning("drift on %s (%s): %s no longer in force; applying again", exp.key, cause,
                     ", ".join(sorted(r.value for r in stale)))
-        method = _cpu_mem_method(record)
-        if method is not Method.CGROUP and stale & set(CPU_MEM):
-            info = self.cri.container_info(info.id)  # the merge needs the runtime's current view
-        self._enforce(record, info, cg, changes=stale, method=method, force=True)
-        self._verify(record, cg, stale)
-        record["drift_corrections"] = record.get("drift_corrections", 0) + 1
-        self.store.save(key, record, durable=False)
+        method = _cpu_mem_method(exp)
+        made = self._enforce(exp, fresh, cg, changes=stale, method=method, force=True)
+        self._verify(made, cg, stale)
+        made = made.replace(drift_corrections=exp.drift_corrections + 1)
+        self._save_quiet(made)
+        self._set(made)
         self.metrics.drift_corrections.labels(cause).inc()
 
-    def _end_gone(self, key: str, record: dict[str, Any]) -> None:
-        log.info("pod of %s is gone; ending its experiment", key)
-        if record.get("net"):
-            try:
-                self._unshape(record)  # removes the IFB device; the veth went with the pod
-            except Exception as e:
-                log.error("removing the shaping of gone %s failed: %s", key, e)
-                return
-        self.store.delete(key)
-        with self._guard:
-            self._records.pop(key, None)
-            self._known.pop(record["target"]["container_id"], None)
-            self.metrics.active.set(len(self._records))
-        self.metrics.reverts.labels("pod-deleted").inc()
 
-    def _loop(self) -> None:
-        next_drift = time.monotonic() + self.drift_interval_s
-        while not self._stop.is_set():
-            now = self.clock()
-            with self._guard:
-                expiries = [r["expires_at"] for r in self._records.values() if r.get("expires_at") is not None]
-            wait = max(0.0, next_drift - time.monotonic())
-            if expiries:
-                wait = min(wait, max(0.0, min(expiries) - now))
-            self._wake.wait(timeout=wait)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            try:
-                self.expire_due()
-                if time.monotonic() >= next_drift:
-                    self.retry_recovery()
-                    self.check_drift()
-                    next_drift = time.monotonic() + self.drift_interval_s
-            except Exception as e:  # the loop must outlive any one bad record
-                log.error("background check failed: %s", e)
+def _values(readings: Readings | None, rates: dict[Resource, int], exp: Experiment) -> dict[Resource, int]:
+    values: dict[Resource, int] = {}
+    if readings is not None:
+        values[Resource.CPU] = millicpu_of(readings.cpu_quota_us, readings.cpu_period_us)
+        values[Resource.MEMORY] = readings.memory_limit_bytes
+    for r in BANDWIDTH:
+        values[r] = rates.get(r, exp.original.get(r, UNLIMITED))
+    return values
 
 
-def _as_made(record: dict[str, Any], changes: dict[Resource, int], method: Method) -> dict[str, Any]:
+def _as_made(exp: Experiment, changes: dict[Resource, int], method: Method, payload: Any) -> Experiment:
     """The record as it will be once ``changes`` are made by ``method`` (the runtime for auto)."""
-    out = _deep_copy(record)
-    out["phase"] = "active"
-    out.pop("cri_intent", None)
+    methods = dict(exp.methods)
     for r in changes:
-        out["methods"][r.value] = (Method.NETLINK if r in BANDWIDTH else Method.CGROUP if method is Method.CGROUP
-                                   else Method.CRI).value
-    if method is not Method.CGROUP and any(r in CPU_MEM for r in changes):
-        out["cri_used"] = True
-    return out
+        methods[r] = Method.NETLINK if r in BANDWIDTH else Method.CGROUP if method is Method.CGROUP else Method.CRI
+    cri_sent = payload.to_dict() if payload is not None and method is not Method.CGROUP else exp.cri_sent
+    return exp.replace(phase=Phase.ACTIVE, cri_intent=(), methods=methods, cri_sent=cri_sent)
+
+
+def _cpu_mem_method(exp: Experiment) -> Method:
+    """How the record's CPU and memory were last changed (cri or cgroup); auto when neither was."""
+    return exp.methods.get(Resource.CPU) or exp.methods.get(Resource.MEMORY) or Method.AUTO
+
+
+@dataclasses.dataclass
+class _Progress:
+    """What one enforcement has done so far that a rollback needs to know: the resources the runtime got."""
+
+    cri_sent: dict[str, Any] | None = None
 
 
 class _KeyLock:
-    """A container's lock and how many requests hold or wait for it (the lock is dropped at zero)."""
+    """A pod's lock and how many requests hold or wait for it (the lock is dropped at zero)."""
 
     __slots__ = ("lock", "users")
 
@@ -998,42 +1234,9 @@ class _KeyLock:
         self.lock = threading.Lock()
         self.users = 0
 
-    def acquire(self, blocking: bool) -> bool:
-        return self.lock.acquire(blocking)
-
-    def release(self) -> None:
-        self.lock.release()
-
-
-class _Stale(Exception):
-    """The container found without the runtime no longer runs: resolve it through the runtime."""
-
-
-def _cpu_mem_method(record: dict[str, Any]) -> Method:
-    """How the record's CPU and memory were last changed (cri or cgroup); auto when neither was."""
-    methods = record["methods"]
-    return Method(methods.get("cpu") or methods.get("memory") or Method.AUTO.value)
-
-
-def _deep_copy(record: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a record whose parts the engine changes may be changed freely (snapshots are replaced, never edited)."""
-    out = dict(record)
-    for part in ("target", "original", "desired", "methods"):
-        out[part] = dict(record[part])
-    if record.get("net"):
-        out["net"] = dict(record["net"])
-    return out
-
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _fmt(resource: Resource, value: int) -> str:
-    if value == UNLIMITED:
-        return "unlimited"
-    if resource is Resource.CPU:
-        return f"{value}m"
-    if resource is Resource.MEMORY:
-        return f"{value / 2**20:.1f}Mi" if value % 2**20 else f"{value // 2**20}Mi"
-    return f"{value / 1e6:g}Mbit/s"
+__all__ = ["Engine", "NODE_LOCAL", "quota_for", "millicpu_of", "same_quantity"]

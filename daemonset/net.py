@@ -85,6 +85,27 @@ class NetOps:
         except ne.ShapeError as e:
             raise _engine_error(e, f"removing the shaping of {host_ifname}") from e
 
+    def remove_ifb(self, key: str) -> bool:
+        """Delete our IFB device of ``key`` by its name (a pod that is gone: its veth went with it, and a
+        veth of the same name may be another pod's by now, so nothing on the veth side is touched)."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        import netshape
+
+        name = netshape.ifb_name(key)
+        try:
+            with IPRoute() as ipr:
+                index = ipr.link_lookup(ifname=name)
+                if not index:
+                    return False
+                ipr.link("del", index=index[0])
+                return True
+        except NetlinkError as e:
+            if e.code == 19:  # ENODEV: removed meanwhile
+                return False
+            raise ApplyFailed(f"deleting our IFB device {name}: {e}") from e
+
     def read_rates(self, host_ifname: str, key: str) -> tuple[int, int]:
         """(ingress_bps, egress_bps) fully in force; UNLIMITED where a direction is not shaped (or undone)."""
         import netshape

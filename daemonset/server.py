@@ -25,6 +25,7 @@ from daemonset.types import (
     ApplyResult,
     Changes,
     Conflict,
+    DamagedRecord,
     Denied,
     EngineError,
     ExperimentInfo,
@@ -34,6 +35,7 @@ from daemonset.types import (
     ResolvedTarget,
     Resource,
     ResourceResult,
+    RevertIncomplete,
     RevertRequest,
     RevertResult,
     RuntimeUnavailable,
@@ -55,6 +57,7 @@ _CODE_BY_ERROR: dict[type[EngineError], grpc.StatusCode] = {
     Conflict: grpc.StatusCode.ABORTED,
     ApplyFailed: grpc.StatusCode.INTERNAL,
     RuntimeUnavailable: grpc.StatusCode.UNAVAILABLE,
+    RevertIncomplete: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 _METHOD_TO_PB = {
@@ -100,7 +103,9 @@ def apply_request_from_pb(req: agent_pb2.ApplyRequest) -> ApplyRequest:
     )
 
 
-def quantity_pb(value: int) -> agent_pb2.Quantity:
+def quantity_pb(value: int, unknown: str = "") -> agent_pb2.Quantity:
+    if unknown:
+        return agent_pb2.Quantity(unknown=unknown)
     return agent_pb2.Quantity(unlimited=True) if value == UNLIMITED else agent_pb2.Quantity(value=value)
 
 
@@ -112,7 +117,7 @@ def resolved_pb(t: ResolvedTarget) -> agent_pb2.ResolvedTarget:
 def resource_pb(r: ResourceResult) -> agent_pb2.ResourceResult:
     return agent_pb2.ResourceResult(
         resource=_RESOURCE_TO_PB[r.resource], original=quantity_pb(r.original), previous=quantity_pb(r.previous),
-        requested=quantity_pb(r.requested), in_force=quantity_pb(r.in_force), method=_METHOD_TO_PB[r.method],
+        requested=quantity_pb(r.requested), in_force=quantity_pb(r.in_force, r.unknown), method=_METHOD_TO_PB[r.method],
     )
 
 
@@ -126,16 +131,26 @@ def apply_response_pb(res: ApplyResult) -> agent_pb2.ApplyResponse:
 
 def revert_response_pb(res: RevertResult) -> agent_pb2.RevertResponse:
     return agent_pb2.RevertResponse(target=resolved_pb(res.target), resources=[resource_pb(r) for r in res.resources],
-                                    was_active=res.was_active, dry_run=res.dry_run)
+                                    was_active=res.was_active, dry_run=res.dry_run, not_restored=list(res.not_restored))
 
 
 def experiment_pb(e: ExperimentInfo) -> agent_pb2.Experiment:
     out = agent_pb2.Experiment(experiment_id=e.experiment_id, target=resolved_pb(e.target),
                                resources=[resource_pb(r) for r in e.resources], started_at_unix_s=e.started_at,
-                               drift_corrections=e.drift_corrections)
+                               drift_corrections=e.drift_corrections, phase=e.phase.value,
+                               owner="node-local" if e.owner.kind.value == "node-local" else e.owner.describe())
     if e.expires_at is not None:
         out.expires_at_unix_s = e.expires_at
+    if e.failure is not None:
+        out.failure = e.failure.reason
+        out.attempts = e.failure.attempts
+        if e.failure.next_retry_at is not None:
+            out.next_retry_at_unix_s = e.failure.next_retry_at
     return out
+
+
+def damaged_pb(d: DamagedRecord) -> agent_pb2.DamagedRecord:
+    return agent_pb2.DamagedRecord(file=d.file, reason=d.reason, key=d.key, cleaned=list(d.cleaned))
 
 
 # --- the service -------------------------------------------------------------------------------
@@ -162,7 +177,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         try:
             if not request.HasField("target"):
                 raise InvalidRequest("target is missing; give namespace, pod and (if the pod has several) container")
-            res = self.engine.revert(RevertRequest(target=target_from_pb(request.target), dry_run=request.dry_run))
+            res = self.engine.revert(RevertRequest(target=target_from_pb(request.target), dry_run=request.dry_run,
+                                                   force=request.force))
             return revert_response_pb(res)
         except Exception as e:
             self._fail(context, e)
@@ -170,7 +186,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     def List(self, request: agent_pb2.ListRequest, context: grpc.ServicerContext) -> agent_pb2.ListResponse:  # noqa: N802
         try:
-            return agent_pb2.ListResponse(experiments=[experiment_pb(e) for e in self.engine.list(request.namespace or None)])
+            namespace = request.namespace or None
+            return agent_pb2.ListResponse(experiments=[experiment_pb(e) for e in self.engine.list(namespace)],
+                                          damaged=[damaged_pb(d) for d in self.engine.list_damaged(namespace)])
         except Exception as e:
             self._fail(context, e)
             raise

@@ -17,6 +17,7 @@ kept either (limits and qdiscs do not survive a reboot), and recovery handles th
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -29,7 +30,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 _SUFFIX = ".json"
 _TMP_PREFIX = ".tmp-"
 
@@ -129,8 +129,9 @@ class StateStore:
         return self.root / (record_name(key) + _SUFFIX)
 
     def save(self, key: str, record: dict[str, Any], *, durable: bool = True) -> None:
-        """Write ``record`` for ``key`` atomically; with ``durable`` also on disk before returning."""
-        data = json.dumps({"schema": SCHEMA_VERSION, "key": key, **record}, separators=(",", ":")).encode()
+        """Write ``record`` (its JSON form, see ``daemonset.record``) for ``key`` atomically; with ``durable``
+        also on disk before returning."""
+        data = json.dumps(record, separators=(",", ":")).encode()
         final = self.path_for(key)
         tmp = self.root / f"{_TMP_PREFIX}{final.name}.{os.getpid()}"
         try:
@@ -172,25 +173,47 @@ class StateStore:
         except FileNotFoundError:
             return None
 
-    def load_all(self) -> Iterator[dict[str, Any]]:
-        """Every readable record; leftovers of interrupted writes are removed, unreadable records set aside."""
+    def load_all(self) -> Iterator[Loaded]:
+        """Every record file with its parsed JSON, or the reason it could not be parsed.
+
+        Leftovers of interrupted writes are removed (the rename never happened, so the previous
+        record, if any, holds). Nothing else is moved or skipped: a file that cannot be read is the
+        only trace of a change that may still be in force, so the engine lists it as damaged.
+        """
         for path in sorted(self.root.iterdir()):
             if path.name.startswith(_TMP_PREFIX):
-                # An interrupted save: the rename never happened, so the previous record (if any) holds.
                 path.unlink(missing_ok=True)
                 continue
             if path.suffix != _SUFFIX:
                 continue
             try:
-                record = json.loads(path.read_text())
-                if not isinstance(record, dict) or "key" not in record:
-                    raise ValueError("not a state record")
-            except (OSError, ValueError) as e:
-                bad = path.with_suffix(".corrupt")
-                log.error("state record %s unreadable (%s); moved to %s", path, e, bad.name)
-                os.replace(path, bad)
+                raw = path.read_bytes()
+            except OSError as e:
+                yield Loaded(path, None, f"cannot read it: {e.strerror}")
                 continue
-            if record.get("schema") != SCHEMA_VERSION:
-                log.error("state record %s has schema %r, expected %d; ignored", path, record.get("schema"), SCHEMA_VERSION)
+            if not raw.strip():
+                yield Loaded(path, None, f"empty ({len(raw)} bytes)")
                 continue
-            yield record
+            try:
+                yield Loaded(path, json.loads(raw), "")
+            except ValueError as e:
+                yield Loaded(path, None, f"not JSON ({e}; {len(raw)} bytes)")
+
+    def delete_file(self, path: pathlib.Path) -> None:
+        """Remove a record file found by ``load_all`` (a damaged record that has been dealt with)."""
+        try:
+            path.unlink()
+            self._mark_dirty(None)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StateError(f"cannot delete state record {path}: {e.strerror}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """One record file: its parsed JSON (None when unparseable) and why it could not be parsed."""
+
+    path: pathlib.Path
+    data: Any
+    error: str

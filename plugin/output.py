@@ -63,10 +63,13 @@ def _change_line(change: ResourceChange, *, kind: str, dry_run: bool, now: datet
     line = f"{change.resource}: {before} -> {after}"
     if dry_run:
         line += f" via {change.method} (dry run: nothing changed)"
+    elif change.unknown:
+        # Never the asked value dressed as a reading: say why there is none.
+        line += f" (read back: unknown, {change.unknown}) via {change.method}"
     else:
         line += f" (read back {format_value(change.resource, change.read_back)}) via {change.method}"
         if kind == "reset":
-            line += ", restored"
+            line += ", restored" if change.read_back == change.requested else ", NOT the original"
         elif change.expires_at is not None:
             line += f", expires {format_time(change.expires_at, now)}"
         else:
@@ -105,6 +108,7 @@ def _change_data(change: ResourceChange) -> dict:
         "method": change.method,
         "expiresAt": _rfc3339(change.expires_at),
         "message": change.message,
+        "readBackUnknown": change.unknown or None,
     }
 
 
@@ -150,7 +154,8 @@ def status_data(items: Sequence[ExperimentStatus]) -> dict:
     }
 
 
-_STATUS_COLUMNS = ("NAMESPACE", "POD", "CONTAINER", "RESOURCE", "ORIGINAL", "CHAOS", "NOW", "METHOD", "EXPIRES")
+_STATUS_COLUMNS = ("NAMESPACE", "POD", "CONTAINER", "RESOURCE", "ORIGINAL", "CHAOS", "NOW", "METHOD", "EXPIRES",
+                   "STATE")
 
 
 def render_status(items: Sequence[ExperimentStatus], fmt: str, now: datetime) -> str:
@@ -161,7 +166,7 @@ def render_status(items: Sequence[ExperimentStatus], fmt: str, now: datetime) ->
     for s in items:
         for c in s.changes or (None,):
             if c is None:
-                rows.append((s.namespace, s.pod, s.container, "-", "-", "-", "-", "-", "-"))
+                rows.append((s.namespace, s.pod, s.container, "-", "-", "-", "-", "-", "-", s.state))
                 continue
             rows.append(
                 (
@@ -171,15 +176,22 @@ def render_status(items: Sequence[ExperimentStatus], fmt: str, now: datetime) ->
                     c.resource,
                     format_value(c.resource, c.previous),
                     format_value(c.resource, c.requested),
-                    format_value(c.resource, c.read_back),
+                    "unknown" if c.unknown else format_value(c.resource, c.read_back),
                     c.method,
                     format_time(c.expires_at, now) if c.expires_at is not None else "never",
+                    s.state,
                 )
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(_STATUS_COLUMNS))]
-    return "".join(
+    table = "".join(
         "   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows
     )
+    # What a table cell cannot hold: why a value is unknown, a failing restore, a damaged record.
+    notes = [f"{s.namespace}/{s.pod}/{s.container} {c.resource}: unknown ({c.unknown})"
+             for s in items for c in s.changes if c.unknown]
+    notes += [f"{s.namespace}/{s.pod}/{s.container} ({s.state}): {s.message}" for s in items
+              if s.message and s.state != "active"]
+    return table + "".join(f"  {n}\n" for n in notes)
 
 
 def _dump(data: dict, fmt: str) -> str:

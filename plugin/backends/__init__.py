@@ -134,6 +134,8 @@ class ResourceChange:
     method: str
     expires_at: datetime | None = None
     message: str = ""
+    # Why ``read_back`` could not be read from the kernel (then None is no reading, not "unlimited").
+    unknown: str = ""
 
     @property
     def unit(self) -> str:

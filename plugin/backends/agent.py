@@ -34,6 +34,8 @@ from plugin.errors import BackendError, UsageError, one_line
 # because the container runtime does not).
 _TRANSPORT_FAILURES = ("failed to connect", "Connection refused", "No such file", "Socket closed", "connection reset",
                        "Permission denied", "DNS resolution failed")
+# ... and what it says when the agent went away in the middle of a call.
+_CUT_OFF = ("Stream removed", "Broken pipe", "EOF")
 _TLS_ENV = ("KUBECTL_CHAOS_TLS_CA", "KUBECTL_CHAOS_TLS_CERT", "KUBECTL_CHAOS_TLS_KEY")
 
 
@@ -100,8 +102,13 @@ class AgentBackend:
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise BackendError(f"the chaos-agent at {self.address} did not answer {what} within "
                                    f"{self.timeout_s:g}s") from None
-            if code == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _TRANSPORT_FAILURES):
-                raise BackendError(f"cannot reach the chaos-agent at {self.address}: {details}") from None
+            if code == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _TRANSPORT_FAILURES + _CUT_OFF):
+                hint = ""
+                if what in ("apply", "reset"):
+                    # The connection broke: the agent may have made the change before it went away.
+                    hint = (f"; if the agent got the request the {what} may have taken effect: check"
+                            f" `kubectl chaos status --agent-address {self.address}`")
+                raise BackendError(f"cannot reach the chaos-agent at {self.address}: {details}{hint}") from None
             raise BackendError(f"{what} failed: {details}") from None
 
     def _value(self, q: Any) -> int | None:
@@ -112,9 +119,10 @@ class AgentBackend:
             resource=self._resource_names.get(r.resource, str(r.resource)),
             previous=self._value(r.previous),
             requested=self._value(r.requested),
-            read_back=None if dry_run else self._value(r.in_force),
+            read_back=None if dry_run or r.in_force.unknown else self._value(r.in_force),
             method=self._method_names.get(r.method, "auto"),
             expires_at=expires_at,
+            unknown="" if dry_run else r.in_force.unknown,
         )
 
     def _target(self, req: ChaosRequest) -> Any:
@@ -161,14 +169,16 @@ class AgentBackend:
         )
 
     def reset(self, req: ChaosRequest) -> ResetResult:
-        resp = self._call(self._stub.Revert, self._pb.RevertRequest(target=self._target(req), dry_run=req.dry_run),
-                          "reset")
+        resp = self._call(self._stub.Revert, self._pb.RevertRequest(target=self._target(req), dry_run=req.dry_run,
+                                                                     force=req.force), "reset")
         t = resp.target
         return ResetResult(
             targets=(TargetResult(
-                namespace=t.namespace, pod=t.pod, container=t.container, node=t.node_name or None,
+                namespace=t.namespace or req.namespace or "default", pod=t.pod or req.pod or "",
+                container=t.container, node=t.node_name or None,
                 changes=tuple(self._change(r, expires_at=None, dry_run=resp.dry_run)
                               for r in resp.resources),
+                error="not restored: " + "; ".join(resp.not_restored) if resp.not_restored else None,
             ),),
             dry_run=resp.dry_run,
         )
@@ -183,17 +193,35 @@ class AgentBackend:
                     resource=self._resource_names.get(r.resource, str(r.resource)),
                     previous=self._value(r.original),
                     requested=self._value(r.requested),
-                    read_back=self._value(r.in_force),
+                    read_back=None if r.in_force.unknown else self._value(r.in_force),
                     method=self._method_names.get(r.method, "auto"),
                     expires_at=expires,
+                    unknown=r.in_force.unknown,
                 )
                 for r in e.resources
             )
             t = e.target
+            notes = []
+            if e.failure:
+                retry = (f"; next try {_when(e.next_retry_at_unix_s):%H:%M:%SZ}"
+                         if e.HasField("next_retry_at_unix_s") else "")
+                notes.append(f"{e.failure} (try {e.attempts}{retry})")
+            if e.drift_corrections:
+                notes.append(f"{e.drift_corrections} drift correction(s)")
+            if e.owner and e.owner != "node-local":
+                notes.append(f"owned by {e.owner}")
             out.append(ExperimentStatus(
                 namespace=t.namespace, pod=t.pod, container=t.container, changes=changes, node=t.node_name or None,
                 experiment_id=e.experiment_id, started_at=_when(e.started_at_unix_s),
-                message=f"{e.drift_corrections} drift correction(s)" if e.drift_corrections else "",
+                state=e.phase or "active", message="; ".join(notes),
+            ))
+        for d in resp.damaged:
+            namespace, pod, container = (d.key.split("/", 2) if d.key else ["?", "?", "?"])
+            cleaned = f"; removed: {', '.join(d.cleaned)}" if d.cleaned else ""
+            out.append(ExperimentStatus(
+                namespace=namespace, pod=pod, container=container, state="damaged",
+                message=f"state record {d.file} is damaged ({d.reason}); what it held may still be in force;"
+                        f" --reset the container to clean up{cleaned}",
             ))
         return out
 

@@ -59,6 +59,9 @@ class ScriptedEngine:
         self.seen.append(namespace)
         return [ExperimentInfo("e1", TARGET, (), 1.0, None, 2)]
 
+    def list_damaged(self, namespace=None):
+        return []
+
 
 @pytest.fixture
 def served(tmp_path):
@@ -173,28 +176,34 @@ def test_flags_and_defaults(monkeypatch):
     assert unix_path("10.0.0.1:5") is None
 
 
-def test_state_store_atomic_and_tolerant(tmp_path):
+def test_state_store_atomic_and_keeps_damaged_files(tmp_path):
     store = StateStore(tmp_path)
-    store.save("default/web/app", {"phase": "active", "n": 1})
-    store.save("default/web/app", {"phase": "active", "n": 2})
+    store.save("default/web/app", {"key": "default/web/app", "n": 1})
+    store.save("default/web/app", {"key": "default/web/app", "n": 2})
     [rec] = list(store.load_all())
-    assert rec["n"] == 2 and rec["key"] == "default/web/app"
+    assert rec.data["n"] == 2 and rec.data["key"] == "default/web/app" and not rec.error
     files = os.listdir(store.root)
     assert len(files) == 1 and stat.S_IMODE(os.stat(store.root / files[0]).st_mode) == 0o600
-    # leftovers of a write interrupted before its rename, and a torn record, do not stop a start
+    # A write interrupted before its rename is dropped (the old record holds); a torn or empty record
+    # is handed over with the reason, never moved aside: it is the only trace of what may be in force.
     (store.root / ".tmp-abc.json.123").write_text("{partial")
     (store.root / "broken.json").write_text("{not json")
-    assert [r["n"] for r in store.load_all()] == [2]
-    assert not (store.root / ".tmp-abc.json.123").exists() and (store.root / "broken.corrupt").exists()
+    (store.root / "empty.json").write_text("")
+    loaded = {r.path.name: r for r in store.load_all()}
+    assert loaded[files[0]].data["n"] == 2
+    assert loaded["broken.json"].data is None and "not JSON" in loaded["broken.json"].error
+    assert loaded["empty.json"].error == "empty (0 bytes)"
+    assert not (store.root / ".tmp-abc.json.123").exists() and (store.root / "broken.json").exists()
     store.delete("default/web/app")
     store.delete("default/web/app")  # idempotent
-    assert list(store.load_all()) == []
+    store.delete_file(store.root / "broken.json")
+    assert [r.path.name for r in store.load_all()] == ["empty.json"]
 
 
 def test_state_store_deferred_writes_are_visible_at_once_and_flushed(tmp_path):
     store = StateStore(tmp_path, flush_interval_s=0.01)
     store.save("a/b/c", {"phase": "active"}, durable=False)
-    assert [r["phase"] for r in store.load_all()] == ["active"]  # a new reader (a restarted agent) sees it
+    assert [r.data["phase"] for r in store.load_all()] == ["active"]  # a new reader (a restarted agent) sees it
     store.flush()
     assert not store._dirty
     store.delete("a/b/c")

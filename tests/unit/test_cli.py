@@ -423,6 +423,7 @@ def test_apply_json_keeps_stdout_machine_readable(harness):
                         "method": "cri",
                         "expiresAt": "2026-11-22T21:56:05Z",
                         "message": "",
+                        "readBackUnknown": None,
                     }
                 ],
             }
@@ -445,6 +446,7 @@ def test_apply_yaml(harness):
         "method": "cgroup",
         "expiresAt": None,
         "message": "",
+        "readBackUnknown": None,
     }
     assert harness.backend.requests[0].method == "cgroup"
 
@@ -523,10 +525,10 @@ def test_status_text_table(harness):
     assert result.exit_code == 0, result.output
     assert harness.backend.status_scopes == [None]
     assert result.stdout == (
-        "NAMESPACE   POD      CONTAINER   RESOURCE           ORIGINAL    CHAOS     NOW       METHOD   EXPIRES\n"
-        "default     web      app         cpu                1           500m      500m      cri      20:31:05Z\n"
-        "default     web      app         bandwidth-egress   unlimited   2Mbit/s   2Mbit/s   tc       never\n"
-        "shop        cart-7   cart        memory             2Gi         256Mi     256Mi     cgroup   2026-11-23T20:26:05Z\n"
+        "NAMESPACE   POD      CONTAINER   RESOURCE           ORIGINAL    CHAOS     NOW       METHOD   EXPIRES                STATE\n"
+        "default     web      app         cpu                1           500m      500m      cri      20:31:05Z              active\n"
+        "default     web      app         bandwidth-egress   unlimited   2Mbit/s   2Mbit/s   tc       never                  active\n"
+        "shop        cart-7   cart        memory             2Gi         256Mi     256Mi     cgroup   2026-11-23T20:26:05Z   active\n"
     )
 
 
@@ -572,6 +574,7 @@ def test_status_structured(harness, fmt):
                         "method": "cgroup",
                         "expiresAt": "2026-11-23T20:26:05Z",
                         "message": "",
+                        "readBackUnknown": None,
                     }
                 ],
             }

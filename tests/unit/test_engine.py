@@ -22,14 +22,15 @@ from daemonset.types import (
     ApplyFailed,
     ApplyRequest,
     Changes,
+    Conflict,
     Denied,
     EngineError,
     InvalidRequest,
     Method,
+    Phase,
     Refused,
     Resource,
     RevertRequest,
-    RuntimeUnavailable,
     Target,
     TargetNotFound,
 )
@@ -149,10 +150,10 @@ class FakeCgroups:
     def read_for_plan(self, cg, *, memory_usage=True):
         return self.read(cg), None
 
-    def check(self, cg, *, cpu_quota_us, memory_limit_bytes, force, state=None):
+    def check(self, cg, *, cpu_quota_us, memory_limit_bytes, force, state=None, what=""):
         _, c = self.w.by_id(cg)
         if memory_limit_bytes is not None and memory_limit_bytes < c.usage and not force:
-            raise Refused(f"memory {memory_limit_bytes} below usage {c.usage}")
+            raise Refused(f"{what or 'memory'} {memory_limit_bytes} below usage {c.usage}")
         return None
 
     def set_container(self, cg, *, cpu_quota_us, memory_limit_bytes, force, plan=None):
@@ -176,27 +177,32 @@ class FakeCgroups:
             self.w.pod_quota[(ns, pod)] = before
             raise
 
+    # File names as a real snapshot has them, so a restore of only cpu.* or memory.* files works here too.
     def snapshot(self, cg):
         (ns, pod, _), c = self.w.by_id(cg)
-        return {"cgroups": {"pod": {}}, "files": {"quota": c.quota_us, "memory": c.memory,
-                                                  "pod_quota": self.w.pod_quota[(ns, pod)], "id": cg}}
+        return {"cgroups": {"pod": {}, "id": cg}, "files": {"cpu.quota": c.quota_us, "memory.limit": c.memory,
+                                                             "cpu.pod_quota": self.w.pod_quota[(ns, pod)]}}
 
     def from_snapshot(self, snap):
-        return snap["files"]["id"]
+        return snap["cgroups"]["id"]
 
     def refresh_container_snapshot(self, old, cg):
         new = self.snapshot(cg)
-        new["files"]["pod_quota"] = old["files"]["pod_quota"]
+        new["files"]["cpu.pod_quota"] = old["files"]["cpu.pod_quota"]
         return new
 
-    def restore(self, snap, *, container_alive=True):
+    def restore(self, snap, *, force=False):
         f = snap["files"]
         try:
-            (ns, pod, _), c = self.w.by_id(f["id"])
+            (ns, pod, _), c = self.w.by_id(snap["cgroups"]["id"])
         except KeyError:
             return
-        c.quota_us, c.memory = f["quota"], f["memory"]
-        self.w.pod_quota[(ns, pod)] = f["pod_quota"]
+        if "memory.limit" in f and f["memory.limit"] < c.usage and not force:
+            raise Refused(f"memory cannot go back to {f['memory.limit']}: usage {c.usage}")
+        c.quota_us = f.get("cpu.quota", c.quota_us)
+        c.memory = f.get("memory.limit", c.memory)
+        if "cpu.pod_quota" in f:
+            self.w.pod_quota[(ns, pod)] = f["cpu.pod_quota"]
 
 
 class FakeNet:
@@ -218,6 +224,9 @@ class FakeNet:
 
     def unshape(self, host, key, snapshot, *, ingress_hook_ours=False):
         self.w.rates.pop(key, None)
+
+    def remove_ifb(self, key):
+        return self.w.rates.pop(key, None) is not None
 
     def sweep_orphans(self, active_keys):
         gone = [k for k in self.w.rates if k not in active_keys]
@@ -401,7 +410,7 @@ def test_restart_reverts_expired_and_rearms_running(world, clock, tmp_path):
 def test_half_made_change_is_undone_on_start(world, clock, tmp_path):
     e = make_engine(world, clock, tmp_path)
     apply(e, cpu_millicpu=200)
-    record = next(iter(e.store.load_all()))
+    record = next(iter(e.store.load_all())).data
     record["phase"] = "applying"  # as if killed between the intent record and the active record
     e.store.save(record["key"], record)
     e.close()
@@ -454,13 +463,22 @@ def test_same_container_serialized_different_in_parallel(world, clock, tmp_path)
     [exp] = e.list()
     assert exp.resources[0].original == 500
     world.max_concurrent = 0
+    # One pod is one lock (its veth and IFB are shared by its containers); different pods in parallel.
     threads = [threading.Thread(target=run, args=("duo", c, 100)) for c in ("a", "b")]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors and world.max_concurrent == 1
+    world.max_concurrent = 0
+    e.revert(RevertRequest(Target("default", "duo", "a")))
+    threads = [threading.Thread(target=run, args=args) for args in (("duo", "a", 150), ("web", None, 150))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert not errors and world.max_concurrent == 2
-    # Per-container locks live only while in use: a node that churns through containers keeps none.
+    # Per-pod locks live only while in use: a node that churns through pods keeps none.
     e.revert(RevertRequest(Target("default", "web")))
     e.check_drift()
     assert e._locks == {}
@@ -472,28 +490,28 @@ def test_revert_without_experiment(world, clock, tmp_path):
     assert not res.was_active and res.target.container == "app"
 
 
-def test_apply_and_revert_wait_for_an_unfinished_recovery(world, clock, tmp_path):
-    # Expired while the agent was down, and the runtime does not answer at its restart: the record
-    # keeps the true originals, so neither a revert (it would find nothing and report success) nor a
-    # new apply (it would snapshot the experiment's 200m as the original) may go ahead meanwhile.
+def test_expiry_during_a_runtime_outage_restores_the_kernel_and_retries_the_runtime(world, clock, tmp_path):
+    # Expired while the agent was down, and the runtime does not answer at its restart: the kernel
+    # gets the originals at once (direct writes need no runtime), the record stays (revert-failing)
+    # until the runtime's own view is put back, a new apply waits, and a reset tries again at once.
     e = make_engine(world, clock, tmp_path)
     apply(e, cpu_millicpu=200, duration_s=5)
     e.close()
     clock.now += 10
     world.runtime_down = True
     e2 = make_engine(world, clock, tmp_path)
-    world.runtime_down = False
-    assert e2._unrecovered
-    with pytest.raises(RuntimeUnavailable, match="not recovered yet"):
-        e2.revert(RevertRequest(Target("default", "web", "app")))
-    with pytest.raises(RuntimeUnavailable, match="not recovered yet"):
-        apply(e2, cpu_millicpu=300)
-    assert world.containers[("default", "web", "app")].quota_us == 20_000
-    e2.retry_recovery()
     assert world.containers[("default", "web", "app")].quota_us == 50_000
+    [exp] = e2.list()
+    assert exp.phase is Phase.REVERT_FAILING and "runtime" in exp.failure.reason
+    assert exp.failure.next_retry_at > clock.now
+    with pytest.raises(Conflict, match="being reverted"):
+        apply(e2, cpu_millicpu=300)
+    world.runtime_down = False
+    res = e2.revert(RevertRequest(Target("default", "web", "app")))
+    assert res.was_active and res.resources[0].in_force == 500 and not res.resources[0].unknown
     apply(e2, cpu_millicpu=300)
     [exp] = e2.list()
-    assert exp.resources[0].original == 500
+    assert exp.resources[0].original == 500 and exp.phase is Phase.ACTIVE
 
 
 def test_one_agent_per_state_dir(world, clock, tmp_path):

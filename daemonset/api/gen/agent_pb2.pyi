@@ -205,17 +205,21 @@ class Quantity(_message.Message):
 
     UNLIMITED_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
+    UNKNOWN_FIELD_NUMBER: _builtins.int
     unlimited: _builtins.bool
     value: _builtins.int
+    unknown: _builtins.str
+    """Set when the value could not be read from the kernel: why. `value` is then meaningless."""
     def __init__(
         self,
         *,
         unlimited: _builtins.bool = ...,
         value: _builtins.int = ...,
+        unknown: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["unlimited", b"unlimited", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["unknown", b"unknown", "unlimited", b"unlimited", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -343,7 +347,10 @@ class RevertRequest(_message.Message):
 
     TARGET_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     dry_run: _builtins.bool
+    force: _builtins.bool
+    """Put memory back even below what the container cannot give back (cgroup v1 waits for reclaim)."""
     @_builtins.property
     def target(self) -> Global___Target: ...
     def __init__(
@@ -351,10 +358,11 @@ class RevertRequest(_message.Message):
         *,
         target: Global___Target | None = ...,
         dry_run: _builtins.bool = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "force", b"force", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -368,6 +376,7 @@ class RevertResponse(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     WAS_ACTIVE_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    NOT_RESTORED_FIELD_NUMBER: _builtins.int
     was_active: _builtins.bool
     """False when the container had no active experiment (nothing was changed)."""
     dry_run: _builtins.bool
@@ -377,6 +386,10 @@ class RevertResponse(_message.Message):
     def resources(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResourceResult]:
         """previous = in force before the revert, in_force = read back after it."""
 
+    @_builtins.property
+    def not_restored(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What could not be put back, one phrase each (e.g. a damaged record's lost originals). Empty: exact."""
+
     def __init__(
         self,
         *,
@@ -384,10 +397,11 @@ class RevertResponse(_message.Message):
         resources: _abc.Iterable[Global___ResourceResult] | None = ...,
         was_active: _builtins.bool = ...,
         dry_run: _builtins.bool = ...,
+        not_restored: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "resources", b"resources", "target", b"target", "was_active", b"was_active"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "not_restored", b"not_restored", "resources", b"resources", "target", b"target", "was_active", b"was_active"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -423,10 +437,23 @@ class Experiment(_message.Message):
     STARTED_AT_UNIX_S_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_UNIX_S_FIELD_NUMBER: _builtins.int
     DRIFT_CORRECTIONS_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    NEXT_RETRY_AT_UNIX_S_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     started_at_unix_s: _builtins.float
     expires_at_unix_s: _builtins.float
     drift_corrections: _builtins.int
+    phase: _builtins.str
+    """applying, active, reverting, revert-failing, rollback-failed."""
+    owner: _builtins.str
+    """"node-local" or "ResourceChaos <namespace>/<name>"."""
+    failure: _builtins.str
+    """The last failure of a pending restore, and when the agent tries again."""
+    next_retry_at_unix_s: _builtins.float
+    attempts: _builtins.int
     @_builtins.property
     def target(self) -> Global___ResolvedTarget: ...
     @_builtins.property
@@ -440,32 +467,80 @@ class Experiment(_message.Message):
         started_at_unix_s: _builtins.float = ...,
         expires_at_unix_s: _builtins.float | None = ...,
         drift_corrections: _builtins.int = ...,
+        phase: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        failure: _builtins.str = ...,
+        next_retry_at_unix_s: _builtins.float | None = ...,
+        attempts: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_expires_at_unix_s", b"_expires_at_unix_s", "expires_at_unix_s", b"expires_at_unix_s", "target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expires_at_unix_s", b"_expires_at_unix_s", "_next_retry_at_unix_s", b"_next_retry_at_unix_s", "expires_at_unix_s", b"expires_at_unix_s", "next_retry_at_unix_s", b"next_retry_at_unix_s", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expires_at_unix_s", b"_expires_at_unix_s", "drift_corrections", b"drift_corrections", "experiment_id", b"experiment_id", "expires_at_unix_s", b"expires_at_unix_s", "resources", b"resources", "started_at_unix_s", b"started_at_unix_s", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expires_at_unix_s", b"_expires_at_unix_s", "_next_retry_at_unix_s", b"_next_retry_at_unix_s", "attempts", b"attempts", "drift_corrections", b"drift_corrections", "experiment_id", b"experiment_id", "expires_at_unix_s", b"expires_at_unix_s", "failure", b"failure", "next_retry_at_unix_s", b"next_retry_at_unix_s", "owner", b"owner", "phase", b"phase", "resources", b"resources", "started_at_unix_s", b"started_at_unix_s", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expires_at_unix_s: _TypeAlias = _typing.Literal["expires_at_unix_s"]  # noqa: Y015
     _WhichOneofArgType__expires_at_unix_s: _TypeAlias = _typing.Literal["_expires_at_unix_s", b"_expires_at_unix_s"]  # noqa: Y015
+    _WhichOneofReturnType__next_retry_at_unix_s: _TypeAlias = _typing.Literal["next_retry_at_unix_s"]  # noqa: Y015
+    _WhichOneofArgType__next_retry_at_unix_s: _TypeAlias = _typing.Literal["_next_retry_at_unix_s", b"_next_retry_at_unix_s"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__expires_at_unix_s) -> _WhichOneofReturnType__expires_at_unix_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__next_retry_at_unix_s) -> _WhichOneofReturnType__next_retry_at_unix_s | None: ...
 
 Global___Experiment: _TypeAlias = Experiment  # noqa: Y015
+
+@_typing.final
+class DamagedRecord(_message.Message):
+    """A state record the agent cannot read: what it held may still be in force."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    CLEANED_FIELD_NUMBER: _builtins.int
+    file: _builtins.str
+    reason: _builtins.str
+    key: _builtins.str
+    """namespace/pod/container, when known."""
+    @_builtins.property
+    def cleaned(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the agent removed because it is recognisably its own (e.g. its IFB device)."""
+
+    def __init__(
+        self,
+        *,
+        file: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        key: _builtins.str = ...,
+        cleaned: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleaned", b"cleaned", "file", b"file", "key", b"key", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DamagedRecord: _TypeAlias = DamagedRecord  # noqa: Y015
 
 @_typing.final
 class ListResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EXPERIMENTS_FIELD_NUMBER: _builtins.int
+    DAMAGED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def experiments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Experiment]: ...
+    @_builtins.property
+    def damaged(self) -> _containers.RepeatedCompositeFieldContainer[Global___DamagedRecord]: ...
     def __init__(
         self,
         *,
         experiments: _abc.Iterable[Global___Experiment] | None = ...,
+        damaged: _abc.Iterable[Global___DamagedRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiments", b"experiments"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["damaged", b"damaged", "experiments", b"experiments"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,293 @@
+"""One experiment's record: a typed value, its JSON form on disk, and the checks that decide it is whole.
+
+The engine keeps exactly one ``Experiment`` per container under experiment, in memory and in the
+state directory (``daemonset.state``), and it is the only writer. The record holds everything a
+restart needs: the target down to the pod UID and container id, the owner (a node-local client or
+a ResourceChaos object), the raw snapshot of the originals, what is in force and how it got there,
+the phase, the end time and the last failure with its next retry.
+
+On disk a record is versioned (``schema``). Schema 1 (the agent before 0.2) is migrated on read;
+a newer schema, or a record that fails any check here, is not guessed at: ``decode`` raises
+``RecordError`` with the reason, and the engine lists the file as damaged instead of ignoring it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from daemonset.types import (
+    NODE_LOCAL,
+    UNLIMITED,
+    Failure,
+    Method,
+    Owner,
+    OwnerKind,
+    Phase,
+    ResolvedTarget,
+    Resource,
+)
+
+SCHEMA_VERSION = 2
+CPU_MEM = (Resource.CPU, Resource.MEMORY)
+BANDWIDTH = (Resource.INGRESS, Resource.EGRESS)
+
+
+class RecordError(ValueError):
+    """A state record that cannot be used as it is; the message says which field and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NetState:
+    """The pod's shaping: its host veth, our IFB key (the sandbox id) and what the veth had before."""
+
+    host_ifname: str
+    ifb_key: str
+    snapshot: dict[str, Any] | None = None  # netshape's Snapshot.to_dict() of the first shaping
+    ingress_hook_before: bool | None = None  # had the veth an ingress qdisc before we came?
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Everything the engine knows of one container under experiment. Immutable: changes make a new value."""
+
+    experiment_id: str
+    target: ResolvedTarget
+    sandbox_id: str
+    owner: Owner
+    phase: Phase
+    started_at: float
+    expires_at: float | None
+    original: dict[Resource, int]  # the values read before the first change (for reports)
+    desired: dict[Resource, int]
+    methods: dict[Resource, Method]  # how each desired value was last put in force
+    cgroup_snapshot: dict[str, Any] | None  # cgroupctl Snapshot.to_dict(): the raw original files
+    cri_original: dict[str, Any] | None = None  # the runtime's view of the resources before the first change
+    cri_sent: dict[str, Any] | None = None  # the resources we last sent the runtime; None: never
+    cri_intent: tuple[Resource, ...] = ()  # may have reached the runtime before a crash (first change)
+    net: NetState | None = None
+    drift_corrections: int = 0
+    only_container: bool = False  # resolved without naming the container
+    failure: Failure | None = None
+    end_reason: str = ""  # why the restore under way was started (reverting phases)
+
+    @property
+    def key(self) -> str:
+        return self.target.key
+
+    @property
+    def pod_key(self) -> str:
+        return f"{self.target.namespace}/{self.target.pod}"
+
+    @property
+    def cri_used(self) -> bool:
+        return self.cri_sent is not None
+
+    def touched(self) -> set[Resource]:
+        """Resources this experiment may have changed on the node (restore puts these back)."""
+        out = set(self.methods) | set(self.cri_intent)
+        if self.phase is Phase.APPLYING:
+            out |= set(self.desired)
+        return out
+
+    def replace(self, **changes: Any) -> Experiment:
+        return dataclasses.replace(self, **changes)
+
+
+# --- JSON -------------------------------------------------------------------------------------
+
+
+def encode(exp: Experiment) -> dict[str, Any]:
+    """The on-disk form (JSON types only)."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "key": exp.key,
+        "experiment_id": exp.experiment_id,
+        "target": exp.target.to_dict(),
+        "sandbox_id": exp.sandbox_id,
+        "owner": {"kind": exp.owner.kind.value, "namespace": exp.owner.namespace, "name": exp.owner.name,
+                  "uid": exp.owner.uid},
+        "phase": exp.phase.value,
+        "started_at": exp.started_at,
+        "expires_at": exp.expires_at,
+        "original": {r.value: v for r, v in exp.original.items()},
+        "desired": {r.value: v for r, v in exp.desired.items()},
+        "methods": {r.value: m.value for r, m in exp.methods.items()},
+        "cgroup_snapshot": exp.cgroup_snapshot,
+        "cri_original": exp.cri_original,
+        "cri_sent": exp.cri_sent,
+        "cri_intent": [r.value for r in exp.cri_intent],
+        "net": dataclasses.asdict(exp.net) if exp.net else None,
+        "drift_corrections": exp.drift_corrections,
+        "only_container": exp.only_container,
+        "failure": dataclasses.asdict(exp.failure) if exp.failure else None,
+        "end_reason": exp.end_reason,
+    }
+
+
+def decode(data: Any) -> Experiment:
+    """A record read from disk; raises RecordError naming what is wrong (never KeyError or TypeError)."""
+    if not isinstance(data, dict):
+        raise RecordError(f"not a JSON object but {type(data).__name__}")
+    schema = data.get("schema")
+    if schema == 1:
+        data = _migrate_v1(data)
+    elif schema != SCHEMA_VERSION:
+        raise RecordError(f"schema {schema!r} is not one this agent reads (1 or {SCHEMA_VERSION});"
+                          " kept untouched for a newer agent")
+    r = _Reader(data)
+    t = r.obj("target")
+    target = ResolvedTarget(
+        namespace=_nonempty(r, t, "target.namespace"), pod=_nonempty(r, t, "target.pod"),
+        container=_nonempty(r, t, "target.container"), container_id=_nonempty(r, t, "target.container_id"),
+        pod_uid=r.typed(t, "target.pod_uid", str, default=""), node_name=r.typed(t, "target.node_name", str, default=""))
+    o = r.obj("owner")
+    try:
+        owner = Owner(kind=OwnerKind(r.typed(o, "owner.kind", str)), namespace=r.typed(o, "owner.namespace", str, default=""),
+                      name=r.typed(o, "owner.name", str, default=""), uid=r.typed(o, "owner.uid", str, default=""))
+    except ValueError as e:
+        raise RecordError(f"owner.kind: {e}") from None
+    try:
+        phase = Phase(r.typed(data, "phase", str))
+    except ValueError:
+        raise RecordError(f"phase {data.get('phase')!r} is not one of {', '.join(p.value for p in Phase)}") from None
+    net = None
+    if data.get("net") is not None:
+        n = r.obj("net")
+        snap = n.get("snapshot")
+        if snap is not None and not isinstance(snap, dict):
+            raise RecordError("net.snapshot is not an object")
+        hook = n.get("ingress_hook_before")
+        if hook is not None and not isinstance(hook, bool):
+            raise RecordError("net.ingress_hook_before is not true, false or null")
+        net = NetState(host_ifname=_nonempty(r, n, "net.host_ifname"), ifb_key=_nonempty(r, n, "net.ifb_key"),
+                       snapshot=snap, ingress_hook_before=hook)
+    failure = None
+    if data.get("failure") is not None:
+        f = r.obj("failure")
+        failure = Failure(reason=r.typed(f, "failure.reason", str), attempts=r.typed(f, "failure.attempts", int),
+                          since=r.number(f, "failure.since"), next_retry_at=r.number(f, "failure.next_retry_at", optional=True))
+    snap = data.get("cgroup_snapshot")
+    if snap is not None and not (isinstance(snap, dict) and isinstance(snap.get("files"), dict)
+                                 and isinstance(snap.get("cgroups"), dict)):
+        raise RecordError("cgroup_snapshot is not a snapshot (an object with cgroups and files)")
+    for name in ("cri_original", "cri_sent"):
+        if data.get(name) is not None and not isinstance(data[name], dict):
+            raise RecordError(f"{name} is not an object")
+    exp = Experiment(
+        experiment_id=_nonempty(r, data, "experiment_id"),
+        target=target,
+        sandbox_id=r.typed(data, "sandbox_id", str, default=""),
+        owner=owner,
+        phase=phase,
+        started_at=r.number(data, "started_at"),
+        expires_at=r.number(data, "expires_at", optional=True),
+        original=r.quantities("original"),
+        desired=r.quantities("desired"),
+        methods=r.methods("methods"),
+        cgroup_snapshot=snap,
+        cri_original=data.get("cri_original"),
+        cri_sent=data.get("cri_sent"),
+        cri_intent=tuple(r.resource(v, "cri_intent") for v in r.typed(data, "cri_intent", list, default=[])),
+        net=net,
+        drift_corrections=r.typed(data, "drift_corrections", int, default=0),
+        only_container=r.typed(data, "only_container", bool, default=False),
+        failure=failure,
+        end_reason=r.typed(data, "end_reason", str, default=""),
+    )
+    if not exp.desired:
+        raise RecordError("desired is empty: the record names no change")
+    if data.get("key") not in (None, exp.key):
+        raise RecordError(f"key {data.get('key')!r} does not match its target {exp.key!r}")
+    if (set(exp.desired) & set(CPU_MEM)) and exp.cgroup_snapshot is None:
+        raise RecordError("a CPU or memory change without the snapshot of the original cgroup files")
+    if (set(exp.desired) & set(BANDWIDTH)) and exp.net is None:
+        raise RecordError("a bandwidth change without the shaping's net section")
+    return exp
+
+
+def key_of(data: Any) -> str:
+    """The container key a (possibly damaged) record names, or '' when it names none we can trust."""
+    if isinstance(data, dict):
+        key = data.get("key")
+        if isinstance(key, str) and key.count("/") == 2:
+            return key
+    return ""
+
+
+def _migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 kept the owner in a separate file and ``cri_used`` as a flag; no failures, no owner."""
+    out = dict(data)
+    out["schema"] = SCHEMA_VERSION
+    out["owner"] = {"kind": NODE_LOCAL.kind.value}
+    # v1 did not keep what it sent; the restore sends the whole original, so "sent something" is enough.
+    out["cri_sent"] = {} if data.get("cri_used") else None
+    out.pop("cri_used", None)
+    if out.get("phase") == "new":
+        out["phase"] = Phase.APPLYING.value
+    return out
+
+
+class _Reader:
+    """Typed field access that turns every mismatch into a RecordError naming the field."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+
+    def obj(self, name: str) -> dict[str, Any]:
+        v = self.data.get(name)
+        if not isinstance(v, dict):
+            raise RecordError(f"{name} is missing or not an object")
+        return v
+
+    def typed(self, d: dict[str, Any], name: str, kind: type, *, default: Any = ...) -> Any:
+        field = name.rsplit(".", 1)[-1]
+        if field not in d or d[field] is None:
+            if default is ...:
+                raise RecordError(f"{name} is missing")
+            return default
+        v = d[field]
+        if kind is int and isinstance(v, bool) or not isinstance(v, kind):
+            raise RecordError(f"{name} is {v!r}, not a {kind.__name__}")
+        return v
+
+    def number(self, d: dict[str, Any], name: str, *, optional: bool = False) -> Any:
+        field = name.rsplit(".", 1)[-1]
+        v = d.get(field)
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise RecordError(f"{name} is {v!r}, not a number")
+        return float(v)
+
+    @staticmethod
+    def resource(name: Any, where: str) -> Resource:
+        try:
+            return Resource(name)
+        except ValueError:
+            raise RecordError(f"{where} names {name!r}, not one of cpu, memory, ingress, egress") from None
+
+    def quantities(self, name: str) -> dict[Resource, int]:
+        out = {}
+        for k, v in self.obj(name).items():
+            if isinstance(v, bool) or not isinstance(v, int) or (v < 0 and v != UNLIMITED):
+                raise RecordError(f"{name}.{k} is {v!r}, not a whole quantity")
+            out[self.resource(k, name)] = v
+        return out
+
+    def methods(self, name: str) -> dict[Resource, Method]:
+        out = {}
+        for k, v in self.obj(name).items():
+            try:
+                out[self.resource(k, name)] = Method(v)
+            except ValueError:
+                raise RecordError(f"{name}.{k} is {v!r}, not a method") from None
+        return out
+
+
+def _nonempty(r: _Reader, d: dict[str, Any], name: str) -> str:
+    v = r.typed(d, name, str)
+    if not v:
+        raise RecordError(f"{name} is empty")
+    return v
