@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--drift-interval", type=float, default=3.0, help="seconds between drift checks")
+    p.add_argument("--retry-max", type=float, default=60.0,
+                   help="longest wait in seconds between tries of a restore that failed (backoff from 1 s doubles up to it)")
     p.add_argument("--no-sweep-orphans", dest="sweep_orphans", action="store_false",
                    help="at start, leave IFB devices of ours that no experiment owns (default: delete them)")
     controller = _controller_module()
@@ -84,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.drift_interval <= 0:
         p.error(f"--drift-interval {args.drift_interval} must be > 0")
+    if not 1.0 <= args.retry_max <= 3600:
+        p.error(f"--retry-max {args.retry_max} must be 1 to 3600 seconds")
     from daemonset.server import unix_path
 
     if unix_path(args.listen) is None and not (args.tls_cert and args.tls_key and args.tls_client_ca):
@@ -150,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics=metrics,
         drift_interval_s=args.drift_interval,
         sweep_orphan_ifbs=args.sweep_orphans,
+        backoff_max_s=args.retry_max,
     )
     try:
         engine.start()

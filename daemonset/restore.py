@@ -75,6 +75,8 @@ class Restorer:
         still: list[str] = []
         done: list[str] = []
         refused = False
+        if loc.gone in ("pod deleted", "pod replaced"):
+            cpu_mem = set()  # its cgroups went with it; a new pod of that name is not ours to touch
         if cpu_mem and exp.cgroup_snapshot is not None:
             try:
                 self._restore_cpu_memory(exp, loc, cpu_mem, force)
@@ -82,7 +84,16 @@ class Restorer:
             except Refused as e:
                 refused = True
                 failed.append(str(e))
-                still.extend(_still(exp, cpu_mem))
+                # Memory is held: the CPU still goes back now, the memory when it can.
+                rest = cpu_mem - {Resource.MEMORY}
+                if rest:
+                    try:
+                        self._restore_cpu_memory(exp, loc, rest, force)
+                        done.extend(sorted(r.value for r in rest))
+                    except Exception as e2:
+                        failed.append(str(e2))
+                        still.extend(_still(exp, rest))
+                still.extend(_still(exp, {Resource.MEMORY}))
             except Exception as e:
                 failed.append(str(e))
                 still.extend(_still(exp, cpu_mem))

@@ -47,8 +47,11 @@ def free_port() -> int:
 class Agent:
     """``chaos-agent`` as a child process on the test node; ``kill9()`` and ``start()`` again at will."""
 
-    def __init__(self, node, workdir: pathlib.Path, *, drift_interval_s: float = 0.5):
+    def __init__(self, node, workdir: pathlib.Path, *, drift_interval_s: float = 0.5, cri_endpoint: str | None = None,
+                 extra_args: tuple[str, ...] = ()):
         self.node = node
+        self.cri_endpoint = cri_endpoint or str(node.socket)
+        self.extra_args = extra_args
         self.workdir = workdir
         self.socket = workdir / "agent.sock"
         self.address = f"unix://{self.socket}"
@@ -62,13 +65,14 @@ class Agent:
     def start(self, timeout_s: float = 20.0) -> Agent:
         argv = [
             sys.executable, "-m", "daemonset.agent",
-            "--cri-endpoint", str(self.node.socket),
+            "--cri-endpoint", self.cri_endpoint,
             "--listen", self.address,
             "--state-dir", str(self.state_dir),
             "--node-name", "test-node",
             "--drift-interval", str(self.drift_interval_s),
             "--metrics-address", f"127.0.0.1:{self.metrics_port}",
             "--log-format", "json",
+            *self.extra_args,
         ]  # fmt: skip
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -142,9 +146,12 @@ class Agent:
             req.duration_s = duration_s
         return self.stub.Apply(req, timeout=30)
 
-    def revert(self, ns: str, pod: str, container: str = "") -> agent_pb2.RevertResponse:
-        return self.stub.Revert(agent_pb2.RevertRequest(target=agent_pb2.Target(namespace=ns, pod=pod, container=container)),
-                                timeout=30)
+    def revert(self, ns: str, pod: str, container: str = "", *, force: bool = False) -> agent_pb2.RevertResponse:
+        return self.stub.Revert(agent_pb2.RevertRequest(target=agent_pb2.Target(namespace=ns, pod=pod, container=container),
+                                                        force=force), timeout=30)
+
+    def list_response(self) -> agent_pb2.ListResponse:
+        return self.stub.List(agent_pb2.ListRequest(), timeout=10)
 
     def list(self) -> list[agent_pb2.Experiment]:
         return list(self.stub.List(agent_pb2.ListRequest(), timeout=10).experiments)
