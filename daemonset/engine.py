@@ -720,7 +720,9 @@ class Engine:
             return "what this request had changed was rolled back; the experiment is as it was"
         except Exception as e:
             failing = self._failed(attempt.replace(phase=Phase.ROLLBACK_FAILED, end_reason=END_ROLLED_BACK), str(e))
-            still = ", ".join(self._still_changed(failing)) or "nothing that could be read"
+            listed = list(e.still) if isinstance(e, RestoreError) else []
+            listed += [s for s in self._still_changed(failing) if s.split(" ", 1)[0] not in " ".join(listed)]
+            still = ", ".join(listed) or "nothing the kernel shows"
             return (f"the rollback failed too ({e}); still changed: {still}; the agent keeps restoring the originals"
                     f" (next try in {failing.failure.next_retry_at - self.clock():.0f}s; status shows it)")
 

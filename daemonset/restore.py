@@ -54,6 +54,10 @@ class RestoreError(EngineError):
         self.done = done
 
 
+class RuntimeViewStale(EngineError):
+    """The kernel has the originals back, but the runtime's stored view still holds the experiment's values."""
+
+
 class Restorer:
     """Restores an Experiment's originals through the engine's adapters (CRI client, CgroupOps, NetOps)."""
 
@@ -81,6 +85,11 @@ class Restorer:
             try:
                 self._restore_cpu_memory(exp, loc, cpu_mem, force)
                 done.extend(sorted(r.value for r in cpu_mem))
+            except RuntimeViewStale as e:
+                failed.append(str(e))
+                done.extend(f"{r.value} (kernel)" for r in sorted(cpu_mem, key=lambda r: r.value))
+                still.append("the runtime's stored " + " and ".join(sorted(r.value for r in cpu_mem))
+                             + " (it would write them again on its next update)")
             except Refused as e:
                 refused = True
                 failed.append(str(e))
@@ -130,7 +139,7 @@ class Restorer:
         subset = _snapshot_subset(exp.cgroup_snapshot, resources)
         self.cgroups.restore(subset, force=force)
         if runtime_failed:
-            raise EngineError(runtime_failed)
+            raise RuntimeViewStale(runtime_failed)
 
     def _restore_runtime_view(self, exp: Experiment, info: Any, resources: set[Resource]) -> None:
         from cri_api.types import LinuxResources

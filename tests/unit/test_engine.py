@@ -520,3 +520,85 @@ def test_one_agent_per_state_dir(world, clock, tmp_path):
         make_engine(world, clock, tmp_path)
     e.close()
     make_engine(world, clock, tmp_path).close()
+
+
+def test_failed_rollback_is_kept_and_retried_and_says_what_is_still_changed(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    events = []
+    e.subscribe(events.append)
+    net = e.net
+
+    def shape_then_runtime_breaks(*args, **kw):
+        world.runtime_refuses = True  # the runtime goes bad between the change and its rollback
+        raise ApplyFailed("shaping veth-fake: netlink says no")
+
+    net.shape = shape_then_runtime_breaks
+    with pytest.raises(ApplyFailed) as err:
+        apply(e, cpu_millicpu=200, ingress_bps=2_000_000)
+    msg = str(err.value)
+    assert "the rollback failed too" in msg and "still changed: the runtime's stored cpu" in msg
+    assert "next try in" in msg
+    [exp] = e.list()
+    assert exp.phase is Phase.ROLLBACK_FAILED and exp.failure.attempts == 1
+    assert exp.resources[0].original == 500  # the true originals are kept
+    assert world.containers[("default", "web", "app")].quota_us == 50_000  # the kernel is back already
+    assert [ev.kind.value for ev in events] == ["revert-failing"]
+    with pytest.raises(Conflict, match="being reverted"):
+        apply(e, cpu_millicpu=300)  # a new snapshot now would take the experiment's values as originals
+    world.runtime_refuses = False
+    clock.now = exp.failure.next_retry_at + 0.1
+    e.expire_due()
+    assert e.list() == [] and list(e.store.load_all()) == []
+    assert events[-1].kind.value == "ended" and events[-1].reason == "rollback finished"
+    # Drift never touched it meanwhile, and the container is an ordinary one again.
+    assert apply(e, cpu_millicpu=300).resources[0].original == 500
+
+
+def test_refused_revert_backs_off_and_drift_leaves_it_alone(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    apply(e, memory_bytes=512 * MiB, cpu_millicpu=300, duration_s=5)
+    c = world.containers[("default", "web", "app")]
+    c.usage = 300 * MiB  # holds more than the original 256Mi allows
+    clock.now += 6
+    e.expire_due()
+    [exp] = e.list()
+    assert exp.phase is Phase.REVERT_FAILING and c.quota_us == 50_000 and c.memory == 512 * MiB
+    tries = [exp.failure.next_retry_at - clock.now]
+    for _ in range(8):
+        clock.now = exp.failure.next_retry_at
+        e.check_drift()  # drift passes in between must not re-apply anything
+        assert c.quota_us == 50_000
+        e.expire_due()
+        [exp] = e.list()
+        tries.append(exp.failure.next_retry_at - clock.now)
+    assert exp.failure.attempts == 9 and max(tries) <= 60 * 1.2 and tries[-1] >= 48
+    assert all(b >= a * 1.3 or b >= 48 for a, b in zip(tries, tries[1:], strict=False))
+    assert e.scheduled() == 1
+    c.usage = 10 * MiB
+    clock.now = exp.failure.next_retry_at
+    e.expire_due()
+    assert e.list() == [] and c.memory == 256 * MiB
+
+
+def test_an_hour_of_resyncs_schedules_nothing_new(world, clock, tmp_path):
+    """50 experiments with end times, an hour of drift passes every 3 s on a fake clock: the schedule
+    holds one moment per experiment, and the engine's memory does not grow."""
+    import tracemalloc
+
+    for i in range(50):
+        world.add("load", f"p{i}", "app", f"l{i}")
+    e = make_engine(world, clock, tmp_path)
+    for i in range(50):
+        e.apply(ApplyRequest(Target("load", f"p{i}", "app"), Changes(cpu_millicpu=300), duration_s=7200))
+    tracemalloc.start()
+    e.check_drift()
+    base = tracemalloc.take_snapshot()
+    for _ in range(1200):
+        clock.now += 3
+        e.check_drift()
+        e.expire_due()
+    grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(base, "filename"))
+    tracemalloc.stop()
+    print(f"an hour of resyncs: {e.scheduled()} scheduled moments, heap {grown / 1024:+.0f} KiB")
+    assert e.scheduled() == 50 and len(e.list()) == 50
+    assert grown < 512 * 1024
