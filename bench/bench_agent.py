@@ -59,13 +59,13 @@ def rss_mib(pid: int) -> float:
 
 
 class AgentProcess:
-    def __init__(self, node: TestNode, workdir: pathlib.Path):
+    def __init__(self, node: TestNode, workdir: pathlib.Path, extra_args: tuple[str, ...] = ()):
         self.sock = workdir / "agent.sock"
         self.address = f"unix://{self.sock}"
         self.log = open(workdir / "agent.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemonset.agent", "--cri-endpoint", str(node.socket), "--listen", self.address,
-             "--state-dir", str(workdir / "state"), "--log-level", "WARNING"],
+             "--state-dir", str(workdir / "state"), "--log-level", "WARNING", *extra_args],
             cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.channel = grpc.insecure_channel(self.address)
         deadline = time.monotonic() + 30

@@ -172,6 +172,7 @@ class Engine:
         self.supervisor = Supervisor(on_due=self._on_due, drift=self.check_drift, clock=clock,
                                      drift_interval_s=drift_interval_s, rng=rng, backoff_base_s=backoff_base_s,
                                      backoff_max_s=backoff_max_s)
+        self.metrics.scheduled.set_function(self.supervisor.pending)
         self._records: dict[str, Experiment] = {}
         self._damaged: dict[str, DamagedRecord] = {}  # by file path
         self._known: dict[str, Any] = {}  # container id -> ContainerInfo of containers under experiment

@@ -23,6 +23,9 @@ class Metrics:
         self.drift_corrections = Counter(
             "chaos_agent_drift_corrections", "Experiments re-applied after something reset a limit.", ["cause"], registry=r
         )
+        self.scheduled = Gauge(
+            "chaos_agent_scheduled_moments", "End times and retries the supervisor holds (at most one per experiment).",
+            registry=r)
         self.apply_latency = Histogram(
             "chaos_agent_apply_latency_seconds",
             "Time to apply and verify one request.",
