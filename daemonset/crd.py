@@ -13,7 +13,8 @@ The life of one experiment:
 2. each agent applies it to the matching pods on its own node, after adding its node's finalizer,
    and writes one ``status.targets`` entry per pod (original and read-back values, expiry);
 3. deleting the object (``--reset``) or reaching the expiry reverts; the agent writes the restored
-   values, then drops its finalizer, and the API server removes the object.
+   values, then drops its finalizer, and the API server removes the object. A revert the kernel
+   refuses shows as ``Reverting`` (why, and the next try) until the agent's retries succeed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ KIND = "ResourceChaos"
 PLURAL = "resourcechaos"
 
 PENDING, APPLIED, REVERTED, FAILED, PARTIAL = "Pending", "Applied", "Reverted", "Failed", "Partial"
+# The originals could not all be put back yet; the agent retries with backoff (the message says why and when).
+REVERTING = "Reverting"
 TERMINAL = (APPLIED, REVERTED, FAILED)  # an agent has answered for the target
 
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
@@ -321,12 +324,19 @@ def summarize(obj: dict, targets: list[dict]) -> dict:
         phase = PARTIAL
     elif PENDING in phases:
         phase = PENDING
+    elif REVERTING in phases:
+        phase = REVERTING
     else:
         phase = APPLIED  # some applied, some already reverted (e.g. a pod that went away)
     failed = [t for t in targets if t["phase"] == FAILED]
     message = f"{failed[0]['pod']}: {failed[0].get('message', '')}" if failed else ""
     if len(failed) > 1:
         message += f" (and {len(failed) - 1} more failed)"
+    reverting = [t for t in targets if t["phase"] == REVERTING]
+    if reverting and not failed:
+        message = f"{reverting[0]['pod']}: {reverting[0].get('message', '')}"
+        if len(reverting) > 1:
+            message += f" (and {len(reverting) - 1} more reverting)"
     expiries = sorted(t["expiresAt"] for t in targets if t.get("expiresAt") and t["phase"] == APPLIED)
     out = {"phase": phase, "targetSummary": summary, "message": message}
     if expiries:
