@@ -24,6 +24,11 @@ against this server, which the real ``kubernetes`` Python client and kubectl tal
 - TLS with a self-signed certificate (in the kubeconfig it writes), bearer-token authentication (401) and an RBAC-style authorizer (403) fed with PolicyRules, so a
   test can bind the manifests' own ClusterRole to the agent's token.
 
+Fault injection, for clients' error paths: ``fail_writes`` answers writes with a given error
+(409 Conflict, 500, 503) for a while or a number of times, as a busy or restarting API server
+does; ``expire_watches`` compacts the history and ends every open watch in the middle of its
+stream with the ``410 Gone`` ERROR event a real server sends after etcd compaction.
+
 What it leaves out: client certificates, admission beyond the CRD schema, CEL rules, server-side apply, JSON
 patch, pagination (``limit`` is ignored, which the API contract allows), graceful pod deletion
 (pods go at once, as with ``gracePeriodSeconds=0``).
@@ -400,6 +405,39 @@ class _Request:
     query: dict[str, str]
 
 
+_FAULT_REASONS = {409: "Conflict", 429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable"}
+
+
+@dataclass
+class _Fault:
+    """Answer matching requests with ``code`` until ``until_s`` (monotonic) or for ``times`` more requests."""
+
+    code: int
+    verbs: frozenset[str]
+    until_s: float | None = None
+    times: int | None = None
+    user: str | None = None
+    resources: frozenset[str] | None = None  # group_resource ("resourcechaos.kubectl-chaos.io", "pods")
+    hits: int = 0
+
+    def matches(self, user: str, r: _Request) -> bool:
+        if self.until_s is not None and time.monotonic() >= self.until_s:
+            return False
+        if self.times is not None and self.hits >= self.times:
+            return False
+        return r.verb in self.verbs and (self.user is None or user == self.user) and \
+            (self.resources is None or r.rtype.group_resource in self.resources)
+
+    def error(self, r: _Request) -> ApiError:
+        what = f'{r.rtype.group_resource} "{r.name or ""}"'
+        if self.code == 409:
+            return ApiError(409, "Conflict", f"Operation cannot be fulfilled on {what}: the object has been modified; "
+                            "please apply your changes to the latest version and try again",
+                            {"name": r.name or "", "group": r.rtype.group, "kind": r.rtype.plural})
+        reason = _FAULT_REASONS.get(self.code, "InternalError")
+        return ApiError(self.code, reason, f"injected fault: {reason} on {r.verb} {what}")
+
+
 @dataclass
 class RequestRecord:
     """One request as the server saw it, for tests that assert what a client sent."""
@@ -431,6 +469,8 @@ class FakeKubeAPI:
         self._bindings: dict[str, list[Binding]] = {}
         self.admin_token = admin_token
         self.requests: list[RequestRecord] = []
+        self._faults: list[_Fault] = []
+        self._watch_epoch = 0  # bumped by expire_watches(): open streams end with a 410
         self._stopping = False
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -572,6 +612,45 @@ class FakeKubeAPI:
             self._compacted_rv = self._history[drop - 1].rv
             del self._history[:drop]
         self._changed.notify_all()
+
+    # -- fault injection -------------------------------------------------------------------------
+
+    def fail_writes(self, code: int = 409, *, seconds: float | None = None, times: int | None = None,
+                    user: str | None = None, resources: Iterable[str] | None = None,
+                    verbs: Iterable[str] = ("create", "update", "patch", "delete")) -> None:
+        """Answer writes over HTTP with ``code`` (409 Conflict, 429, 500, 503) for ``seconds``, or for
+        the next ``times`` matching requests, or until ``clear_faults()``. ``user`` and ``resources``
+        (group_resource names, e.g. "pods") narrow it. The store is not changed by a refused write."""
+        fault = _Fault(code, frozenset(verbs), None if seconds is None else time.monotonic() + seconds, times, user,
+                       None if resources is None else frozenset(resources))
+        with self._lock:
+            self._faults.append(fault)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def injected(self) -> int:
+        """How many requests the faults have answered so far."""
+        with self._lock:
+            return sum(f.hits for f in self._faults)
+
+    def _fault_for(self, user: str, r: _Request) -> ApiError | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.matches(user, r):
+                    fault.hits += 1
+                    return fault.error(r)
+        return None
+
+    def expire_watches(self) -> int:
+        """Compact the history (older resource versions get 410) and end every open watch now, in the
+        middle of its stream, with an ERROR event carrying 410 Gone. Returns the compacted version."""
+        with self._lock:
+            self._watch_epoch += 1
+            rv = self.compact()
+            self._changed.notify_all()
+            return rv
 
     def compact(self) -> int:
         """Forget the watch history (like etcd compaction): older resource versions get 410 Gone."""
@@ -814,6 +893,7 @@ class FakeKubeAPI:
         labels, fields = self._selectors(rtype, label_selector, field_selector)
         deadline = time.monotonic() + timeout_s
         with self._lock:
+            epoch = self._watch_epoch
             if resource_version in ("", "0"):
                 # "Start at most recent": the current objects as ADDED events, then changes.
                 items, last = self.list(rtype, namespace, label_selector, field_selector)
@@ -839,6 +919,10 @@ class FakeKubeAPI:
             yield from initial
             while True:
                 with self._lock:
+                    if self._watch_epoch != epoch:
+                        gone = ApiError(410, "Expired", f"too old resource version: {last} ({self._compacted_rv})")
+                        yield {"type": "ERROR", "object": gone.status()}
+                        return
                     pending = [e for e in self._history if e.rv > last and e.key[0] == rtype.group_resource]
                     if not pending:
                         remaining = deadline - time.monotonic()
@@ -986,6 +1070,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if not api.authorize(user, request.verb, request.rtype, request.namespace, request.name,
                                  request.subresource):
                 raise self._forbidden(user, request)
+            if (fault := api._fault_for(user, request)) is not None:
+                raise fault
             if request.verb == "watch":
                 return self._watch(request, user)
             body = json.loads(raw) if raw else None
