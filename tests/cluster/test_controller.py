@@ -3,6 +3,8 @@ effects read from the real cgroups of the test node and from the objects' status
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from daemonset import crd
@@ -82,6 +84,54 @@ def test_pods_of_other_nodes_are_left_to_their_agents(api, pods):
     assert quota_us(pod) == 100_000
 
 
+def test_in_place_resize_yields_to_the_kubelet(api, pods, node):
+    """``kubectl patch pod --subresource resize``: the spec's resources change and the kubelet puts
+    the new values in place; the experiment ends without putting the old ones back over them."""
+    fakeapi, agent = api
+    pod = pods.run("grow", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, pod)
+    create(fakeapi, "grow", crd.ChaosSpec(pod="grow", container="app", cpu_millicpu=500))
+    wait_for(lambda: phase_of(fakeapi, "grow", "grow") == "Applied", what="Applied")
+    assert quota_us(pod) == 50_000
+    fakeapi.patch(fakeapi.resource_type("", "pods"), "shop", "grow",  # the API server's part
+                  {"spec": {"containers": [{"name": "app", "resources": {"limits": {"cpu": "800m"}}}]}},
+                  "application/strategic-merge-patch+json")
+    entry = wait_for(lambda: (e := crd.target_entry(status_of(fakeapi, "grow"), "grow"))
+                     and e["phase"] == "Reverted" and e, what="the experiment to yield")
+    assert entry["message"].startswith("superseded by an in-place resize")
+    assert agent.engine.list("shop") == []
+    assert quota_us(pod) == 50_000  # nothing put back: the kubelet is about to set its own value
+    node.client.update_resources(pod.container_id("app"), cpu_quota_us=80_000)  # the kubelet's part (under the pod's limit)
+    time.sleep(2.5)  # more than two of the engine's drift rounds (1 s here)
+    assert quota_us(pod) == 80_000  # the kubelet's value stands
+    wait_for(lambda: ("Superseded", f"ResourceChaos grow: {entry['message']}") in events(fakeapi, "grow"),
+             what="the Superseded event")
+
+
+def test_object_recreated_with_the_same_name_starts_afresh(api, pods):
+    """Deleted while the agent was down and created again under the same name (a new uid): the old
+    object's experiment is reverted, the new one applied from the originals."""
+    fakeapi, agent = api
+    pod = pods.run("again", "shop", [ContainerSpec(cpu_millicpu=1000)])
+    mirror(fakeapi, pod)
+    create(fakeapi, "again", crd.ChaosSpec(pod="again", container="app", cpu_millicpu=500))
+    wait_for(lambda: quota_us(pod) == 50_000, what="the first apply")
+    agent.stop()
+    rtype = fakeapi.resource_type(crd.GROUP, crd.PLURAL)
+    obj = fakeapi.get(rtype, "shop", "again")
+    obj["metadata"]["finalizers"] = []  # someone removed the finalizer by hand
+    fakeapi.update(rtype, "shop", "again", obj)
+    fakeapi.delete(rtype, "shop", "again")
+    create(fakeapi, "again", crd.ChaosSpec(pod="again", container="app", cpu_millicpu=300))
+    agent.start()
+    entry = wait_for(lambda: (e := crd.target_entry(status_of(fakeapi, "again"), "again"))
+                     and e["phase"] == "Applied" and e, what="the new object Applied")
+    assert quota_us(pod) == 30_000
+    assert entry["changes"][0]["original"] == 1000
+    (experiment,) = agent.engine.list("shop")
+    assert experiment.owner.uid == fakeapi.get(rtype, "shop", "again")["metadata"]["uid"]
+
+
 def test_watch_resumes_after_410_gone(api, pods):
     fakeapi, agent = api
     agent.stop()
@@ -89,8 +139,6 @@ def test_watch_resumes_after_410_gone(api, pods):
     agent.start()
     fakeapi.compact()  # every resource version the agent holds is now too old: 410 on reconnect
     pod = pods.run("late", "shop", [ContainerSpec(cpu_millicpu=1000)])
-    import time
-
     time.sleep(1.5)
     mirror(fakeapi, pod)
     create(fakeapi, "late", crd.ChaosSpec(pod="late", container="app", cpu_millicpu=500))
@@ -117,6 +165,9 @@ def test_agent_flags_choose_cluster_mode(fakeapi, kubeconfig, tmp_path, monkeypa
 
         def list(self, namespace=None):
             return []
+
+        def subscribe(self, callback):
+            pass
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
