@@ -371,8 +371,9 @@ class _Plan:
         """The engine could not put the originals back yet and retries by itself: say so, one Event per episode."""
         if previous is None and pod is None:
             return
-        if generation is not None and previous is not None and previous.get("phase") != crd.REVERTING \
-                and (previous.get("observedGeneration") or 0) < generation:
+        if generation is not None and previous is not None and (
+                (previous.get("observedGeneration") or 0) < generation
+                or previous.get("phase") == crd.FAILED and previous.get("experimentId") == e.experiment_id):
             # A new command while the old change is still being undone: answer it, do not stack on it.
             if previous.get("phase") == crd.FAILED and previous.get("experimentId") == e.experiment_id:
                 return
@@ -500,7 +501,7 @@ def ended_message(reason: str) -> str:
     if reason == END_SUPERSEDED:
         return f"{END_SUPERSEDED}: the pod's new resources stand; nothing was restored over them"
     if reason == END_REQUESTED:
-        return "reverted: reset on the node"
+        return "reverted: reset"  # by this controller or on the node: the engine does not say which
     if reason == END_EXPIRED:
         return "reverted: expired"
     return f"reverted: {reason}"

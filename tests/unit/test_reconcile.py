@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from daemonset import crd
@@ -297,6 +299,19 @@ def test_new_command_while_the_old_change_is_still_being_undone_is_answered():
     assert entry["phase"] == crd.FAILED and entry["observedGeneration"] == 2
     assert "still being undone" in entry["message"]
     assert not any(isinstance(a, rc.Apply) for a in actions)
+    # Answered: the engine's next retries do not turn it back into Reverting.
+    later = experiment(phase=Phase.REVERT_FAILING, failure=Failure("refused", 2, NOW, NOW + 4))
+    assert run(chaos(generation=2, targets=[entry]), [pod()], [later]) == []
+    # Also when the status already showed Reverting for the earlier command.
+    reverting = status_of(run(chaos(targets=[applied()]), [pod()], [failing]))["web-1"]
+    assert reverting["phase"] == crd.REVERTING
+    again = status_of(run(chaos(generation=2, targets=[reverting]), [pod()], [later]))["web-1"]
+    assert again["phase"] == crd.FAILED and again["observedGeneration"] == 2
+    # The end it was waiting for: Reverted, with what was read back.
+    ended = EngineEvent(EventKind.ENDED, experiment().target, owner(), "e1", reason=END_REQUESTED,
+                        resources=(cpu(in_force=1000, previous=500),))
+    done = status_of(run(chaos(generation=2, targets=[again]), [pod()], [], ended=[ended]))["web-1"]
+    assert done["phase"] == crd.REVERTED and done["changes"][0]["restored"] == 1000
 
 
 RESOURCES = {"limits": {"cpu": "1", "memory": "256Mi"}, "requests": {"cpu": "500m", "memory": "128Mi"}}
@@ -373,3 +388,14 @@ def test_quantities():
     assert rc.quantity("500m") == rc.quantity("0.5") and rc.quantity("1") == 1
     assert rc.quantity("256Mi") == 256 * 2**20 and rc.quantity("1e3") == 1000 and rc.quantity("1k") == 1000
     assert rc.quantity("lots") is None
+
+
+def test_reverted_entry_says_once_why_nothing_could_be_read_back():
+    gone = "the pod is gone (pod deleted)"
+    resources = [dataclasses.replace(cpu(), unknown=gone),
+                 ResourceResult(Resource.MEMORY, 2**28, 2**27, 2**27, -1, Method.CRI, unknown=gone)]
+    entry = rc.reverted_entry(applied(), None, "web-1", "app", NODE, NOW, "reverted: pod deleted", resources)
+    assert entry["message"] == f"reverted: pod deleted; not read back ({gone})"
+    assert [c["resource"] for c in entry["changes"]] == ["cpu", "memory"]
+    assert all("restored" not in c for c in entry["changes"])
+    assert entry["changes"][1]["applied"] == 2**27  # the status had lost it: taken from what the engine said
