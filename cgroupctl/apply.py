@@ -6,6 +6,7 @@ import dataclasses
 import errno as errno_mod
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cgroupctl.errors import BelowUsage, CgroupError, NotFound, WriteFailed
@@ -79,8 +80,11 @@ def _comparable(name: str, text: str) -> object:
         return text.strip()
 
 
-def _write_and_verify(path: str, value: str) -> str:
-    write_file(path, value)
+Writer = Callable[[str, str], None]
+
+
+def _write_and_verify(path: str, value: str, write: Writer = write_file) -> str:
+    write(path, value)
     read_back = read_text(path)
     if read_back is None:
         raise WriteFailed(f"{path} vanished right after writing {value!r}", path=path, value=value,
@@ -92,7 +96,7 @@ def _write_and_verify(path: str, value: str) -> str:
     return read_back
 
 
-def _rollback(done: list[Write]) -> list[str]:
+def _rollback(done: list[Write], write: Writer = write_file) -> list[str]:
     """Put back the previous contents in reverse order (each earlier state was accepted, so the way
     back is too); returns the failures."""
     failures = []
@@ -100,16 +104,19 @@ def _rollback(done: list[Write]) -> list[str]:
         if w.previous is None:
             continue
         try:
-            write_file(w.path, w.previous)
+            write(w.path, w.previous)
         except CgroupError as e:
             failures.append(str(e))
     return failures
 
 
-def apply(plan: Plan) -> Applied:
+def apply(plan: Plan, *, write: Writer = write_file) -> Applied:
     """Run the plan's steps in order: each write checked and read back, each usage check done. When a
     step fails, the writes already made are undone in reverse order, so the plan applies whole or
-    not at all; the error says what failed and whether the rollback held."""
+    not at all; the error says what failed and whether the rollback held.
+
+    ``write(path, value)`` makes one write (default ``write_file``); the agent passes one that also
+    tells systemd about units it manages, so that a daemon-reload keeps the change."""
     started = time.perf_counter()
     done: list[Done] = []
     written: list[Write] = []
@@ -126,7 +133,7 @@ def apply(plan: Plan) -> Applied:
                         " reclaim through memory.high: memory.max not written (it would OOM-kill)",
                         path=step.path, limit_bytes=step.max_bytes, unreclaimable_bytes=used)
                 continue
-            read_back = _write_and_verify(step.path, step.value)
+            read_back = _write_and_verify(step.path, step.value, write)
             written.append(step)
             done.append(Done(path=step.path, value=step.value, read_back=read_back))
         except (CgroupError, OSError) as raised:
@@ -136,7 +143,7 @@ def apply(plan: Plan) -> Applied:
                 meaning=_meaning(step.path, raised.errno or 0))
             if isinstance(e, WriteFailed) and e.meaning == "read-back differs":
                 written.append(step)  # the kernel took something: put the old value back too
-            failures = _rollback(written)
+            failures = _rollback(written, write)
             note = (f"; rolled back {len(written)} earlier write(s)" if not failures
                     else f"; ROLLBACK FAILED, cgroup left changed: {'; '.join(failures)}")
             e.args = (f"{e.args[0] if e.args else e}{note if written else ''}",)
@@ -152,13 +159,13 @@ def snapshot(cg: ContainerCgroups, paths: list[str] | tuple[str, ...] | None = N
     return Snapshot(cgroups=cg, files=read_files(list(paths) if paths is not None else all_limit_paths(cg)))
 
 
-def restore(snapshot: Snapshot, force: bool = False) -> Applied:
+def restore(snapshot: Snapshot, force: bool = False, *, write: Writer = write_file) -> Applied:
     """Put back exactly the snapshot's contents, in an order the kernel accepts, then check that
     every file reads exactly as saved. Idempotent; files whose cgroup is gone are reported in
     ``skipped`` (nothing left to restore). A memory limit now below what the container cannot give
     back is refused (BelowUsage) unless forced."""
     state = read_state(snapshot.cgroups, require_container=False)
-    applied = apply(plan_restore(state, snapshot, force=force))
+    applied = apply(plan_restore(state, snapshot, force=force), write=write)
     now = read_files(list(snapshot.files))
     wrong = {p: (t, now[p]) for p, t in snapshot.files.items() if p in now and now[p] != t}
     if wrong:
@@ -167,12 +174,12 @@ def restore(snapshot: Snapshot, force: bool = False) -> Applied:
     return dataclasses.replace(applied, skipped=tuple(p for p in snapshot.files if p not in now))
 
 
-def set_limits(cg: ContainerCgroups, limits: Limits, force: bool = False) -> Applied:
+def set_limits(cg: ContainerCgroups, limits: Limits, force: bool = False, *, write: Writer = write_file) -> Applied:
     """Snapshot, plan, apply and read back in one call: the container (and its pod, ordered around
     it) get ``limits``. The result carries the snapshot for ``restore`` and the limits read back."""
     state = read_state(cg)
     saved = Snapshot(cgroups=cg, files=dict(state.files))
-    applied = apply(make_plan(state, limits, force=force))
+    applied = apply(make_plan(state, limits, force=force), write=write)
     return dataclasses.replace(applied, snapshot=saved, limits=read_limits(cg))
 
 
@@ -189,33 +196,36 @@ class PodChange:
     plan: Plan
     snapshot: Snapshot
     before: Applied
+    write: Writer = write_file
 
     def finish(self) -> Applied:
         """The plan's pod-after stage (empty: a change never lowers the pod) and, on v2, the
         container's memory.high moved with memory.max: a runtime's update (runc) sets memory.max
         and leaves the kubelet's memory.high where it was, which would keep a raised container
         throttled at its old size."""
-        return apply(Plan(self.plan.pod_after.steps + _memory_high_moves(self.plan.container)))
+        return apply(Plan(self.plan.pod_after.steps + _memory_high_moves(self.plan.container)), write=self.write)
 
     def abort(self) -> Applied:
         """The pod put back as it was (the runtime refused the container change)."""
-        return restore(self.snapshot)
+        return restore(self.snapshot, write=self.write)
 
 
 def _memory_high_moves(container: Plan) -> tuple[Write, ...]:
-    """The net memory.high write of a container stage (a temporary staging value left out)."""
-    writes = [w for w in container.writes if os.path.basename(w.path) == "memory.high"]
-    if not writes or writes[-1].value == writes[0].previous:
-        return ()
-    return (dataclasses.replace(writes[-1], previous=writes[0].previous,
-                                why="memory.high after the runtime moved memory.max: runtimes leave it"),)
+    """The net memory.high write of each level of a container stage (a temporary staging value left out)."""
+    by_path: dict[str, list[Write]] = {}
+    for w in container.writes:
+        if os.path.basename(w.path) == "memory.high":
+            by_path.setdefault(w.path, []).append(w)
+    return tuple(dataclasses.replace(writes[-1], previous=writes[0].previous,
+                                     why="memory.high after the runtime moved memory.max: runtimes leave it")
+                 for writes in by_path.values() if writes[-1].value != writes[0].previous)
 
 
-def prepare_pod(cg: ContainerCgroups, limits: Limits, force: bool = False) -> PodChange:
+def prepare_pod(cg: ContainerCgroups, limits: Limits, force: bool = False, *, write: Writer = write_file) -> PodChange:
     """Plan the whole change (with the container's current values, so the memory-safety check and
     the pod's new values are computed as for ``set_limits``) and apply only its pod-before stage."""
     state = read_state(cg)
     full = make_plan(state, limits, force=force)
     pod_paths = limit_paths(cg, cg.pod) if cg.pod else []
     saved = Snapshot(cgroups=cg, files={p: t for p, t in state.files.items() if p in pod_paths})
-    return PodChange(plan=full, snapshot=saved, before=apply(full.pod_before))
+    return PodChange(plan=full, snapshot=saved, before=apply(full.pod_before, write=write), write=write)

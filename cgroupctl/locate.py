@@ -173,7 +173,7 @@ def _from_pid(pid: int, on_v2: tuple[str, ...], hiers: Mapping[str, str], proc_r
                 f"process {pid}: its {controller} cgroup {table[key]!r} is outside the cgroup mount at"
                 f" {hier!r} (mount root {'/' + '/'.join(root)!r}): the reader is in another cgroup"
                 " namespace; mount the host's cgroup tree and /proc (hostPID, host cgroup namespace)")
-        out[controller] = _container_level(rel, hier)
+        out[controller] = rel
     return out
 
 
@@ -206,7 +206,7 @@ def _subdirs(path: str) -> list[os.DirEntry]:
         return []
 
 
-def _container_level(rel: tuple[str, ...], hier: str) -> tuple[str, ...]:
+def _container_level(rel: tuple[str, ...]) -> tuple[str, ...]:
     """Walk up from a process's cgroup to the directory named after the container, if one is near."""
     for up in range(0, _MAX_LEVELS_UP + 1):
         if len(rel) - up <= 0:
@@ -214,6 +214,24 @@ def _container_level(rel: tuple[str, ...], hier: str) -> tuple[str, ...]:
         if container_id_of(rel[len(rel) - 1 - up]):
             return rel[: len(rel) - up]
     return rel
+
+
+# The child crun makes under the container's cgroup for its processes (with CRI-O too).
+INNER_NAME = "container"
+
+
+def _inner_level(process_rel: tuple[str, ...] | None, container_rel: tuple[str, ...], hier: str) -> tuple[str, ...] | None:
+    """The container's child cgroup its processes run in, when there is one (crun's ``container/``).
+
+    From a process's cgroup: the level right below the container's. From a cgroups path alone: the
+    ``container`` child when it exists."""
+    if process_rel is not None:
+        below = process_rel[len(container_rel):] if process_rel[: len(container_rel)] == container_rel else ()
+        # Only crun's own child: a container running its own cgroup tree (systemd inside) is not one.
+        return (*container_rel, INNER_NAME) if below[:1] == (INNER_NAME,) else None
+    if os.path.isdir(os.path.join(hier, *container_rel, INNER_NAME)):
+        return (*container_rel, INNER_NAME)
+    return None
 
 
 def _search_nested(hier: str, comps: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -278,9 +296,11 @@ def locate(*, pid: int | None = None, cgroups_path: str | None = None, proc_root
     hiers, on_v2 = layout(mode, cgroup_root)
     if not hiers:
         raise NotFound(f"none of the controllers {CONTROLLERS} is mounted under {cgroup_root!r}")
+    process_rels: dict[str, tuple[str, ...]] = {}
     if pid is not None:
         try:
-            rels = _from_pid(pid, on_v2, hiers, proc_root, _read_mounts(proc_root))
+            process_rels = _from_pid(pid, on_v2, hiers, proc_root, _read_mounts(proc_root))
+            rels = {c: _container_level(r) for c, r in process_rels.items()}
             what = f"process {pid}"
         except NotFound:
             if not cgroups_path:
@@ -295,6 +315,7 @@ def locate(*, pid: int | None = None, cgroups_path: str | None = None, proc_root
         what = f"cgroups path {cgroups_path!r}"
     container: dict[str, str] = {}
     pod: dict[str, str] = {}
+    inner: dict[str, str] = {}
     for controller, rel in rels.items():
         hier = hiers[controller]
         directory = os.path.join(hier, *rel)
@@ -305,6 +326,9 @@ def locate(*, pid: int | None = None, cgroups_path: str | None = None, proc_root
         container[controller] = directory
         if len(rel) >= 2:
             pod[controller] = os.path.join(hier, *rel[:-1])
+        inner_rel = _inner_level(process_rels.get(controller) if process_rels else None, rel, hier)
+        if inner_rel is not None and os.path.isdir(os.path.join(hier, *inner_rel)):
+            inner[controller] = os.path.join(hier, *inner_rel)
     if "cpu" not in container and "memory" not in container:
         raise NotFound(f"{what}: neither a cpu nor a memory cgroup was found under {cgroup_root!r}")
     any_rel = rels.get("memory") or rels.get("cpu") or ()
@@ -316,4 +340,5 @@ def locate(*, pid: int | None = None, cgroups_path: str | None = None, proc_root
         pod_uid=pod_uid_of(any_rel[-2]) if len(any_rel) >= 2 else None,
         cgroup_paths={c: "/" + "/".join(r) for c, r in rels.items()},
         v2_controllers=tuple(c for c in on_v2 if c in container) if mode is Mode.HYBRID else (),
+        inner=CgroupDirs(**inner) if inner else None,
     )

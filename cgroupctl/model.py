@@ -164,6 +164,11 @@ class ContainerCgroups:
 
     ``v2_controllers`` names the controllers (of ``cpu``, ``cpuacct``, ``memory``) that a HYBRID host
     has bound to its v2 (unified) tree, so their v2 files are used; on V1 and V2 it is ignored.
+
+    ``inner`` is the container's own child cgroup where its processes run when the runtime makes one
+    (crun, also under CRI-O: limits on ``<scope>`` and on ``<scope>/container``); ``None`` when the
+    processes run in the container's cgroup itself (runc). Both levels hold the container's limits:
+    cgroupctl writes, reads back, snapshots and restores both.
     """
 
     mode: Mode
@@ -173,6 +178,12 @@ class ContainerCgroups:
     pod_uid: str | None = None
     cgroup_paths: Mapping[str, str] = field(default_factory=dict)
     v2_controllers: tuple[str, ...] = ()
+    inner: CgroupDirs | None = None
+
+    @property
+    def levels(self) -> tuple[CgroupDirs, ...]:
+        """The container's cgroup levels, outermost first (the container's, then ``inner``)."""
+        return (self.container, self.inner) if self.inner is not None else (self.container,)
 
     def uses_v2(self, controller: str) -> bool:
         """Whether ``controller``'s files are the v2 ones (cpu.max, memory.max, cpu.stat, ...)."""
@@ -181,7 +192,7 @@ class ContainerCgroups:
         return self.mode is Mode.HYBRID and controller in self.v2_controllers
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "mode": self.mode.value,
             "container": self.container.to_dict(),
             "pod": self.pod.to_dict() if self.pod else None,
@@ -190,6 +201,9 @@ class ContainerCgroups:
             "cgroup_paths": dict(self.cgroup_paths),
             "v2_controllers": list(self.v2_controllers),
         }
+        if self.inner is not None:
+            out["inner"] = self.inner.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ContainerCgroups:
@@ -201,6 +215,7 @@ class ContainerCgroups:
             pod_uid=data.get("pod_uid"),
             cgroup_paths=dict(data.get("cgroup_paths") or {}),
             v2_controllers=tuple(data.get("v2_controllers") or ()),
+            inner=CgroupDirs.from_dict(data["inner"]) if data.get("inner") else None,
         )
 
 

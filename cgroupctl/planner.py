@@ -348,10 +348,23 @@ def plan(state: State, request: Limits, force: bool = False) -> Plan:
         new_q = request.cpu_quota_us if request.cpu_quota_us is not None else cur[0]
         new = (new_q, request.cpu_period_us or cur[1])
         check_cpu(new[0], new[1])
-        container += _cpu_steps(em, cpu_v2, cg.container.cpu, cur, new, CONTAINER, False)
+        outer_steps = _cpu_steps(em, cpu_v2, cg.container.cpu, cur, new, CONTAINER, False)
+        inner_steps: list[Step] = []
+        inner_cur = _cpu_values(cpu_v2, cg.inner, files)
+        if inner_cur is not None and cg.inner is not None and cg.inner.cpu and inner_cur[0] is not UNLIMITED:
+            # crun's container/ child holds the limit too: written after the scope when raising, before it
+            # when lowering, so the processes never get more than either level allows.
+            inner_steps = _cpu_steps(em, cpu_v2, cg.inner.cpu, inner_cur, new, CONTAINER, False)
+        raising = _ratio(*new) >= _ratio(*cur)
+        container += outer_steps + inner_steps if raising else inner_steps + outer_steps
         pod_cur = _cpu_values(cpu_v2, cg.pod, files)
         if pod_cur is not None and cg.pod is not None and cg.pod.cpu:
-            pod_new = _pod_cpu_target(pod_cur, cur, new)
+            # On v2 a container above its pod is capped, not refused: what it gets is the lowest of its
+            # levels and its pod's, and that is what a raise is measured from (a pod slice put back
+            # under a raised container by someone else is raised again).
+            in_force = min((v for v in (cur, inner_cur, pod_cur) if v is not None and v[0] is not UNLIMITED),
+                           key=lambda v: _ratio(*v), default=cur) if cpu_v2 else cur
+            pod_new = _pod_cpu_target(pod_cur, in_force, new)
             stage = _pod_stage(pod_cur[0], pod_new[0])
             (before if stage == POD_BEFORE else after).extend(
                 _cpu_steps(em, cpu_v2, cg.pod.cpu, pod_cur, pod_new, stage, True))
@@ -361,27 +374,22 @@ def plan(state: State, request: Limits, force: bool = False) -> Plan:
         if cur_m is None or cg.container.memory is None:
             raise NotFound(f"the container has no memory limit file (memory dir: {cg.container.memory})")
         new_limit = request.memory_limit_bytes if request.memory_limit_bytes is not None else cur_m["limit"]
-        new_m: dict[str, LimitValue] = {"limit": new_limit}
-        total = _swap_total(request, cur_m, new_limit, v2)
-        if total is not None:
-            if as_number(total) < as_number(new_limit):
-                raise OrderingError(f"memory+swap limit {format_v1(total)} bytes is below the memory limit"
-                                    f" {format_v1(new_limit)} bytes: it must be equal (no swap) or above")
-            if v2:
-                if new_limit is UNLIMITED and total is not UNLIMITED:
-                    raise OrderingError("a finite memory+swap limit needs a finite memory limit on v2")
-                new_m["swap"] = UNLIMITED if total is UNLIMITED else total - new_limit  # type: ignore[operator]
-            else:
-                new_m["swap"] = total
-        if v2:
-            moved = _moved_high(cur_m.get("high"), cur_m["limit"], new_limit)
-            if moved is not None:
-                new_m["high"] = moved
+        new_m = _container_memory_target(request, cur_m, new_limit, v2)
         _check_below_usage(new_limit, state.container_usage, "container", cg.container.memory, force)
-        container += _memory_steps(em, v2, cg.container.memory, cur_m, new_m, CONTAINER, force)
+        outer_steps = _memory_steps(em, v2, cg.container.memory, cur_m, new_m, CONTAINER, force)
+        inner_steps = []
+        inner_m = _memory_values(v2, cg.inner, files)
+        if inner_m is not None and cg.inner is not None and cg.inner.memory and inner_m["limit"] is not UNLIMITED:
+            inner_new = _container_memory_target(request, inner_m, new_limit, v2)
+            inner_steps = _memory_steps(em, v2, cg.inner.memory, inner_m, inner_new, CONTAINER, force)
+        raising = as_number(new_limit) >= as_number(cur_m["limit"])
+        container += outer_steps + inner_steps if raising else inner_steps + outer_steps
         pod_m = _memory_values(v2, cg.pod, files)
         if pod_m is not None and cg.pod is not None and cg.pod.memory:
-            pod_limit = _pod_target(pod_m["limit"], cur_m["limit"], new_limit)
+            in_force = cur_m["limit"]
+            if v2:  # as for CPU: the lowest of the container's levels and its pod's is what it has
+                in_force = min((m["limit"] for m in (cur_m, inner_m, pod_m) if m is not None), key=as_number)
+            pod_limit = _pod_target(pod_m["limit"], in_force, new_limit)
             pod_new: dict[str, LimitValue] = {"limit": pod_limit}
             if not v2 and "swap" in pod_m and pod_m["swap"] is not UNLIMITED and pod_m["limit"] is not UNLIMITED:
                 pod_new["swap"] = (UNLIMITED if pod_limit is UNLIMITED
@@ -398,6 +406,29 @@ def plan(state: State, request: Limits, force: bool = False) -> Plan:
             (before if stage == POD_BEFORE else after).extend(
                 _memory_steps(em, v2, cg.pod.memory, pod_m, pod_new, stage, force))
     return Plan(tuple(before + container + after))
+
+
+def _container_memory_target(request: Limits, cur_m: Mapping[str, LimitValue], new_limit: LimitValue,
+                             v2: bool) -> dict[str, LimitValue]:
+    """A container level's new memory values: the limit, the swap allowance kept (or the request's),
+    and on v2 a finite memory.high moved with the limit."""
+    new_m: dict[str, LimitValue] = {"limit": new_limit}
+    total = _swap_total(request, cur_m, new_limit, v2)
+    if total is not None:
+        if as_number(total) < as_number(new_limit):
+            raise OrderingError(f"memory+swap limit {format_v1(total)} bytes is below the memory limit"
+                                f" {format_v1(new_limit)} bytes: it must be equal (no swap) or above")
+        if v2:
+            if new_limit is UNLIMITED and total is not UNLIMITED:
+                raise OrderingError("a finite memory+swap limit needs a finite memory limit on v2")
+            new_m["swap"] = UNLIMITED if total is UNLIMITED else total - new_limit  # type: ignore[operator]
+        else:
+            new_m["swap"] = total
+    if v2:
+        moved = _moved_high(cur_m.get("high"), cur_m["limit"], new_limit)
+        if moved is not None:
+            new_m["high"] = moved
+    return new_m
 
 
 def _swap_total(request: Limits, cur: Mapping[str, LimitValue], new_limit: LimitValue,
@@ -437,7 +468,10 @@ def plan_restore(state: State, snapshot: Snapshot, force: bool = False) -> Plan:
     before: list[Step] = []
     container: list[Step] = []
     after: list[Step] = []
-    for where, dirs, usage in (("container", cg.container, state.container_usage), ("pod", cg.pod, state.pod_usage)):
+    # crun's container/ child before the scope: a lowering there goes where the processes are first.
+    levels = (("container", cg.inner, state.container_usage), ("container", cg.container, state.container_usage),
+              ("pod", cg.pod, state.pod_usage))
+    for where, dirs, usage in levels:
         if dirs is None:
             continue
         is_pod = where == "pod"

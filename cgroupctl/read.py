@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from cgroupctl.errors import NotFound
@@ -49,8 +50,9 @@ def limit_paths(cg: ContainerCgroups, dirs: CgroupDirs) -> list[str]:
 
 
 def all_limit_paths(cg: ContainerCgroups) -> list[str]:
-    """Limit files of the container and of its pod."""
-    return limit_paths(cg, cg.container) + (limit_paths(cg, cg.pod) if cg.pod else [])
+    """Limit files of the container (both its levels, see ``ContainerCgroups.inner``) and of its pod."""
+    paths = [p for dirs in cg.levels for p in limit_paths(cg, dirs)]
+    return paths + (limit_paths(cg, cg.pod) if cg.pod else [])
 
 
 def read_files(paths: list[str]) -> dict[str, str]:
@@ -184,11 +186,7 @@ def limits_from_files(cg: ContainerCgroups, dirs: CgroupDirs, files: dict[str, s
     return Limits(**values)  # type: ignore[arg-type]
 
 
-def read_limits(cg: ContainerCgroups, *, pod: bool = False) -> Limits:
-    """The limits in force in the container's own cgroup (or, with ``pod=True``, in the pod's)."""
-    dirs = cg.pod if pod else cg.container
-    if dirs is None:
-        raise NotFound("the container has no pod cgroup (it sits at the top of the hierarchy)")
+def _read_level(cg: ContainerCgroups, dirs: CgroupDirs) -> Limits:
     extra = []
     if dirs.cpu:
         extra.append(os.path.join(dirs.cpu, "cpu.weight" if cg.uses_v2("cpu") else "cpu.shares"))
@@ -196,3 +194,67 @@ def read_limits(cg: ContainerCgroups, *, pod: bool = False) -> Limits:
     if not files:
         raise NotFound(f"no limit file found in {dirs.to_dict()}: has the container exited?")
     return limits_from_files(cg, dirs, files)
+
+
+def tighter(outer: Limits, inner: Limits) -> Limits:
+    """The limits a process under both cgroups gets: the lower CPU quota/period ratio and the lower
+    memory limit of the two (swap, weight, shares and memory.high as ``outer`` has them)."""
+    out = outer
+    if inner.cpu_quota_us is not None and inner.cpu_period_us and inner.cpu_quota_us is not UNLIMITED:
+        if (outer.cpu_quota_us is None or outer.cpu_quota_us is UNLIMITED or not outer.cpu_period_us
+                or inner.cpu_quota_us * outer.cpu_period_us < outer.cpu_quota_us * inner.cpu_period_us):
+            out = dataclasses.replace(out, cpu_quota_us=inner.cpu_quota_us, cpu_period_us=inner.cpu_period_us)
+    if inner.memory_limit_bytes is not None and inner.memory_limit_bytes is not UNLIMITED:
+        if (outer.memory_limit_bytes is None or outer.memory_limit_bytes is UNLIMITED
+                or inner.memory_limit_bytes < outer.memory_limit_bytes):
+            out = dataclasses.replace(out, memory_limit_bytes=inner.memory_limit_bytes)
+    return out
+
+
+def read_limits(cg: ContainerCgroups, *, pod: bool = False) -> Limits:
+    """The container's limits (or, with ``pod=True``, the pod's). Where the container has two levels
+    (crun: the scope and its ``container/`` child, see ``ContainerCgroups.inner``) its processes get
+    the tighter of the two, and that is what is returned."""
+    dirs = cg.pod if pod else cg.container
+    if dirs is None:
+        raise NotFound("the container has no pod cgroup (it sits at the top of the hierarchy)")
+    limits = _read_level(cg, dirs)
+    if not pod and cg.inner is not None:
+        try:
+            limits = tighter(limits, _read_level(cg, cg.inner))
+        except NotFound:
+            pass  # the child is gone with the processes: the container's own level is what is left
+    return limits
+
+
+def effective_from_files(cg: ContainerCgroups, files: dict[str, str]) -> Limits:
+    """``effective_limits`` out of a ``{path: text}`` mapping (``State.files``) instead of the files."""
+    limits = limits_from_files(cg, cg.container, files)
+    if cg.inner is not None:
+        limits = tighter(limits, limits_from_files(cg, cg.inner, files))
+    if cg.pod is not None and (cg.uses_v2("cpu") or cg.uses_v2("memory")):
+        pod = limits_from_files(cg, cg.pod, files)
+        if not cg.uses_v2("cpu"):
+            pod = dataclasses.replace(pod, cpu_quota_us=None)
+        if not cg.uses_v2("memory"):
+            pod = dataclasses.replace(pod, memory_limit_bytes=None)
+        limits = tighter(limits, pod)
+    return limits
+
+
+def effective_limits(cg: ContainerCgroups) -> Limits:
+    """The limits the container's processes actually get: ``read_limits`` and, where the cpu or
+    memory files are v2, the pod's too (v2 takes a container limit above its pod's and silently
+    caps it at the pod's; v1 refuses it, so there the container's own limit is the one in force)."""
+    limits = read_limits(cg)
+    if cg.pod is None or not (cg.uses_v2("cpu") or cg.uses_v2("memory")):
+        return limits
+    try:
+        pod = _read_level(cg, cg.pod)
+    except NotFound:
+        return limits
+    if not cg.uses_v2("cpu"):
+        pod = dataclasses.replace(pod, cpu_quota_us=None)
+    if not cg.uses_v2("memory"):
+        pod = dataclasses.replace(pod, memory_limit_bytes=None)
+    return tighter(limits, pod)
