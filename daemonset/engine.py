@@ -176,6 +176,11 @@ class Engine:
         self._records: dict[str, Experiment] = {}
         self._damaged: dict[str, DamagedRecord] = {}  # by file path
         self._known: dict[str, Any] = {}  # container id -> ContainerInfo of containers under experiment
+        # When each known container's runtime view (its ``resources``) was last confirmed: by our own
+        # successful update, or by the drift pass reading it. Within ``view_fresh_s`` an apply merges
+        # into it without asking the runtime again; an in-place resize is noticed by the drift pass.
+        self._view_at: dict[str, float] = {}
+        self.view_fresh_s = max(2 * drift_interval_s, 3.0)
         self._listeners: list[Callable[[EngineEvent], None]] = []
         self._locks: dict[str, _KeyLock] = {}
         self._guard = threading.Lock()
@@ -265,6 +270,7 @@ class Engine:
             if self._records.get(exp.key) is not None and self._records[exp.key].experiment_id == exp.experiment_id:
                 del self._records[exp.key]
             self._known.pop(exp.target.container_id, None)
+            self._view_at.pop(exp.target.container_id, None)
             self.metrics.active.set(len(self._records))
         self.supervisor.cancel(exp.key)
 
@@ -405,10 +411,12 @@ class Engine:
             known = self._known.get(existing.target.container_id)
             if known is not None and self._alive(known):
                 info = known
-                if needs_view:  # the status call runs while the cgroups are read
+                fresh = time.monotonic() - self._view_at.get(known.id, -1e9) < self.view_fresh_s
+                if needs_view and not fresh:  # the status call runs while the cgroups are read
                     pending = self._io.submit(self._with_fresh_resources, known)
         if info is None:
             info = self._resolve(req.target)  # a verbose status: its view is fresh
+            self._view_at[info.id] = time.monotonic()
         cg = self.cgroups.locate(pid=info.pid, cgroups_path=info.cgroups_path)
         before, cg_state = self.cgroups.read_for_plan(cg, memory_usage=memory_usage)
         if pending is not None:
@@ -422,6 +430,7 @@ class Engine:
                 before, cg_state = self.cgroups.read_for_plan(cg, memory_usage=memory_usage)
             else:
                 info = fresh
+            self._view_at[info.id] = time.monotonic()
         return info, cg, before, cg_state
 
     def _apply_locked(self, req: ApplyRequest) -> ApplyResult:
@@ -509,6 +518,12 @@ class Engine:
             raise ApplyFailed(f"applying to {target.describe()} failed: {e}; {undone}") from e
         self._set(made)
         with self._guard:
+            if made.methods.get(Resource.CPU) is Method.CRI or made.methods.get(Resource.MEMORY) is Method.CRI:
+                if made.cri_sent is not None and made.cri_sent is not exp.cri_sent:
+                    from cri_api.types import LinuxResources
+
+                    info = dataclasses.replace(info, resources=LinuxResources.from_dict(made.cri_sent))
+                    self._view_at[info.id] = time.monotonic()
             self._known[info.id] = info
         if made.expires_at is not None:
             self.supervisor.schedule(made.key, made.expires_at)
@@ -694,6 +709,7 @@ class Engine:
         """Undo a failed apply exactly: back to the originals (first change) or to the experiment as it was.
         A rollback that fails keeps the record (rollback-failed, the true originals) and is retried."""
         log.warning("apply on %s failed (%s); rolling back", attempt.key, cause)
+        self._view_at.pop(info.id, None)  # the rollback may tell the runtime other values: ask it next time
         loc = Location(info, cg)
         try:
             if base is None:
@@ -837,9 +853,11 @@ class Engine:
             return
         log.info("%s: %s; experiment ended%s", exp.key, reason,
                  " (the new CPU and memory values stand)" if keep_cpu_memory else "")
+        values, unknown = self._readings(exp, loc)
         self._forget(exp)
         self.metrics.reverts.labels(reason).inc()
-        self._emit(EventKind.ENDED, exp, reason=reason)
+        self._emit(EventKind.ENDED, exp, reason=reason,
+                   resources=self._revert_results(exp, {}, {}, values, unknown))
 
     def supersede(self, target: Target, reason: str = END_SUPERSEDED) -> bool:
         """End an experiment without putting its CPU and memory originals back (an in-place resize set new
@@ -1036,18 +1054,29 @@ class Engine:
 
     def recover(self) -> None:
         """Finish what the state directory says was under way when the agent last stopped."""
+        legacy = self._legacy_owners()
+        migrated = 0
         for loaded in self.store.load_all():
             if loaded.error:
                 self._add_damaged(loaded.path, loaded.error, "")
                 continue
             try:
-                exp = decode(loaded.data)
+                exp = decode(loaded.data, legacy_owners=legacy)
                 if self.store.path_for(exp.key) != loaded.path:
                     raise RecordError(f"its file name does not belong to its key {exp.key}")
             except RecordError as e:
                 self._add_damaged(loaded.path, str(e), key_of(loaded.data))
                 continue
+            if isinstance(loaded.data, dict) and loaded.data.get("schema") != encode(exp)["schema"]:
+                self._save(exp, durable=True)  # one record, one file: the owner now lives in it
+                migrated += 1
             self._set(exp)
+        if legacy is not None:
+            log.info("migrated %d record(s) of schema 1; %s is no longer used", migrated, self._legacy_path())
+            try:
+                self._legacy_path().rename(self._legacy_path().with_suffix(".json.migrated"))
+            except OSError as e:
+                log.error("cannot set %s aside: %s", self._legacy_path(), e)
         with self._guard:
             keys = list(self._records)
             ifb_keys = {e.net.ifb_key for e in self._records.values() if e.net is not None}
@@ -1071,6 +1100,22 @@ class Engine:
                 log.error("sweeping orphaned IFB devices failed: %s", e)
         self._match_damaged()
         self.check_drift()
+
+    def _legacy_path(self) -> pathlib.Path:
+        return self.store.root.parent / "cluster" / "owners.json"
+
+    def _legacy_owners(self) -> dict[str, Any] | None:
+        """Schema 1's owners of ResourceChaos experiments (a file of their own then); None when there is none."""
+        import json
+
+        try:
+            data = json.loads(self._legacy_path().read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.error("%s unreadable (%s): its experiments are taken as node-local", self._legacy_path(), e)
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def _on_due(self, key: str) -> None:
         """The supervisor's call: an end time has come, or a failed restore is to be tried again."""
@@ -1183,13 +1228,20 @@ class Engine:
         with self._guard:
             if old_id != fresh.id:
                 self._known.pop(old_id, None)
+                self._view_at.pop(old_id, None)
             self._known[fresh.id] = fresh
+            self._view_at[fresh.id] = time.monotonic()
         if not stale:
             return
         log.warning("drift on %s (%s): %s no longer in force; applying again", exp.key, cause,
                     ", ".join(sorted(r.value for r in stale)))
         method = _cpu_mem_method(exp)
         made = self._enforce(exp, fresh, cg, changes=stale, method=method, force=True)
+        if made.cri_sent is not exp.cri_sent and made.cri_sent is not None:
+            from cri_api.types import LinuxResources
+
+            with self._guard:
+                self._known[fresh.id] = dataclasses.replace(fresh, resources=LinuxResources.from_dict(made.cri_sent))
         self._verify(made, cg, stale)
         made = made.replace(drift_corrections=exp.drift_corrections + 1)
         self._save_quiet(made)

@@ -126,13 +126,16 @@ def encode(exp: Experiment) -> dict[str, Any]:
     }
 
 
-def decode(data: Any) -> Experiment:
-    """A record read from disk; raises RecordError naming what is wrong (never KeyError or TypeError)."""
+def decode(data: Any, *, legacy_owners: dict[str, Any] | None = None) -> Experiment:
+    """A record read from disk; raises RecordError naming what is wrong (never KeyError or TypeError).
+
+    ``legacy_owners``: schema 1's ``cluster/owners.json`` (container key -> ResourceChaos
+    namespace, name, uid), whose entries become the migrated records' owners."""
     if not isinstance(data, dict):
         raise RecordError(f"not a JSON object but {type(data).__name__}")
     schema = data.get("schema")
     if schema == 1:
-        data = _migrate_v1(data)
+        data = _migrate_v1(data, legacy_owners or {})
     elif schema != SCHEMA_VERSION:
         raise RecordError(f"schema {schema!r} is not one this agent reads (1 or {SCHEMA_VERSION});"
                           " kept untouched for a newer agent")
@@ -216,11 +219,16 @@ def key_of(data: Any) -> str:
     return ""
 
 
-def _migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
+def _migrate_v1(data: dict[str, Any], legacy_owners: dict[str, Any]) -> dict[str, Any]:
     """Schema 1 kept the owner in a separate file and ``cri_used`` as a flag; no failures, no owner."""
     out = dict(data)
     out["schema"] = SCHEMA_VERSION
-    out["owner"] = {"kind": NODE_LOCAL.kind.value}
+    owner = legacy_owners.get(data.get("key")) if isinstance(data.get("key"), str) else None
+    if isinstance(owner, dict) and all(isinstance(owner.get(f), str) for f in ("namespace", "name", "uid")):
+        out["owner"] = {"kind": OwnerKind.RESOURCE_CHAOS.value, "namespace": owner["namespace"],
+                        "name": owner["name"], "uid": owner["uid"]}
+    else:
+        out["owner"] = {"kind": NODE_LOCAL.kind.value}
     # v1 did not keep what it sent; the restore sends the whole original, so "sent something" is enough.
     out["cri_sent"] = {} if data.get("cri_used") else None
     out.pop("cri_used", None)

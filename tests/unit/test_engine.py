@@ -602,3 +602,27 @@ def test_an_hour_of_resyncs_schedules_nothing_new(world, clock, tmp_path):
     print(f"an hour of resyncs: {e.scheduled()} scheduled moments, heap {grown / 1024:+.0f} KiB")
     assert e.scheduled() == 50 and len(e.list()) == 50
     assert grown < 512 * 1024
+
+
+def test_schema_1_records_take_their_owner_from_the_old_owners_file(world, clock, tmp_path):
+    import json
+
+    e = make_engine(world, clock, tmp_path)
+    apply(e, cpu_millicpu=200)
+    e.close()
+    [path] = (tmp_path / "experiments").glob("*.json")
+    record = json.loads(path.read_text())
+    record.update(schema=1, cri_used=record.pop("cri_sent") is not None)
+    for field in ("owner", "failure", "end_reason", "cri_intent"):
+        record.pop(field)
+    path.write_text(json.dumps(record))
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "cluster" / "owners.json").write_text(json.dumps(
+        {"default/web/app": {"namespace": "default", "name": "web-app", "uid": "u-7", "pod": "web", "container": "app"}}))
+    e2 = make_engine(world, clock, tmp_path)
+    [exp] = e2.list()
+    assert exp.owner.kind.value == "ResourceChaos" and (exp.owner.name, exp.owner.uid) == ("web-app", "u-7")
+    assert json.loads(path.read_text())["schema"] == 2  # rewritten: the owner now lives in the record
+    assert not (tmp_path / "cluster" / "owners.json").exists()
+    e2.revert(RevertRequest(Target("default", "web", "app")))
+    assert world.containers[("default", "web", "app")].quota_us == 50_000
