@@ -476,7 +476,8 @@ class Engine:
             return self._result(exp, set(changes), previous, None, dry_run=True)
 
         payload = self._cri_payload(exp, info, before) if needs_view else None
-        attempt = _as_made(exp, changes, req.method, payload)  # what the record says once made
+        payload_dict = payload.to_dict() if payload is not None else None  # once: asdict is not cheap
+        attempt = _as_made(exp, changes, req.method, payload_dict)  # what the record says once made
         saving = None
         if new_snapshot or (exp.net is not None and (base is None or base.net is None)):
             # A new snapshot of originals: on disk before anything changes. A crash after this point
@@ -496,7 +497,8 @@ class Engine:
         progress = _Progress()
         try:
             made = self._enforce(exp, info, cg, changes=set(changes), method=req.method, force=req.force,
-                                 before=before, plan=plan, payload=payload, progress=progress)
+                                 before=before, plan=plan, payload=payload, progress=progress,
+                                 payload_dict=payload_dict)
             made = made.replace(phase=Phase.ACTIVE, cri_intent=())
             if saving is None or (made.methods, made.cri_sent, made.net) != (attempt.methods, attempt.cri_sent,
                                                                              attempt.net):
@@ -631,7 +633,7 @@ class Engine:
 
     def _enforce(self, exp: Experiment, info: Any, cg: Any, *, changes: set[Resource], method: Method, force: bool,
                  before: Readings | None = None, plan: Any = None, payload: Any = None,
-                 progress: _Progress | None = None) -> Experiment:
+                 progress: _Progress | None = None, payload_dict: dict[str, Any] | None = None) -> Experiment:
         """Put ``changes`` of the desired values in force; the record as made. Raises on the first failure."""
         before = before if before is not None else self.cgroups.read(cg)
         desired = exp.desired
@@ -641,10 +643,11 @@ class Engine:
         cpu_quota = quota_for(desired[Resource.CPU], before.cpu_period_us) if Resource.CPU in changes else None
         mem = desired[Resource.MEMORY] if Resource.MEMORY in changes else None
         if cpu_quota is not None or mem is not None:
+            progress = progress or _Progress()
             used = self._set_cpu_memory(exp, info, cg, cpu_quota, mem, method, force, plan, before, payload,
-                                        progress or _Progress())
+                                        progress, payload_dict)
             if used[0] is Method.CRI:
-                cri_sent = used[1].to_dict()
+                cri_sent = progress.cri_sent
             for r in changes & set(CPU_MEM):
                 methods[r] = used[0]
         if changes & set(BANDWIDTH):
@@ -660,20 +663,21 @@ class Engine:
 
     def _set_cpu_memory(self, exp: Experiment, info: Any, cg: Any, cpu_quota: int | None, mem: int | None,
                         method: Method, force: bool, plan: Any, before: Readings, payload: Any,
-                        progress: _Progress) -> tuple[Method, Any]:
+                        progress: _Progress, payload_dict: dict[str, Any] | None) -> tuple[Method, Any]:
         from cri_api import errors as cri_errors
 
         if method in (Method.AUTO, Method.CRI):
             sent = payload if payload is not None else self._cri_payload(exp, info, before)
+            sent_dict = payload_dict if payload is not None and payload_dict is not None else sent.to_dict()
 
             def runtime_call() -> None:
                 try:
                     self.cri.update_container_resources(info.id, sent)
                 except cri_errors.RuntimeUnreachable:
                     # A timeout may have reached the runtime; an answered refusal left its view as it was.
-                    progress.cri_sent = sent.to_dict()
+                    progress.cri_sent = sent_dict
                     raise
-                progress.cri_sent = sent.to_dict()
+                progress.cri_sent = sent_dict
 
             try:
                 self.cgroups.set_through(cg, cpu_quota_us=cpu_quota, memory_limit_bytes=mem, force=force,
@@ -1259,12 +1263,13 @@ def _values(readings: Readings | None, rates: dict[Resource, int], exp: Experime
     return values
 
 
-def _as_made(exp: Experiment, changes: dict[Resource, int], method: Method, payload: Any) -> Experiment:
+def _as_made(exp: Experiment, changes: dict[Resource, int], method: Method,
+             payload_dict: dict[str, Any] | None) -> Experiment:
     """The record as it will be once ``changes`` are made by ``method`` (the runtime for auto)."""
     methods = dict(exp.methods)
     for r in changes:
         methods[r] = Method.NETLINK if r in BANDWIDTH else Method.CGROUP if method is Method.CGROUP else Method.CRI
-    cri_sent = payload.to_dict() if payload is not None and method is not Method.CGROUP else exp.cri_sent
+    cri_sent = payload_dict if payload_dict is not None and method is not Method.CGROUP else exp.cri_sent
     return exp.replace(phase=Phase.ACTIVE, cri_intent=(), methods=methods, cri_sent=cri_sent)
 
 
