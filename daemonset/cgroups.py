@@ -292,17 +292,21 @@ class CgroupOps:
     def refresh_container_snapshot(self, old: dict[str, Any], cg: Any) -> dict[str, Any]:
         """For a re-created container: its own files as they are now (the originals again), the pod's as first saved."""
         new = self.snapshot(cg)
-        pod_dirs = [d for d in (old["cgroups"].get("pod") or {}).values() if d]
-        files = {p: v for p, v in new["files"].items() if not any(p.startswith(d + "/") for d in pod_dirs)}
-        files.update({p: v for p, v in old["files"].items() if any(p.startswith(d + "/") for d in pod_dirs)})
+        pod_dirs = {os.path.normpath(d) for d in (old["cgroups"].get("pod") or {}).values() if d}
+
+        def in_pod(path: str) -> bool:  # the pod's own files, not those of the containers below it
+            return os.path.dirname(path) in pod_dirs
+
+        files = {p: v for p, v in new["files"].items() if not in_pod(p)}
+        files.update({p: v for p, v in old["files"].items() if in_pod(p)})
         new["files"] = files
         pod_units = {os.path.basename(d) for d in pod_dirs}
         units = {u: v for u, v in (new.get("units") or {}).items() if u not in pod_units}
         units.update({u: v for u, v in (old.get("units") or {}).items() if u in pod_units})
         if units:
             new["units"] = units
-        extra = {p: v for p, v in (new.get("extra_files") or {}).items() if not any(p.startswith(d + "/") for d in pod_dirs)}
-        extra.update({p: v for p, v in (old.get("extra_files") or {}).items() if any(p.startswith(d + "/") for d in pod_dirs)})
+        extra = {p: v for p, v in (new.get("extra_files") or {}).items() if not in_pod(p)}
+        extra.update({p: v for p, v in (old.get("extra_files") or {}).items() if in_pod(p)})
         if extra:
             new["extra_files"] = extra
         return new
