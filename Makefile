@@ -4,7 +4,7 @@ VENV    ?= .venv
 PYTEST  ?= $(VENV)/bin/pytest
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup setup-node setup-venv test test-unit demo gen lint bench clean
+.PHONY: setup setup-node setup-venv test test-unit test-v2 v2-image demo gen lint bench clean
 
 setup: setup-node setup-venv
 
@@ -35,6 +35,14 @@ test: setup
 
 test-unit: setup-venv
 	$(PYTEST) -q -m unit
+
+# The cgroup v2 worker node alone (a QEMU VM: systemd, containerd 2.x, runc and crun; one boot).
+test-v2: setup
+	$(PYTEST) -q tests/vm/test_v2_node.py
+
+# Build (or find, cached by its recipe) the v2 node's disk image: prints its directory.
+v2-image:
+	scripts/build-v2-image.sh
 
 demo: setup
 	$(VENV)/bin/python -m scripts.demo

@@ -21,7 +21,8 @@ resolve() {
 pkg=$(resolve)
 if [ -z "$pkg" ]; then
     # No package lists yet (a fresh machine whose other packages were all installed already).
-    apt-get update -qq
+    # setup-node.sh exports apt_get, which waits for another apt's lock; alone, wait through apt's option.
+    if declare -F apt_get >/dev/null; then apt_get update -qq; else apt-get -o DPkg::Lock::Timeout=900 update -qq; fi
     pkg=$(resolve)
 fi
 if [ -z "$pkg" ]; then

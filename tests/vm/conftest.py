@@ -73,3 +73,27 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "cgroup v2 VM figures")
         for key, value in FIGURES.items():
             terminalreporter.write_line(f"{key}: {value}")
+
+
+# ---- the cgroup v2 worker node (tests/support/v2node.py): one boot per session, many scenarios
+
+
+@pytest.fixture(scope="session")
+def v2node():
+    """Debian forky with systemd, containerd 2.x, runc and crun in a QEMU VM, with the agent running."""
+    from tests.support import v2node as v2
+
+    missing = v2.missing_prerequisites()
+    require(not missing, "the cgroup v2 node VM: " + "; ".join(missing))
+    node = v2.V2Node()
+    start = time.monotonic()
+    node.boot()
+    agent = node.call("agent_start", wait_s=120)
+    FIGURES.update({f"v2 node {k} s": round(v, 2) for k, v in node.timings_s.items()})
+    FIGURES["v2 node agent start s"] = round(agent["start_s"], 2)
+    FIGURES["v2 node versions"] = "; ".join(node.versions)
+    try:
+        yield node
+    finally:
+        node.close()
+        FIGURES["v2 node session s"] = round(time.monotonic() - start, 2)
