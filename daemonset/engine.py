@@ -41,7 +41,17 @@ from daemonset import state as state_mod
 from daemonset.cgroups import CgroupOps, Readings
 from daemonset.metrics import Metrics
 from daemonset.net import NetOps
-from daemonset.record import BANDWIDTH, CPU_MEM, Experiment, NetState, RecordError, decode, encode, key_of
+from daemonset.record import (
+    BANDWIDTH,
+    CPU_MEM,
+    Experiment,
+    NetState,
+    RecordError,
+    Step,
+    decode,
+    encode,
+    key_of,
+)
 from daemonset.restore import Location, RestoreError, Restorer, fmt
 from daemonset.supervisor import Supervisor
 from daemonset.types import (
@@ -58,6 +68,7 @@ from daemonset.types import (
     ApplyFailed,
     ApplyRequest,
     ApplyResult,
+    Changes,
     Conflict,
     DamagedRecord,
     Denied,
@@ -182,6 +193,7 @@ class Engine:
         self._view_at: dict[str, float] = {}
         self.view_fresh_s = max(2 * drift_interval_s, 3.0)
         self._listeners: list[Callable[[EngineEvent], None]] = []
+        self._step_tries: dict[str, int] = {}  # held profile steps: tries so far (for the backoff)
         self._locks: dict[str, _KeyLock] = {}
         self._guard = threading.Lock()
         self._runtime_down = ""  # the last runtime error the drift pass logged (one line per outage)
@@ -271,6 +283,7 @@ class Engine:
                 del self._records[exp.key]
             self._known.pop(exp.target.container_id, None)
             self._view_at.pop(exp.target.container_id, None)
+            self._step_tries.pop(exp.key, None)
             self.metrics.active.set(len(self._records))
         self.supervisor.cancel(exp.key)
 
@@ -433,7 +446,8 @@ class Engine:
             self._view_at[info.id] = time.monotonic()
         return info, cg, before, cg_state
 
-    def _apply_locked(self, req: ApplyRequest) -> ApplyResult:
+    def _apply_locked(self, req: ApplyRequest, *, advance: int = 0) -> ApplyResult:
+        """``advance``: this is the profile's next step (that many steps are taken off the record)."""
         changes = req.changes.as_map()
         existing = self._record_for(req.target, only_container=True)
         if existing is not None:
@@ -459,7 +473,7 @@ class Engine:
             base = self._adopt(existing, info, cg)
             new_snapshot = True
         exp = self._new_record(req, info, target, cg, before, changes) if base is None \
-            else self._merged_record(base, req, info, changes)
+            else self._merged_record(base, req, info, changes, advance)
         net_before = self._rates(exp) if any(r in changes for r in BANDWIDTH) else {}
         previous = _values(before, net_before, exp)
 
@@ -527,10 +541,7 @@ class Engine:
                     info = dataclasses.replace(info, resources=LinuxResources.from_dict(made.cri_sent))
                     self._view_at[info.id] = time.monotonic()
             self._known[info.id] = info
-        if made.expires_at is not None:
-            self.supervisor.schedule(made.key, made.expires_at)
-        else:
-            self.supervisor.cancel(made.key)
+        self._schedule_next(made)
         for r in changes:
             self.metrics.applies.labels(r.value, made.methods[r].value).inc()
             log.info("applied %s on %s: %s -> %s (read back) via %s%s", r.value, target.describe(),
@@ -570,6 +581,7 @@ class Engine:
         if any(r in changes for r in BANDWIDTH):
             net, rates = self._new_net(info)
             original.update(rates)
+        profile = self._profile(req)
         return Experiment(
             experiment_id=uuid.uuid4().hex[:12],
             target=target,
@@ -585,6 +597,8 @@ class Engine:
             cri_original=info.resources.to_dict() if info.resources is not None else None,
             net=net,
             only_container=req.target.container is None,
+            steps=profile[0],
+            steps_total=profile[1],
         )
 
     def _new_net(self, info: Any) -> tuple[NetState, dict[Resource, int]]:
@@ -594,7 +608,8 @@ class Engine:
         ingress, egress = self.net.read_rates(host, info.sandbox_id)
         return net, {Resource.INGRESS: ingress, Resource.EGRESS: egress}
 
-    def _merged_record(self, base: Experiment, req: ApplyRequest, info: Any, changes: dict[Resource, int]) -> Experiment:
+    def _merged_record(self, base: Experiment, req: ApplyRequest, info: Any, changes: dict[Resource, int],
+                       advance: int = 0) -> Experiment:
         """A further change on the same container keeps the first snapshot, so a reset returns to the true original."""
         desired = {**base.desired, **changes}
         original = dict(base.original)
@@ -602,8 +617,28 @@ class Engine:
         if any(r in changes for r in BANDWIDTH) and net is None:
             net, rates = self._new_net(info)
             original.update(rates)
-        return base.replace(desired=desired, original=original, net=net,
+        if advance:
+            # The profile's next step: the steps still to come stay, the end time too.
+            return base.replace(desired=desired, original=original, net=net, steps=base.steps[advance:],
+                                step_note="")
+        # A new command replaces a profile under way (with its own steps, if it has any).
+        steps, total = self._profile(req)
+        return base.replace(desired=desired, original=original, net=net, steps=steps, steps_total=total,
+                            step_note="",
                             expires_at=self.clock() + req.duration_s if req.duration_s else base.expires_at)
+
+    def _profile(self, req: ApplyRequest) -> tuple[tuple[Step, ...], int]:
+        now = self.clock()
+        steps = tuple(Step(at=now + s.offset_s, values=s.changes.as_map()) for s in req.steps)
+        return steps, len(steps) + 1 if steps else 0
+
+    def _schedule_next(self, exp: Experiment) -> None:
+        """The one moment the supervisor holds for an active experiment: its next step or its end."""
+        moments = [m for m in (exp.expires_at, exp.steps[0].at if exp.steps else None) if m is not None]
+        if moments:
+            self.supervisor.schedule(exp.key, min(moments))
+        else:
+            self.supervisor.cancel(exp.key)
 
     def _check_cpu_quota(self, quota_us: int | None, before: Readings, millicpu: int) -> None:
         if quota_us is not None and quota_us < 1000:
@@ -894,7 +929,10 @@ class Engine:
             out.append(ExperimentInfo(experiment_id=exp.experiment_id, target=exp.target, resources=resources,
                                       started_at=exp.started_at, expires_at=exp.expires_at,
                                       drift_corrections=exp.drift_corrections, phase=exp.phase, owner=exp.owner,
-                                      failure=exp.failure))
+                                      failure=exp.failure, steps_total=exp.steps_total, step=exp.step,
+                                      next_step_at=exp.steps[0].at if exp.steps else None,
+                                      next_step=dict(exp.steps[0].values) if exp.steps else {},
+                                      step_note=exp.step_note))
         return sorted(out, key=lambda e: e.target.key)
 
     def list_damaged(self, namespace: str | None = None) -> list[DamagedRecord]:
@@ -1088,8 +1126,7 @@ class Engine:
             exp = self._records[key]
             if exp.phase is Phase.ACTIVE and (exp.expires_at is None or exp.expires_at > self.clock()):
                 log.info("recovering %s: still running; re-armed", key)
-                if exp.expires_at is not None:
-                    self.supervisor.schedule(key, exp.expires_at)
+                self._schedule_next(exp)
             else:
                 log.warning("recovering %s (%s): %s", key, exp.phase.value,
                             "expired while the agent was down; reverting" if exp.phase is Phase.ACTIVE
@@ -1128,10 +1165,13 @@ class Engine:
             if exp is None:
                 return
             if exp.phase is Phase.ACTIVE:
-                if exp.expires_at is None:
-                    return
-                if exp.expires_at > self.clock():
-                    self.supervisor.schedule(key, exp.expires_at)
+                now = self.clock()
+                if exp.expires_at is None or exp.expires_at > now:
+                    due = [i for i, st in enumerate(exp.steps) if st.at <= now]
+                    if due:
+                        self._run_step(exp, due[-1])
+                    else:
+                        self._schedule_next(exp)
                     return
                 reason = END_EXPIRED
             else:
@@ -1143,6 +1183,33 @@ class Engine:
             except Exception as e:
                 self._failed(exp if exp.phase is not Phase.ACTIVE else exp.replace(phase=Phase.REVERT_FAILING,
                                                                                    end_reason=reason), str(e))
+
+    def _run_step(self, exp: Experiment, index: int) -> None:
+        """Put the profile's step ``index`` of those to come in force (skipping the ones missed while the
+        agent was down). A step the kernel refuses (memory below what the container holds) is held,
+        reported and tried again with backoff; it is never forced."""
+        step = exp.steps[index]
+        t = exp.target
+        method = Method.CGROUP if _cpu_mem_method(exp) is Method.CGROUP else Method.AUTO
+        req = ApplyRequest(target=Target(t.namespace, t.pod, t.container), method=method, owner=exp.owner,
+                           changes=Changes(cpu_millicpu=step.values.get(Resource.CPU),
+                                           memory_bytes=step.values.get(Resource.MEMORY),
+                                           ingress_bps=step.values.get(Resource.INGRESS),
+                                           egress_bps=step.values.get(Resource.EGRESS)))
+        try:
+            self._apply_locked(req, advance=index + 1)
+            self._step_tries.pop(exp.key, None)
+            log.info("profile of %s: step %d of %d in force", exp.key, exp.steps_total - len(exp.steps) + index + 1,
+                     exp.steps_total)
+        except EngineError as e:
+            tries = self._step_tries.get(exp.key, 0) + 1
+            self._step_tries[exp.key] = tries
+            delay = self.supervisor.backoff(tries)
+            held = exp.replace(step_note=f"step {exp.steps_total - len(exp.steps) + index + 1} held: {e}")
+            self._save_quiet(held)
+            self._set(held)
+            self.supervisor.schedule(exp.key, self.clock() + delay)
+            log.warning("profile of %s: %s; trying again in %.1fs", exp.key, held.step_note, delay)
 
     # Names the tests and the agent used before the supervisor existed.
     def expire_due(self) -> None:

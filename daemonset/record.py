@@ -49,6 +49,14 @@ class NetState:
 
 
 @dataclasses.dataclass(frozen=True)
+class Step:
+    """A later step of a stepped profile: ``values`` in force from ``at`` (seconds since the epoch)."""
+
+    at: float
+    values: dict[Resource, int]
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     """Everything the engine knows of one container under experiment. Immutable: changes make a new value."""
 
@@ -71,6 +79,14 @@ class Experiment:
     only_container: bool = False  # resolved without naming the container
     failure: Failure | None = None
     end_reason: str = ""  # why the restore under way was started (reverting phases)
+    steps: tuple[Step, ...] = ()  # the profile's steps still to come, by time
+    steps_total: int = 0  # the profile's steps, the first included (0: no profile)
+    step_note: str = ""  # why the next step is held
+
+    @property
+    def step(self) -> int:
+        """The profile's step in force (1-based); 0 without a profile."""
+        return self.steps_total - len(self.steps) if self.steps_total else 0
 
     @property
     def key(self) -> str:
@@ -123,6 +139,9 @@ def encode(exp: Experiment) -> dict[str, Any]:
         "only_container": exp.only_container,
         "failure": dataclasses.asdict(exp.failure) if exp.failure else None,
         "end_reason": exp.end_reason,
+        "steps": [{"at": s.at, "values": {r.value: v for r, v in s.values.items()}} for s in exp.steps],
+        "steps_total": exp.steps_total,
+        "step_note": exp.step_note,
     }
 
 
@@ -178,6 +197,12 @@ def decode(data: Any, *, legacy_owners: dict[str, Any] | None = None) -> Experim
     for name in ("cri_original", "cri_sent"):
         if data.get(name) is not None and not isinstance(data[name], dict):
             raise RecordError(f"{name} is not an object")
+    steps = []
+    for i, raw in enumerate(r.typed(data, "steps", list, default=[])):
+        if not isinstance(raw, dict) or not isinstance(raw.get("values"), dict):
+            raise RecordError(f"steps[{i}] is not a step (an object with at and values)")
+        values = _Reader({"values": raw["values"]}).quantities("values")
+        steps.append(Step(at=r.number(raw, f"steps[{i}].at"), values=values))
     exp = Experiment(
         experiment_id=_nonempty(r, data, "experiment_id"),
         target=target,
@@ -198,7 +223,12 @@ def decode(data: Any, *, legacy_owners: dict[str, Any] | None = None) -> Experim
         only_container=r.typed(data, "only_container", bool, default=False),
         failure=failure,
         end_reason=r.typed(data, "end_reason", str, default=""),
+        steps=tuple(steps),
+        steps_total=r.typed(data, "steps_total", int, default=0),
+        step_note=r.typed(data, "step_note", str, default=""),
     )
+    if exp.steps and exp.steps_total < len(exp.steps) + 1:
+        raise RecordError(f"steps_total {exp.steps_total} is fewer than the {len(exp.steps)} steps still to come plus one")
     if not exp.desired:
         raise RecordError("desired is empty: the record names no change")
     if data.get("key") not in (None, exp.key):

@@ -39,6 +39,7 @@ from daemonset.types import (
     RevertRequest,
     RevertResult,
     RuntimeUnavailable,
+    StepSpec,
     Target,
     TargetNotFound,
     TargetNotRunning,
@@ -86,21 +87,32 @@ def apply_request_from_pb(req: agent_pb2.ApplyRequest) -> ApplyRequest:
         raise InvalidRequest("target is missing; give namespace, pod and (if the pod has several) container")
     if req.method not in _METHOD_FROM_PB or req.method == agent_pb2.METHOD_NETLINK:
         raise InvalidRequest(f"method {req.method} is not accepted; accepted: METHOD_AUTO, METHOD_CRI, METHOD_CGROUP")
-    c = req.changes
-    changes = Changes(
-        cpu_millicpu=c.cpu_millicpu if c.HasField("cpu_millicpu") else None,
-        memory_bytes=c.memory_bytes if c.HasField("memory_bytes") else None,
-        ingress_bps=c.ingress_bps if c.HasField("ingress_bps") else None,
-        egress_bps=c.egress_bps if c.HasField("egress_bps") else None,
-    )
     return ApplyRequest(
         target=target_from_pb(req.target),
-        changes=changes,
+        changes=changes_from_pb(req.changes),
+        steps=tuple(StepSpec(offset_s=s.offset_s, changes=changes_from_pb(s.changes)) for s in req.steps),
         duration_s=req.duration_s if req.HasField("duration_s") else None,
         method=_METHOD_FROM_PB[req.method],
         force=req.force,
         dry_run=req.dry_run,
     )
+
+
+def changes_from_pb(c: agent_pb2.Changes) -> Changes:
+    return Changes(
+        cpu_millicpu=c.cpu_millicpu if c.HasField("cpu_millicpu") else None,
+        memory_bytes=c.memory_bytes if c.HasField("memory_bytes") else None,
+        ingress_bps=c.ingress_bps if c.HasField("ingress_bps") else None,
+        egress_bps=c.egress_bps if c.HasField("egress_bps") else None,
+    )
+
+
+_CHANGE_FIELDS = {Resource.CPU: "cpu_millicpu", Resource.MEMORY: "memory_bytes", Resource.INGRESS: "ingress_bps",
+                  Resource.EGRESS: "egress_bps"}
+
+
+def changes_pb(values: dict[Resource, int]) -> agent_pb2.Changes:
+    return agent_pb2.Changes(**{_CHANGE_FIELDS[r]: v for r, v in values.items()})
 
 
 def quantity_pb(value: int, unknown: str = "") -> agent_pb2.Quantity:
@@ -141,6 +153,11 @@ def experiment_pb(e: ExperimentInfo) -> agent_pb2.Experiment:
                                owner="node-local" if e.owner.kind.value == "node-local" else e.owner.describe())
     if e.expires_at is not None:
         out.expires_at_unix_s = e.expires_at
+    if e.steps_total:
+        out.steps_total, out.step, out.step_note = e.steps_total, e.step, e.step_note
+        if e.next_step_at is not None:
+            out.next_step_at_unix_s = e.next_step_at
+            out.next_step.CopyFrom(changes_pb(e.next_step))
     if e.failure is not None:
         out.failure = e.failure.reason
         out.attempts = e.failure.attempts

@@ -205,19 +205,46 @@ def _check_int(name: str, value: Any, low: int, high: int, accepted: str) -> Non
         raise InvalidRequest(f"{name} {value} is out of range; accepted: {accepted} ({low}..{high})")
 
 
+MAX_STEPS = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """One later step of a stepped profile: ``changes`` go in force ``offset_s`` after the request."""
+
+    offset_s: float
+    changes: Changes
+
+
 @dataclasses.dataclass(frozen=True)
 class ApplyRequest:
     target: Target
-    changes: Changes
+    changes: Changes  # in force at once (the profile's first step)
     duration_s: float | None = None
     method: Method = Method.AUTO
     force: bool = False
     dry_run: bool = False
     owner: Owner = NODE_LOCAL
+    steps: tuple[StepSpec, ...] = ()  # the rest of a stepped profile, by increasing offset; the agent runs them
 
     def validate(self) -> None:
         self.target.validate()
         self.changes.validate()
+        if len(self.steps) > MAX_STEPS:
+            raise InvalidRequest(f"{len(self.steps)} steps is more than the accepted {MAX_STEPS}")
+        last = 0.0
+        for i, step in enumerate(self.steps, 1):
+            o = step.offset_s
+            if isinstance(o, bool) or not isinstance(o, (int, float)) or not math.isfinite(o) or o <= last:
+                raise InvalidRequest(f"step {i} at offset {o!r}s: offsets must be positive seconds, each after the"
+                                     f" one before ({last:g}s)")
+            if o > MAX_DURATION_S:
+                raise InvalidRequest(f"step {i} at {o:g}s is later than the accepted 30 days")
+            step.changes.validate()
+            if set(step.changes.as_map()) - set(self.changes.as_map()):
+                raise InvalidRequest(f"step {i} changes {', '.join(sorted(r.value for r in step.changes.as_map()))}"
+                                     " that the first step does not: a profile steps the resources it starts with")
+            last = o
         if self.duration_s is not None:
             d = self.duration_s
             if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
@@ -307,6 +334,11 @@ class ExperimentInfo:
     phase: Phase = Phase.ACTIVE
     owner: Owner = NODE_LOCAL
     failure: Failure | None = None
+    steps_total: int = 0  # a stepped profile's steps, the first included; 0 = no profile
+    step: int = 0  # the step in force (1-based)
+    next_step_at: float | None = None
+    next_step: dict[Resource, int] = dataclasses.field(default_factory=dict)
+    step_note: str = ""  # why the next step is held (e.g. memory below what the container holds)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,6 +55,7 @@ Examples:
   kubectl chaos web-0 --set-cpu 500m --duration 5m
   kubectl chaos web-0 -c app --set-memory 256Mi --set-bandwidth 2Mbps --direction egress
   kubectl chaos -l app=web --set-bandwidth 10Mbit --duration 1h30m
+  kubectl chaos web-0 --set-cpu 1000m..100m --over 5m --steps 10 --agent-address unix:///run/kubectl-chaos/agent.sock
   kubectl chaos web-0 --reset
   kubectl chaos status -A -o yaml
   kubectl chaos pod/status --set-cpu 1    (a pod named "status"; or: --set-cpu 1 -- status)
@@ -282,6 +283,9 @@ def make_cli(open_backend: BackendOpener = backends.open_backend, clock: Clock =
         "both.  [default: both]",
     )
     @click.option("--duration", metavar="DURATION", help="Restore the originals after this long: 30s, 5m, 1h30m.")
+    @click.option("--over", metavar="DURATION",
+                  help="With a range (--set-cpu 1000m..100m): how long the ramp from start to end takes.")
+    @click.option("--steps", metavar="N", help="With a range: how many steps, start and end included (default 10).")
     @click.option("-n", "--namespace", metavar="NAMESPACE", help="The pod's namespace (default: the context's).")
     @click.option("-c", "--container", metavar="NAME", help="The container (default: the pod's only one).")
     @click.option("-l", "--selector", metavar="SELECTOR", help="Cluster mode: every pod matching this label selector.")

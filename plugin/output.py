@@ -189,8 +189,7 @@ def render_status(items: Sequence[ExperimentStatus], fmt: str, now: datetime) ->
     # What a table cell cannot hold: why a value is unknown, a failing restore, a damaged record.
     notes = [f"{s.namespace}/{s.pod}/{s.container} {c.resource}: unknown ({c.unknown})"
              for s in items for c in s.changes if c.unknown]
-    notes += [f"{s.namespace}/{s.pod}/{s.container} ({s.state}): {s.message}" for s in items
-              if s.message and s.state != "active"]
+    notes += [f"{s.namespace}/{s.pod}/{s.container} ({s.state}): {s.message}" for s in items if s.message]
     return table + "".join(f"  {n}\n" for n in notes)
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import ipaddress
 import re
 
-from plugin.backends import DIRECTIONS, METHODS, AgentAddress, ChaosRequest, Connection
+from plugin.backends import DIRECTIONS, METHODS, AgentAddress, ChaosRequest, Connection, ProfileStep
 from plugin.errors import UsageError
 from plugin.units import (
     describe_bandwidth,
@@ -23,9 +23,11 @@ from plugin.units import (
     parse_memory,
 )
 
-__all__ = ["Flags", "Invocation", "build_invocation", "build_connection", "parse_agent_address"]
+__all__ = ["Flags", "Invocation", "build_invocation", "build_connection", "parse_agent_address", "plan_profile"]
 
 DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_STEPS = 10
+MAX_STEPS = 1000
 
 # Kubernetes object names: pods are DNS-1123 subdomains, namespaces and containers DNS-1123 labels.
 _DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
@@ -59,6 +61,8 @@ class Flags:
     kubeconfig: str | None = None
     context: str | None = None
     timeout: str | None = None
+    over: str | None = None
+    steps: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +226,9 @@ def build_invocation(flags: Flags) -> Invocation:
     cpu_millicpu = memory_bytes = bandwidth_bps = None
     duration_s = None
     direction = flags.direction or "both"
+    ranges, flags = _split_ranges(flags)
+    if (flags.over is not None or flags.steps is not None) and not ranges:
+        raise UsageError("--over and --steps go with a range: --set-cpu 1000m..100m --over 5m --steps 10")
     if flags.set_cpu is not None:
         cpu_millicpu = parse_cpu(flags.set_cpu)
         readings.append(describe_cpu(flags.set_cpu, cpu_millicpu))
@@ -234,6 +241,31 @@ def build_invocation(flags: Flags) -> Invocation:
     if flags.duration is not None:
         duration_s = parse_duration(flags.duration)
         readings.append(describe_duration(flags.duration, duration_s))
+
+    profile: tuple[ProfileStep, ...] = ()
+    if ranges:
+        if flags.over is None:
+            raise UsageError(f"{ranges[0][0]} {ranges[0][1]}..{ranges[0][2]}: a range needs --over (how long the"
+                             " ramp takes, e.g. --over 5m)")
+        if connection.agent_address is None:
+            raise UsageError("stepped profiles (a range with --over) need --agent-address in this version;"
+                             " in cluster mode set each value with its own command")
+        over_s = parse_duration(flags.over)
+        count = _parse_steps(flags.steps)
+        ends = {}
+        for flag, start_text, end_text in ranges:
+            parse = {"--set-cpu": parse_cpu, "--set-memory": parse_memory, "--set-bandwidth": parse_bandwidth}[flag]
+            ends[flag] = (parse(start_text), parse(end_text))
+        values = plan_profile(ends, over_s, count)
+        first = values[0][1]
+        cpu_millicpu = first.get("--set-cpu", cpu_millicpu)
+        memory_bytes = first.get("--set-memory", memory_bytes)
+        bandwidth_bps = first.get("--set-bandwidth", bandwidth_bps)
+        profile = tuple(ProfileStep(offset_s=o, cpu_millicpu=v.get("--set-cpu"), memory_bytes=v.get("--set-memory"),
+                                    bandwidth_bps=v.get("--set-bandwidth")) for o, v in values[1:])
+        for flag, (a, b) in ends.items():
+            readings.append(f"{flag} {a}..{b} ({'millicpu' if flag == '--set-cpu' else 'bytes' if flag == '--set-memory' else 'bit/s'})"
+                            f" in {count} steps over {over_s:g}s, one every {over_s / (count - 1):.3g}s")
 
     request = ChaosRequest(
         namespace=flags.namespace,
@@ -249,5 +281,44 @@ def build_invocation(flags: Flags) -> Invocation:
         force=flags.force,
         dry_run=flags.dry_run,
         reset=flags.reset,
+        steps=profile,
     )
     return Invocation(request=request, connection=connection, readings=tuple(readings))
+
+
+def _split_ranges(flags: Flags) -> tuple[list[tuple[str, str, str]], Flags]:
+    """``--set-cpu 1000m..100m`` -> ("--set-cpu", "1000m", "100m"), the flag's value set to the start."""
+    ranges = []
+    for flag, field in (("--set-cpu", "set_cpu"), ("--set-memory", "set_memory"), ("--set-bandwidth", "set_bandwidth")):
+        value = getattr(flags, field)
+        if value is not None and ".." in value:
+            start, _, end = value.partition("..")
+            if not start.strip() or not end.strip() or ".." in end:
+                raise UsageError(f'{flag}: "{value}" is not a range; write START..END, e.g. 1000m..100m')
+            ranges.append((flag, start.strip(), end.strip()))
+            flags = dataclasses.replace(flags, **{field: start.strip()})
+    return ranges, flags
+
+
+def _parse_steps(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_STEPS
+    if not text.strip().isdigit() or not 2 <= int(text) <= MAX_STEPS:
+        raise UsageError(f'--steps: "{text}" is not accepted; give a whole number of steps from 2 to {MAX_STEPS}')
+    return int(text)
+
+
+def plan_profile(ends: dict[str, tuple[int, int]], over_s: float, steps: int) -> list[tuple[float, dict[str, int]]]:
+    """Evenly spaced steps from each start to its end over ``over_s``: [(offset_s, {flag: value}), ...].
+
+    Step i of n is at i/(n-1) of the way in time and in value (rounded to whole units), so the first
+    is the start at 0 s and the last the end at ``over_s``. Steps whose values equal the step before
+    are dropped (a ramp of 3 CPUs in 1000 steps has repeated millicore values)."""
+    out: list[tuple[float, dict[str, int]]] = []
+    for i in range(steps):
+        f = i / (steps - 1)
+        values = {flag: round(a + (b - a) * f) for flag, (a, b) in ends.items()}
+        if out and values == out[-1][1]:
+            continue
+        out.append((over_s * f, values))
+    return out

@@ -39,6 +39,7 @@ __all__ = [
     "ChaosRequest",
     "Connection",
     "ExperimentStatus",
+    "ProfileStep",
     "ResetResult",
     "ResourceChange",
     "TargetResult",
@@ -74,6 +75,17 @@ UNIT_BY_RESOURCE: dict[str, str] = {
 
 
 @dataclasses.dataclass(frozen=True)
+class ProfileStep:
+    """A later step of a stepped profile (``--set-cpu 1000m..100m --over 5m --steps 10``): these values
+    go in force ``offset_s`` after the request; None leaves a resource at the step before."""
+
+    offset_s: float
+    cpu_millicpu: int | None = None
+    memory_bytes: int | None = None
+    bandwidth_bps: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ChaosRequest:
     """One validated request. Exactly one of ``pod`` and ``selector`` is set.
 
@@ -96,6 +108,8 @@ class ChaosRequest:
     force: bool = False
     dry_run: bool = False
     reset: bool = False
+    # A stepped profile: the fields above are its first step; these follow (the agent runs them).
+    steps: tuple[ProfileStep, ...] = ()
 
     @property
     def ingress_bps(self) -> int | None:

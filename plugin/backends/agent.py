@@ -155,6 +155,18 @@ class AgentBackend:
         )
         if req.duration_s is not None:
             request.duration_s = req.duration_s
+        for step in req.steps:
+            c = pb.Changes()
+            if step.cpu_millicpu is not None:
+                c.cpu_millicpu = step.cpu_millicpu
+            if step.memory_bytes is not None:
+                c.memory_bytes = step.memory_bytes
+            if step.bandwidth_bps is not None:
+                if req.direction in ("ingress", "both"):
+                    c.ingress_bps = step.bandwidth_bps
+                if req.direction in ("egress", "both"):
+                    c.egress_bps = step.bandwidth_bps
+            request.steps.add(offset_s=step.offset_s, changes=c)
         resp = self._call(self._stub.Apply, request, "apply")
         expires = _when(resp.expires_at_unix_s) if resp.HasField("expires_at_unix_s") else None
         t = resp.target
@@ -210,6 +222,21 @@ class AgentBackend:
                 notes.append(f"{e.drift_corrections} drift correction(s)")
             if e.owner and e.owner != "node-local":
                 notes.append(f"owned by {e.owner}")
+            if e.steps_total:
+                step = f"step {e.step}/{e.steps_total}"
+                if e.HasField("next_step_at_unix_s"):
+                    from plugin.units import format_bandwidth, format_cpu, format_memory
+
+                    nc = e.next_step
+                    parts = [f"cpu {format_cpu(nc.cpu_millicpu)}" if nc.HasField("cpu_millicpu") else "",
+                             f"memory {format_memory(nc.memory_bytes)}" if nc.HasField("memory_bytes") else "",
+                             f"bandwidth {format_bandwidth(nc.ingress_bps or nc.egress_bps)}"
+                             if nc.HasField("ingress_bps") or nc.HasField("egress_bps") else ""]
+                    nxt = ", ".join(p for p in parts if p)
+                    step += f", next {nxt} at {_when(e.next_step_at_unix_s):%H:%M:%SZ}"
+                if e.step_note:
+                    step += f"; {e.step_note}"
+                notes.append(step)
             out.append(ExperimentStatus(
                 namespace=t.namespace, pod=t.pod, container=t.container, changes=changes, node=t.node_name or None,
                 experiment_id=e.experiment_id, started_at=_when(e.started_at_unix_s),

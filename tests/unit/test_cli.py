@@ -224,7 +224,7 @@ USAGE_CASES = [
     # click's own parsing errors come out as one line too
     (["web", "--set-cpu"], "Option '--set-cpu' requires an argument."),
     (["web", "--xyzzy"], "No such option '--xyzzy'."),
-    (["web", "--forc"], "No such option '--forc'. Did you mean '--force'?"),
+    (["web", "--forc"], "No such option '--forc'. (Did you mean one of: '--force', '--over'?)"),
     (["web", "--set-cpu", "1", "--direction", "up"],
      "Invalid value for '--direction': 'up' is not one of 'egress', 'ingress', 'both'."),
     (["web", "--set-cpu", "1", "-o", "xml"],

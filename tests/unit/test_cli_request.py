@@ -102,3 +102,30 @@ def test_text_shows_a_message_and_an_empty_match():
         "a/p (container c):\n  cpu: 2 -> 500m (read back 500m) via cgroup, no expiry; pod cgroup raised first\n"
     )
     assert render_result(ApplyResult(targets=()), "text", now) == "no pods matched\n"
+
+
+def test_profile_ranges_plan_even_steps_and_need_over_and_an_agent():
+    from plugin.request import Flags, build_invocation, plan_profile
+
+    first = plan_profile({"--set-cpu": (1000, 100)}, 300.0, 10)[:3]
+    assert [v for _, v in first] == [{"--set-cpu": 1000}, {"--set-cpu": 900}, {"--set-cpu": 800}]
+    assert [round(o, 6) for o, _ in first] == [0.0, 33.333333, 66.666667]
+    assert plan_profile({"--set-cpu": (1000, 100)}, 300.0, 10)[-1] == (300.0, {"--set-cpu": 100})
+    assert len(plan_profile({"--set-cpu": (10, 12)}, 60.0, 50)) == 3  # repeated values are one step
+    inv = build_invocation(Flags(pod="web", set_cpu="1000m..100m", set_memory="256Mi", over="5m", steps="4",
+                                 agent_address="unix:///run/a.sock"))
+    req = inv.request
+    assert req.cpu_millicpu == 1000 and req.memory_bytes == 256 * 2**20
+    assert [(s.offset_s, s.cpu_millicpu, s.memory_bytes) for s in req.steps] == [
+        (100.0, 700, None), (200.0, 400, None), (300.0, 100, None)]
+    assert any("in 4 steps over 300s" in line for line in inv.readings)
+    for flags, words in [
+        (Flags(pod="web", set_cpu="1000m..100m", agent_address="unix:///a"), "a range needs --over"),
+        (Flags(pod="web", set_cpu="1000m..100m", over="5m"), "need --agent-address"),
+        (Flags(pod="web", set_cpu="1000m..", over="5m", agent_address="unix:///a"), "is not a range"),
+        (Flags(pod="web", set_cpu="1000m..100m", over="5m", steps="1", agent_address="unix:///a"), "from 2 to 1000"),
+        (Flags(pod="web", set_cpu="500m", over="5m", agent_address="unix:///a"), "go with a range"),
+        (Flags(pod="web", set_cpu="1000m..0", over="5m", agent_address="unix:///a"), "0"),
+    ]:
+        with pytest.raises(UsageError, match=words):
+            build_invocation(flags)

@@ -626,3 +626,62 @@ def test_schema_1_records_take_their_owner_from_the_old_owners_file(world, clock
     assert not (tmp_path / "cluster" / "owners.json").exists()
     e2.revert(RevertRequest(Target("default", "web", "app")))
     assert world.containers[("default", "web", "app")].quota_us == 50_000
+
+
+def _ramp(e, clock, steps, **first):
+    from daemonset.types import StepSpec
+
+    return e.apply(ApplyRequest(Target("default", "web", "app"), Changes(**first),
+                                steps=tuple(StepSpec(o, Changes(**c)) for o, c in steps)))
+
+
+def test_stepped_profile_runs_on_time_survives_a_restart_and_resets_exactly(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    c = world.containers[("default", "web", "app")]
+    _ramp(e, clock, [(10, {"cpu_millicpu": 300}), (20, {"cpu_millicpu": 200}), (30, {"cpu_millicpu": 100})],
+          cpu_millicpu=400)
+    [exp] = e.list()
+    assert (exp.step, exp.steps_total, exp.next_step_at - clock.now, exp.next_step) == (1, 4, 10, {Resource.CPU: 300})
+    assert c.quota_us == 40_000 and e.scheduled() == 1
+    clock.now += 10
+    e.expire_due()
+    assert c.quota_us == 30_000 and e.list()[0].step == 2
+    e.close()
+    clock.now += 15  # down across the third step's time
+    e2 = make_engine(world, clock, tmp_path)
+    e2.expire_due()
+    assert c.quota_us == 20_000 and e2.list()[0].step == 3  # the step due now, not a replay
+    clock.now += 5
+    e2.expire_due()
+    [exp] = e2.list()
+    assert c.quota_us == 10_000 and exp.step == 4 and exp.next_step_at is None and e2.scheduled() == 0
+    assert exp.resources[0].original == 500
+    e2.revert(RevertRequest(Target("default", "web", "app")))
+    assert c.quota_us == 50_000 and e2.list() == []
+
+
+def test_a_memory_step_below_usage_is_held_not_forced(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    c = world.containers[("default", "web", "app")]
+    _ramp(e, clock, [(10, {"memory_bytes": 64 * MiB}), (20, {"memory_bytes": 32 * MiB})], memory_bytes=128 * MiB)
+    c.usage = 100 * MiB
+    clock.now += 10
+    e.expire_due()
+    [exp] = e.list()
+    assert exp.step == 1 and "step 2 held" in exp.step_note and c.memory == 128 * MiB
+    c.usage = 10 * MiB
+    clock.now += 11  # the retry comes after the third step's time: the step due now is the one made
+    e.expire_due()
+    [exp] = e.list()
+    assert c.memory == 32 * MiB and exp.step == 3 and not exp.step_note
+
+
+def test_a_new_command_replaces_the_profile(world, clock, tmp_path):
+    e = make_engine(world, clock, tmp_path)
+    _ramp(e, clock, [(10, {"cpu_millicpu": 300})], cpu_millicpu=400)
+    apply(e, cpu_millicpu=250)
+    [exp] = e.list()
+    assert exp.steps_total == 0 and exp.next_step_at is None and e.scheduled() == 0
+    clock.now += 20
+    e.expire_due()
+    assert world.containers[("default", "web", "app")].quota_us == 25_000

@@ -166,6 +166,7 @@ class ApplyRequest(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
     duration_s: _builtins.float
     """Revert on its own after this many seconds (also across agent restarts). Absent: until reverted."""
     method: Global___Method.ValueType
@@ -177,6 +178,12 @@ class ApplyRequest(_message.Message):
     def target(self) -> Global___Target: ...
     @_builtins.property
     def changes(self) -> Global___Changes: ...
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Step]:
+        """A stepped profile: `changes` go in force now, each step at its offset after the request. The
+        agent runs the steps (persisted like a duration: a restart re-arms them).
+        """
+
     def __init__(
         self,
         *,
@@ -186,16 +193,40 @@ class ApplyRequest(_message.Message):
         method: Global___Method.ValueType = ...,
         force: _builtins.bool = ...,
         dry_run: _builtins.bool = ...,
+        steps: _abc.Iterable[Global___Step] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_duration_s", b"_duration_s", "changes", b"changes", "duration_s", b"duration_s", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_duration_s", b"_duration_s", "changes", b"changes", "dry_run", b"dry_run", "duration_s", b"duration_s", "force", b"force", "method", b"method", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_duration_s", b"_duration_s", "changes", b"changes", "dry_run", b"dry_run", "duration_s", b"duration_s", "force", b"force", "method", b"method", "steps", b"steps", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__duration_s: _TypeAlias = _typing.Literal["duration_s"]  # noqa: Y015
     _WhichOneofArgType__duration_s: _TypeAlias = _typing.Literal["_duration_s", b"_duration_s"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__duration_s) -> _WhichOneofReturnType__duration_s | None: ...
 
 Global___ApplyRequest: _TypeAlias = ApplyRequest  # noqa: Y015
+
+@_typing.final
+class Step(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_S_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
+    offset_s: _builtins.float
+    @_builtins.property
+    def changes(self) -> Global___Changes: ...
+    def __init__(
+        self,
+        *,
+        offset_s: _builtins.float = ...,
+        changes: Global___Changes | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "offset_s", b"offset_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Step: _TypeAlias = Step  # noqa: Y015
 
 @_typing.final
 class Quantity(_message.Message):
@@ -442,6 +473,11 @@ class Experiment(_message.Message):
     FAILURE_FIELD_NUMBER: _builtins.int
     NEXT_RETRY_AT_UNIX_S_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    STEPS_TOTAL_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    NEXT_STEP_AT_UNIX_S_FIELD_NUMBER: _builtins.int
+    NEXT_STEP_FIELD_NUMBER: _builtins.int
+    STEP_NOTE_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     started_at_unix_s: _builtins.float
     expires_at_unix_s: _builtins.float
@@ -454,10 +490,18 @@ class Experiment(_message.Message):
     """The last failure of a pending restore, and when the agent tries again."""
     next_retry_at_unix_s: _builtins.float
     attempts: _builtins.int
+    steps_total: _builtins.int
+    """A stepped profile: its steps (the first included), the step in force (1-based), the next one."""
+    step: _builtins.int
+    next_step_at_unix_s: _builtins.float
+    step_note: _builtins.str
+    """Why the next step is held (e.g. memory below what the container holds)."""
     @_builtins.property
     def target(self) -> Global___ResolvedTarget: ...
     @_builtins.property
     def resources(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResourceResult]: ...
+    @_builtins.property
+    def next_step(self) -> Global___Changes: ...
     def __init__(
         self,
         *,
@@ -472,19 +516,28 @@ class Experiment(_message.Message):
         failure: _builtins.str = ...,
         next_retry_at_unix_s: _builtins.float | None = ...,
         attempts: _builtins.int = ...,
+        steps_total: _builtins.int = ...,
+        step: _builtins.int = ...,
+        next_step_at_unix_s: _builtins.float | None = ...,
+        next_step: Global___Changes | None = ...,
+        step_note: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_expires_at_unix_s", b"_expires_at_unix_s", "_next_retry_at_unix_s", b"_next_retry_at_unix_s", "expires_at_unix_s", b"expires_at_unix_s", "next_retry_at_unix_s", b"next_retry_at_unix_s", "target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expires_at_unix_s", b"_expires_at_unix_s", "_next_retry_at_unix_s", b"_next_retry_at_unix_s", "_next_step_at_unix_s", b"_next_step_at_unix_s", "expires_at_unix_s", b"expires_at_unix_s", "next_retry_at_unix_s", b"next_retry_at_unix_s", "next_step", b"next_step", "next_step_at_unix_s", b"next_step_at_unix_s", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expires_at_unix_s", b"_expires_at_unix_s", "_next_retry_at_unix_s", b"_next_retry_at_unix_s", "attempts", b"attempts", "drift_corrections", b"drift_corrections", "experiment_id", b"experiment_id", "expires_at_unix_s", b"expires_at_unix_s", "failure", b"failure", "next_retry_at_unix_s", b"next_retry_at_unix_s", "owner", b"owner", "phase", b"phase", "resources", b"resources", "started_at_unix_s", b"started_at_unix_s", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expires_at_unix_s", b"_expires_at_unix_s", "_next_retry_at_unix_s", b"_next_retry_at_unix_s", "_next_step_at_unix_s", b"_next_step_at_unix_s", "attempts", b"attempts", "drift_corrections", b"drift_corrections", "experiment_id", b"experiment_id", "expires_at_unix_s", b"expires_at_unix_s", "failure", b"failure", "next_retry_at_unix_s", b"next_retry_at_unix_s", "next_step", b"next_step", "next_step_at_unix_s", b"next_step_at_unix_s", "owner", b"owner", "phase", b"phase", "resources", b"resources", "started_at_unix_s", b"started_at_unix_s", "step", b"step", "step_note", b"step_note", "steps_total", b"steps_total", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expires_at_unix_s: _TypeAlias = _typing.Literal["expires_at_unix_s"]  # noqa: Y015
     _WhichOneofArgType__expires_at_unix_s: _TypeAlias = _typing.Literal["_expires_at_unix_s", b"_expires_at_unix_s"]  # noqa: Y015
     _WhichOneofReturnType__next_retry_at_unix_s: _TypeAlias = _typing.Literal["next_retry_at_unix_s"]  # noqa: Y015
     _WhichOneofArgType__next_retry_at_unix_s: _TypeAlias = _typing.Literal["_next_retry_at_unix_s", b"_next_retry_at_unix_s"]  # noqa: Y015
+    _WhichOneofReturnType__next_step_at_unix_s: _TypeAlias = _typing.Literal["next_step_at_unix_s"]  # noqa: Y015
+    _WhichOneofArgType__next_step_at_unix_s: _TypeAlias = _typing.Literal["_next_step_at_unix_s", b"_next_step_at_unix_s"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__expires_at_unix_s) -> _WhichOneofReturnType__expires_at_unix_s | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__next_retry_at_unix_s) -> _WhichOneofReturnType__next_retry_at_unix_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__next_step_at_unix_s) -> _WhichOneofReturnType__next_step_at_unix_s | None: ...
 
 Global___Experiment: _TypeAlias = Experiment  # noqa: Y015
 
