@@ -41,6 +41,7 @@ from typing import Any
 from daemonset import crd
 from daemonset import reconcile as rc
 from daemonset.informer import Informer, WatchExpired, WatchFailed, WorkQueue
+from daemonset.policy import DEFAULT_AGENT_NAMESPACE, Policy
 from daemonset.types import (
     Conflict,
     EngineError,
@@ -105,7 +106,8 @@ def start_from_args(engine: Any, args: Any) -> Controller | None:
     node = args.node_name or engine.node_name
     if not node:
         raise ControllerError("cluster mode needs the node name: set --node-name or $NODE_NAME")
-    controller = Controller(engine, client, node)
+    controller = Controller(engine, client, node,
+                            agent_namespace=os.environ.get("POD_NAMESPACE") or DEFAULT_AGENT_NAMESPACE)
     controller.start()
     return controller
 
@@ -119,6 +121,7 @@ class Controller:
     """
 
     def __init__(self, engine: Any, client: Any, node_name: str, *, state_dir: str | None = None,
+                 agent_namespace: str = DEFAULT_AGENT_NAMESPACE,
                  resync_s: float = RESYNC_S, watch_timeout_s: int = WATCH_TIMEOUT_S,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random):
@@ -127,6 +130,7 @@ class Controller:
         del state_dir  # accepted for older callers: ownership lives in the engine's records now
         self.engine = engine
         self.node = node_name
+        self.agent_namespace = agent_namespace
         self.finalizer = crd.finalizer_for(node_name)
         self.core = k8s.CoreV1Api(client)
         self.custom = k8s.CustomObjectsApi(client)
@@ -139,6 +143,11 @@ class Controller:
                             watch_timeout_s=watch_timeout_s, rand=rand)
         self.pods = Informer("pods", self._list_pods, self._watch_pods, _key, self._on_pod_change,
                              watch_timeout_s=watch_timeout_s, rand=rand)
+        # The policy's inputs: namespaces (the opt-in label, the raise grants) and this node (its allocatable).
+        self.namespaces = Informer("namespaces", self._list_namespaces, self._watch_namespaces, _key,
+                                   self._on_namespace_change, watch_timeout_s=watch_timeout_s, rand=rand)
+        self.nodes = Informer("node", self._list_node, self._watch_node, _key, self._on_node_change,
+                              watch_timeout_s=watch_timeout_s, rand=rand)
         self._lock = threading.Lock()  # guards the three maps below (the engine's thread writes _ended)
         self._ended: dict[Key, dict[str, EngineEvent]] = {}  # ENDED events not yet answered, by experiment
         self._unwritten: dict[Key, dict[str, dict]] = {}  # status entries a failed write still owes
@@ -155,6 +164,8 @@ class Controller:
         from kubernetes.client.exceptions import ApiException
 
         try:
+            ns_rv = self.namespaces.relist()
+            node_rv = self.nodes.relist()
             pods_rv = self.pods.relist()
             rcs_rv = self.rcs.relist()
         except (ApiException, WatchFailed) as e:
@@ -167,7 +178,8 @@ class Controller:
         self._next_resync = self.clock() + self.resync_s
         if not threads:
             return
-        for name, target, args in (("pods", self.pods.run, (pods_rv,)), ("rc", self.rcs.run, (rcs_rv,)),
+        for name, target, args in (("namespaces", self.namespaces.run, (ns_rv,)), ("node", self.nodes.run, (node_rv,)),
+                                   ("pods", self.pods.run, (pods_rv,)), ("rc", self.rcs.run, (rcs_rv,)),
                                    ("worker", self._work, ())):
             t = threading.Thread(target=target, args=args, name=f"controller-{name}", daemon=True)
             t.start()
@@ -176,8 +188,8 @@ class Controller:
 
     def stop(self) -> None:
         self._stop.set()
-        self.rcs.stop()
-        self.pods.stop()
+        for informer in (self.rcs, self.pods, self.namespaces, self.nodes):
+            informer.stop()
         self.queue.close()
         for t in self._threads:
             t.join(timeout=5)
@@ -236,6 +248,21 @@ class Controller:
             field_selector=f"spec.nodeName={self.node}", watch=True, resource_version=rv, timeout_seconds=timeout_s,
             allow_watch_bookmarks=True, _preload_content=False))
 
+    def _list_namespaces(self) -> tuple[list[dict], str]:
+        return _listing(self.core.list_namespace(_preload_content=False))
+
+    def _watch_namespaces(self, rv: str, timeout_s: int) -> _Stream:
+        return _Stream(self.core.list_namespace(watch=True, resource_version=rv, timeout_seconds=timeout_s,
+                                                allow_watch_bookmarks=True, _preload_content=False))
+
+    def _list_node(self) -> tuple[list[dict], str]:
+        return _listing(self.core.list_node(field_selector=f"metadata.name={self.node}", _preload_content=False))
+
+    def _watch_node(self, rv: str, timeout_s: int) -> _Stream:
+        return _Stream(self.core.list_node(field_selector=f"metadata.name={self.node}", watch=True, resource_version=rv,
+                                           timeout_seconds=timeout_s, allow_watch_bookmarks=True,
+                                           _preload_content=False))
+
     def _list_rcs(self) -> tuple[list[dict], str]:
         return _listing(self.custom.list_cluster_custom_object(crd.GROUP, crd.VERSION, crd.PLURAL,
                                                                _preload_content=False))
@@ -260,6 +287,29 @@ class Controller:
             if target.get("pod") == name or (target.get("selector") is not None and any(
                     crd.selector_matches(target["selector"], lab) for lab in labels)):
                 self.queue.add(key)
+
+    def _on_namespace_change(self, ns_key: Key, old: dict | None, new: dict | None) -> None:
+        """Queue the objects of a namespace whose opt-in or grants changed."""
+        if _policy_view(old) == _policy_view(new):
+            return
+        name = ns_key[1]
+        for key in self.rcs.keys():
+            if key[0] == name:
+                self.queue.add(key)
+
+    def _on_node_change(self, node_key: Key, old: dict | None, new: dict | None) -> None:
+        """This node's allocatable bounds raises and lowerings of containers without limits: look again."""
+        allocatable = [((o or {}).get("status") or {}).get("allocatable") for o in (old, new)]
+        if allocatable[0] != allocatable[1]:
+            for key in self.rcs.keys():
+                self.queue.add(key)
+
+    def _scrub(self, message: str, namespace: str) -> str:
+        """A message for a tenant of ``namespace``: no object of any other namespace named."""
+        return rc.scrub(message, namespace, (name for _, name in self.namespaces.keys()))
+
+    def policy(self, namespace: str) -> Policy:
+        return Policy(self.namespaces.get(("", namespace)), self.nodes.get(("", self.node)), self.agent_namespace)
 
     def _on_engine_event(self, event: EngineEvent) -> None:
         """Called on the engine's thread: remember an ending, queue its object; nothing more."""
@@ -308,7 +358,7 @@ class Controller:
         if obj is not None and unwritten:
             obj = dict(obj, status=crd.with_targets(obj, list(unwritten.values())))
         actions = rc.reconcile(key, obj, pods, experiments, self.node, ended=ended, baselines=baselines,
-                               now=self.wall())
+                               now=self.wall(), policy=self.policy(namespace))
         try:
             transient = self._execute(key, obj, actions)
         finally:
@@ -350,6 +400,8 @@ class Controller:
                 elif isinstance(action, rc.WriteStatus):
                     for entry in action.entries:
                         run.entries.setdefault(entry["pod"], entry)  # an engine result of this run wins
+                    if action.node is not None:
+                        run.node_entry = action.node
                 elif isinstance(action, rc.Remember):
                     with self._lock:
                         if action.baselines:
@@ -363,13 +415,13 @@ class Controller:
                 del run.entries[pod]  # already says so (the same Pending answer on every retry, say)
             with self._lock:
                 owed = bool(self._unwritten.get(key))
-            if obj is not None and (run.entries or owed):
-                self._write_status(key, obj, run.entries)
+            if obj is not None and (run.entries or owed or run.node_entry is not None):
+                self._write_status(key, obj, run.entries, run.node_entry)
             if release and obj is not None and not run.transient:  # kept while an apply is being retried
                 self._release_finalizer(key, obj)
         finally:
             for event in run.events:
-                self._post_event(event.pod, event.reason, rc.scrub(event.message, key[0]), warning=event.warning)
+                self._post_event(event.pod, event.reason, self._scrub(event.message, key[0]), warning=event.warning)
         return run.transient
 
     def _apply(self, run: _Run, action: rc.Apply) -> None:
@@ -388,11 +440,11 @@ class Controller:
             log.warning("ResourceChaos %s/%s on %s: %s", run.key[0], run.key[1], target.describe(), e)
             run.entries[target.pod] = rc.new_entry(
                 pod, container, crd.PENDING, action.generation, self.node, run.now,
-                message=rc.scrub(f"{RUNTIME_DOWN} ({e}); the agent tries again with backoff", run.key[0]))
+                message=self._scrub(f"{RUNTIME_DOWN} ({e}); the agent tries again with backoff", run.key[0]))
             return
         except EngineError as e:
             log.warning("ResourceChaos %s/%s on %s: %s", run.key[0], run.key[1], target.describe(), e)
-            message = rc.scrub(str(e), run.key[0])
+            message = self._scrub(str(e), run.key[0])
             previous = action.previous
             if previous and previous.get("phase") == crd.FAILED and previous.get("message") == message \
                     and previous.get("observedGeneration") == action.generation:
@@ -427,7 +479,7 @@ class Controller:
             log.warning("reverting %s (%s): %s", target.describe(), action.reason, e)
             if not action.write_status and action.pod is None:
                 return
-            text = rc.scrub(f"putting the originals back failed: {e}", run.key[0])
+            text = self._scrub(f"putting the originals back failed: {e}", run.key[0])
             if e.next_retry_at is not None and "next try" not in text:
                 text += f"; next try at {crd.rfc3339(e.next_retry_at)}"
             previous = action.previous
@@ -472,13 +524,14 @@ class Controller:
 
     # -- API writes --------------------------------------------------------------------------------
 
-    def _write_status(self, key: Key, obj: dict, entries: dict[str, dict]) -> None:
-        """Put ``entries`` into the object's status; what a failed write still owes is kept and
-        shown to the next reconcile as if written."""
+    def _write_status(self, key: Key, obj: dict, entries: dict[str, dict], node_entry: dict | None = None) -> None:
+        """Put ``entries`` into the object's status, and this node's ``status.nodes`` entry
+        (``node_entry`` when it refuses the object as a whole, else a summary of its targets); what a
+        failed write still owes is kept and shown to the next reconcile as if written."""
         from kubernetes.client.exceptions import ApiException
 
         namespace = key[0]
-        entries = {pod: dict(e, message=rc.scrub(e.get("message", ""), namespace)) for pod, e in entries.items()}
+        entries = {pod: dict(e, message=self._scrub(e.get("message", ""), namespace)) for pod, e in entries.items()}
         with self._lock:
             owed = {**self._unwritten.get(key, {}), **entries}
         cached = self.rcs.get(key)
@@ -490,7 +543,11 @@ class Controller:
                 if fresh["metadata"].get("uid") != uid:
                     owed = {}
                     return  # another object of this name now: not ours to write
-                fresh = dict(fresh, status=crd.with_targets(fresh, list(owed.values())))
+                merged = crd.with_targets(fresh, list(owed.values()))
+                mine = [t for t in merged["targets"] if t.get("node") == self.node]
+                node = dict(node_entry, message=self._scrub(node_entry.get("message", ""), namespace)) \
+                    if node_entry is not None else crd.node_summary(fresh, self.node, mine)
+                fresh = dict(fresh, status=crd.with_targets(fresh, list(owed.values()), node))
                 try:
                     stored = self.custom.replace_namespaced_custom_object_status(
                         crd.GROUP, crd.VERSION, namespace, crd.PLURAL, key[1], fresh)
@@ -592,6 +649,7 @@ class _Run:
         self.events: list[rc.Event] = []
         self.blocked: set[tuple[str, str | None]] = set()  # (pod, container) whose revert has not finished
         self.transient = False
+        self.node_entry: dict | None = None  # this node's status.nodes entry, when it refuses the object
 
 
 class _Stream:
@@ -625,6 +683,12 @@ class _Stream:
 
 def _key(obj: dict) -> Key:
     return obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
+
+
+def _policy_view(namespace: dict | None) -> tuple:
+    """What of a Namespace the policy reads: its labels and annotations."""
+    meta = (namespace or {}).get("metadata") or {}
+    return namespace is None, meta.get("labels"), meta.get("annotations")
 
 
 def _listing(resp: Any) -> tuple[list[dict], str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import math
 import re
 from typing import Any
 
@@ -105,16 +106,53 @@ class ChaosSpec:
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> ChaosSpec:
+        """The spec of an object as the API served it, checked as the CRD's schema checks it (an
+        object written before the schema had a rule, or past a schema a cluster did not enforce,
+        is refused here with the same words): SpecError names the field and what is accepted."""
+        if not isinstance(spec, dict):
+            raise SpecError(f"spec must be an object, got {_show(spec)}")
         target = spec.get("target") or {}
+        if not isinstance(target, dict):
+            raise SpecError(f"spec.target must be an object, got {_show(target)}")
         pod, selector = target.get("pod"), target.get("selector")
         if (pod is None) == (selector is None):
-            raise SpecError(f"spec.target: give exactly one of pod and selector, got {target!r}")
+            raise SpecError(f"spec.target: give exactly one of pod and selector, got {_show(target)}")
+        if pod is not None and not (isinstance(pod, str) and len(pod) <= 253 and _DNS_SUBDOMAIN.match(pod)):
+            raise SpecError(f"spec.target.pod {_show(pod)} is not a pod name (a lowercase DNS-1123 subdomain, at most"
+                            " 253 characters)")
+        if selector is not None:
+            check_selector(selector)
+        container = spec.get("container") or None
+        if container is not None and not (isinstance(container, str) and _DNS_LABEL.match(container)
+                                          and len(container) <= 63):
+            raise SpecError(f"spec.container {_show(container)} is not a container name (a lowercase DNS-1123 label,"
+                            " at most 63 characters)")
         bandwidth = spec.get("bandwidth") or {}
-        result = cls(pod=pod, selector=selector, container=spec.get("container") or None,
-                     cpu_millicpu=spec.get("cpuMillicores"), memory_bytes=spec.get("memoryBytes"),
-                     bandwidth_bps=bandwidth.get("bitsPerSecond"), direction=bandwidth.get("direction", "both"),
-                     duration_s=spec.get("durationSeconds"), method=spec.get("method", "auto"),
-                     force=bool(spec.get("force", False)), request_id=spec.get("requestId"))
+        if not isinstance(bandwidth, dict):
+            raise SpecError(f"spec.bandwidth must be an object, got {_show(bandwidth)}")
+        direction = bandwidth.get("direction", "both")
+        if direction not in ("ingress", "egress", "both"):
+            raise SpecError(f"spec.bandwidth.direction {_show(direction)} is not one of ingress, egress, both")
+        method = spec.get("method", "auto")
+        if method not in ("auto", "cri", "cgroup"):
+            raise SpecError(f"spec.method {_show(method)} is not one of auto, cri, cgroup")
+        force = spec.get("force", False)
+        if not isinstance(force, bool):
+            raise SpecError(f"spec.force must be true or false, got {_show(force)}")
+        request_id = spec.get("requestId")
+        if request_id is not None and not (isinstance(request_id, str) and len(request_id) <= 64):
+            raise SpecError(f"spec.requestId must be a string of at most 64 characters, got {_show(request_id)}")
+        duration = spec.get("durationSeconds")
+        if duration is not None and (isinstance(duration, bool) or not isinstance(duration, int | float)
+                                     or not math.isfinite(duration) or not 0 < duration <= MAX_DURATION_S):
+            raise SpecError(f"spec.durationSeconds {_show(duration)} is out of range; accepted: more than 0, at most"
+                            f" {MAX_DURATION_S} (30 days)")
+        result = cls(pod=pod, selector=selector, container=container,
+                     cpu_millicpu=_integer(spec, "cpuMillicores", *LIMITS["cpuMillicores"]),
+                     memory_bytes=_integer(spec, "memoryBytes", *LIMITS["memoryBytes"]),
+                     bandwidth_bps=_integer(bandwidth, "bitsPerSecond", *LIMITS["bandwidth.bitsPerSecond"],
+                                            field="spec.bandwidth.bitsPerSecond"),
+                     direction=direction, duration_s=duration, method=method, force=force, request_id=request_id)
         if not result.requested():
             raise SpecError("spec: nothing to change; set cpuMillicores, memoryBytes or bandwidth")
         return result
@@ -124,7 +162,102 @@ def spec_of(obj: dict) -> ChaosSpec:
     return ChaosSpec.from_dict(obj.get("spec") or {})
 
 
+# The bounds the CRD's schema declares (daemonset/manifests/crd.yaml; tests/unit/test_manifests_crd.py
+# checks they agree): (minimum, maximum) of each integer field.
+LIMITS = {"cpuMillicores": (1, 1_000_000), "memoryBytes": (4 * 2**20, 2**50),
+          "bandwidth.bitsPerSecond": (8_000, 100 * 10**9)}
+MAX_DURATION_S = 30 * 24 * 3600
+# At most this many pods per ResourceChaos (status.targets has maxItems of this): beyond it, a
+# selector must be narrowed or split. Keeps the object far below the API's ~1.5 MiB size limit.
+MAX_TARGETS = 500
+# A selector's size: terms, values per term, and the label syntax's own lengths.
+MAX_SELECTOR_TERMS = 32
+MAX_SELECTOR_VALUES = 64
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?)$")
+_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value for a message, cut short (a hostile object may hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _integer(spec: dict, key: str, low: int, high: int, *, field: str | None = None) -> int | None:
+    value = spec.get(key)
+    if value is None:
+        return None
+    field = field or f"spec.{key}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{field} must be an integer, got {_show(value)}")
+    if not low <= value <= high:
+        raise SpecError(f"{field} {_show(value)} is out of range; accepted: {low} to {high}")
+    return value
+
+
+def check_label_key(key: Any, where: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise SpecError(f"{where}: a label key must be a non-empty string, got {_show(key)}")
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)) or not _LABEL_NAME.match(name):
+        raise SpecError(f"{where}: {_show(key)} is not a label key ([prefix/]name: a DNS subdomain prefix of at most"
+                        " 253 characters, a name of at most 63 alphanumerics, '-', '_' or '.')")
+
+
+def check_label_value(value: Any, where: str) -> None:
+    if not isinstance(value, str) or not _LABEL_VALUE.match(value):
+        raise SpecError(f"{where}: {_show(value)} is not a label value (at most 63 alphanumerics, '-', '_' or '.',"
+                        " starting and ending with an alphanumeric)")
+
+
+def check_selector(selector: Any) -> None:
+    """A metav1.LabelSelector that selects something: SpecError for an empty selector (it would match
+    every pod of the namespace), an unknown operator, In/NotIn without values, Exists/DoesNotExist
+    with values, bad label syntax, or more than MAX_SELECTOR_TERMS terms."""
+    where = "spec.target.selector"
+    if not isinstance(selector, dict):
+        raise SpecError(f"{where} must be an object, got {_show(selector)}")
+    unknown = sorted(set(selector) - {"matchLabels", "matchExpressions"})
+    if unknown:
+        raise SpecError(f"{where}: unknown field {_show(unknown[0])}; accepted: matchLabels, matchExpressions")
+    labels = selector.get("matchLabels") or {}
+    expressions = selector.get("matchExpressions") or []
+    if not isinstance(labels, dict):
+        raise SpecError(f"{where}.matchLabels must be an object, got {_show(labels)}")
+    if not isinstance(expressions, list):
+        raise SpecError(f"{where}.matchExpressions must be a list, got {_show(expressions)}")
+    if not labels and not expressions:
+        raise SpecError(f"{where} is empty: it would select every pod in the namespace; give matchLabels or"
+                        " matchExpressions")
+    if len(labels) + len(expressions) > MAX_SELECTOR_TERMS:
+        raise SpecError(f"{where} has {len(labels) + len(expressions)} terms; accepted: at most {MAX_SELECTOR_TERMS}")
+    for key, value in labels.items():
+        check_label_key(key, f"{where}.matchLabels")
+        check_label_value(value, f"{where}.matchLabels[{_show(key)}]")
+    for i, expr in enumerate(expressions):
+        here = f"{where}.matchExpressions[{i}]"
+        if not isinstance(expr, dict):
+            raise SpecError(f"{here} must be an object, got {_show(expr)}")
+        check_label_key(expr.get("key"), f"{here}.key")
+        operator, values = expr.get("operator"), expr.get("values")
+        if operator not in _OPERATORS:
+            raise SpecError(f"{here}.operator {_show(operator)} is unknown; accepted: {', '.join(_OPERATORS)}")
+        if values is not None and not isinstance(values, list):
+            raise SpecError(f"{here}.values must be a list, got {_show(values)}")
+        values = values or []
+        if operator in ("In", "NotIn") and not values:
+            raise SpecError(f"{here}: {operator} needs at least one value")
+        if operator in ("Exists", "DoesNotExist") and values:
+            raise SpecError(f"{here}: {operator} takes no values")
+        if len(values) > MAX_SELECTOR_VALUES:
+            raise SpecError(f"{here} has {len(values)} values; accepted: at most {MAX_SELECTOR_VALUES}")
+        for j, value in enumerate(values):
+            check_label_value(value, f"{here}.values[{j}]")
+
+
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 def object_name(pod: str, container: str) -> str:
@@ -293,16 +426,38 @@ def target_entry(status: dict | None, pod: str) -> dict | None:
     return None
 
 
-def with_targets(obj: dict, entries: list[dict]) -> dict:
-    """``obj``'s status with ``entries`` put in place (by pod) and the summary recomputed."""
+def with_targets(obj: dict, entries: list[dict], node: dict | None = None) -> dict:
+    """``obj``'s status with ``entries`` put in place (by pod), ``node`` in ``status.nodes`` (by
+    node) and the summary recomputed."""
     status = dict(obj.get("status") or {})
     targets = {e["pod"]: e for e in status.get("targets") or []}
     for entry in entries:
         targets[entry["pod"]] = entry
     status["targets"] = [targets[name] for name in sorted(targets)]
+    if node is not None:
+        nodes = {n["node"]: n for n in status.get("nodes") or []}
+        nodes[node["node"]] = node
+        status["nodes"] = [nodes[name] for name in sorted(nodes)]
     status.update(summarize(obj, status["targets"]))
     status["observedGeneration"] = obj["metadata"].get("generation", 1)
     return status
+
+
+def node_summary(obj: dict, node: str, targets: list[dict]) -> dict:
+    """The ``status.nodes`` entry of ``node`` over its own ``targets``."""
+    summary = summarize(obj, targets)
+    entry = {"node": node, "phase": summary["phase"], "observedGeneration": obj["metadata"].get("generation", 1),
+             "targets": len(targets), "message": summary["message"][:1024]}
+    if summary.get("expiresAt"):
+        entry["expiresAt"] = summary["expiresAt"]
+    return entry
+
+
+def node_entry(status: dict | None, node: str) -> dict | None:
+    for entry in (status or {}).get("nodes") or []:
+        if entry.get("node") == node:
+            return entry
+    return None
 
 
 def summarize(obj: dict, targets: list[dict]) -> dict:

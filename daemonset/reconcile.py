@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from daemonset import crd
+from daemonset.policy import Policy, namespace_refusal, refusal
 from daemonset.types import (
     END_EXPIRED,
     END_REQUESTED,
@@ -54,6 +55,7 @@ REASON_POD_DELETED = "pod deleted"
 REASON_POD_REPLACED = "pod replaced"
 REASON_UNMATCHED = "pod no longer matches"
 REASON_RESIZE_PENDING = "an in-place resize of the pod is pending"
+REASON_DISABLED = "the namespace is no longer enabled for kubectl-chaos"
 
 # An experiment that ended while no event reached the controller (an agent restart in between).
 UNKNOWN_END = "ended on the node while the agent was not watching; the values it restored were not reported"
@@ -103,9 +105,11 @@ class Supersede:
 
 @dataclasses.dataclass(frozen=True)
 class WriteStatus:
-    """Put these ``status.targets`` entries in place (by pod)."""
+    """Put these ``status.targets`` entries in place (by pod); ``node``: this node's entry in
+    ``status.nodes`` when it refuses the object as a whole (None: a summary of its targets)."""
 
     entries: tuple[dict, ...]
+    node: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,12 +153,14 @@ def owned_by(info: ExperimentInfo, key: Key) -> bool:
 
 def reconcile(key: Key, obj: dict | None, pods: Mapping[str, dict], experiments: Iterable[ExperimentInfo],
               node: str, *, ended: Iterable[EngineEvent] = (), baselines: Baselines | None = None,
-              now: float = 0.0) -> list[Action]:
+              now: float = 0.0, policy: Policy | None = None) -> list[Action]:
     """The actions that bring this node in line with the object ``key`` (``obj`` None: deleted).
 
     ``pods``: this node's pods in the object's namespace, by name. ``experiments``: the engine's in
     that namespace. ``ended``: ENDED events of this object's experiments not yet answered.
     ``baselines``: what ``Remember`` last said. ``now``: epoch seconds, for timestamps.
+    ``policy``: the namespace opt-in and raise policy (daemonset.policy) every apply is checked
+    against; the controller always gives one. None applies no policy (as node-local mode).
     """
     namespace, name = key
     ended_by_id = {e.experiment_id: e for e in ended if e.owner.kind == OwnerKind.RESOURCE_CHAOS}
@@ -176,6 +182,7 @@ def reconcile(key: Key, obj: dict | None, pods: Mapping[str, dict], experiments:
     mine = [e for e in mine_any if e.owner.uid == uid]
     generation = obj["metadata"].get("generation", 1)
     plan.entries = {e["pod"]: e for e in (obj.get("status") or {}).get("targets") or []}
+    plan.node_entry = next((n for n in (obj.get("status") or {}).get("nodes") or [] if n.get("node") == node), None)
     finalizer_held = crd.finalizer_for(node) in (obj["metadata"].get("finalizers") or [])
 
     # Endings the engine reported: Reverted with its reason and the values it read back.
@@ -196,16 +203,29 @@ def reconcile(key: Key, obj: dict | None, pods: Mapping[str, dict], experiments:
 
     try:
         spec = crd.spec_of(obj)
-    except crd.SpecError:
+    except crd.SpecError as e:
+        # Refused as a whole (what is in force stays, as after any refused change): this node says
+        # why once, in its own status.nodes entry, if it has pods in the namespace at all.
+        if pods:
+            plan.refuse(generation, f"ResourceChaos {name}: {e}")
         return plan.actions(finalizer_held=finalizer_held, release=not mine)
+
+    matched = [(pod_name, pod) for pod_name, pod in sorted(pods.items()) if _matches(spec, pod_name, pod)]
+    denied = namespace_refusal(namespace, policy.namespace, policy.agent_namespace) if policy is not None else ""
+    if denied:
+        # Not (or no longer) enabled: nothing new, and what this object holds here is reverted.
+        if matched:
+            plan.refuse(generation, f"ResourceChaos {name}: {denied}")
+        matched = []
+    over_cap = _over_cap(plan.entries, matched, node)
+    if over_cap:
+        plan.refuse(generation, f"ResourceChaos {name}: {over_cap}")
 
     by_container = {e.target.key: e for e in live}
     wanted: set[tuple[str, str]] = set()  # (pod uid or name, container) kept or applied here
     remembered: dict[tuple[str, str], Resources] = {}
     baselines = baselines or {}
-    for pod_name, pod in sorted(pods.items()):
-        if not _matches(spec, pod_name, pod):
-            continue
+    for pod_name, pod in matched:
         pod_uid = pod["metadata"].get("uid", "")
         previous = plan.entries.get(pod_name)
         if previous is not None and previous.get("uid") and pod_uid and previous["uid"] != pod_uid:
@@ -254,6 +274,12 @@ def reconcile(key: Key, obj: dict | None, pods: Mapping[str, dict], experiments:
             # Not answered for this generation: a further change (status Applied for an older
             # generation: its own duration counts from now, none keeps the end time in force), or
             # an apply whose status write failed (same values again, end time kept).
+            why = refusal(policy, spec, pod, container) if policy is not None else ""
+            if why:
+                plan.fail(pod, container, generation, f"ResourceChaos {name}: {why}; the change in force stays",
+                          previous)
+                remembered[(pod_uid, container)] = baselines.get((pod_uid, container), spec_now)
+                continue
             duration_s = spec.duration_s if phase == crd.APPLIED else None
             remembered[(pod_uid, container)] = spec_now
             plan.applies.append(Apply(_request(spec, namespace, pod_name, container, duration_s, obj),
@@ -267,6 +293,8 @@ def reconcile(key: Key, obj: dict | None, pods: Mapping[str, dict], experiments:
             phase = crd.REVERTED
         if current and phase in (crd.FAILED, crd.REVERTED):
             continue  # answered; the next command (a new generation) asks again
+        if over_cap:
+            continue  # refused as a whole (the node entry says why): nothing new here
         if (pod.get("status") or {}).get("phase") != "Running":
             plan.pending(pod, container, generation, "waiting for the pod to run", previous)
             continue
@@ -274,6 +302,10 @@ def reconcile(key: Key, obj: dict | None, pods: Mapping[str, dict], experiments:
         if resizing:
             plan.pending(pod, container, generation, f"waiting for the pod's in-place resize to finish ({resizing})",
                          previous)
+            continue
+        why = refusal(policy, spec, pod, container) if policy is not None else ""
+        if why:
+            plan.fail(pod, container, generation, f"ResourceChaos {name}: {why}", previous)
             continue
         remembered[(pod_uid, container)] = container_resources(pod, container)
         plan.applies.append(Apply(_request(spec, namespace, pod_name, container, spec.duration_s, obj),
@@ -290,7 +322,8 @@ def reconcile(key: Key, obj: dict | None, pods: Mapping[str, dict], experiments:
             continue
         if e.phase not in LIVE:
             continue
-        reason = REASON_POD_DELETED if pod is None else REASON_POD_REPLACED if same is None else REASON_UNMATCHED
+        reason = REASON_POD_DELETED if pod is None else REASON_POD_REPLACED if same is None else \
+            REASON_DISABLED if denied else REASON_UNMATCHED
         previous = plan.entries.get(e.target.pod)
         if previous is not None and same is None and pod is not None:
             previous = None  # the pod of that name is a new one: its entry is not this experiment's
@@ -318,6 +351,9 @@ class _Plan:
         self.writes: dict[str, dict] = {}
         self.events: list[Event] = []
         self.remember: Remember | None = None
+        self.node_entry: dict | None = None  # this node's status.nodes entry as the object has it
+        self.refusal: dict | None = None  # the node entry to write when refusing the object as a whole
+        self.refusal_changed = False
 
     def ends(self, e: ExperimentInfo) -> bool:
         return any(a.experiment_id == e.experiment_id for a in (*self.reverts, *self.supersedes))
@@ -330,6 +366,18 @@ class _Plan:
             entry["lastTransitionTime"] = old.get("lastTransitionTime", entry["lastTransitionTime"])
         self.entries[entry["pod"]] = entry
         self.writes[entry["pod"]] = entry
+
+    def refuse(self, generation: int, message: str) -> None:
+        """This node refuses the object as a whole: say so once in its status.nodes entry."""
+        entry = {"node": self.node, "phase": crd.FAILED, "observedGeneration": generation, "targets": 0,
+                 "message": message[:1024]}
+        old = self.node_entry or {}
+        if {k: old.get(k) for k in ("phase", "observedGeneration", "message")} == \
+                {k: entry[k] for k in ("phase", "observedGeneration", "message")}:
+            self.refusal = old  # already says so: written again only along with other entries
+            return
+        self.refusal = entry
+        self.refusal_changed = True
 
     def fail(self, pod: dict, container: str, generation: int, message: str, previous: dict | None) -> None:
         if previous and previous.get("phase") == crd.FAILED and previous.get("message") == message \
@@ -401,8 +449,8 @@ class _Plan:
         if self.applies:
             out.append(SetFinalizer(True))
             out.extend(self.applies)
-        if self.writes:
-            out.append(WriteStatus(tuple(self.writes[p] for p in sorted(self.writes))))
+        if self.writes or self.refusal_changed:
+            out.append(WriteStatus(tuple(self.writes[p] for p in sorted(self.writes)), node=self.refusal))
         if self.remember is not None:
             out.append(self.remember)
         if release and (finalizer_held or self.applies) or (finalizer_held and (self.reverts or self.supersedes)):
@@ -559,10 +607,18 @@ def reverted_text(name: str, entry: dict) -> str:
 _OTHER_OBJECT = re.compile(r"ResourceChaos ([a-z0-9][-a-z0-9.]*)/([a-z0-9][-a-z0-9.]*)")
 
 
-def scrub(message: str, namespace: str) -> str:
-    """``message`` with any ResourceChaos of another namespace left unnamed."""
-    return _OTHER_OBJECT.sub(lambda m: m.group(0) if m.group(1) == namespace else
-                             "a ResourceChaos in another namespace", message)
+def scrub(message: str, namespace: str, others: Iterable[str] = ()) -> str:
+    """``message`` with any ResourceChaos of another namespace left unnamed, and any ``NS/NAME`` of
+    the namespaces in ``others`` (the cluster's other namespaces: the runtime's error listing the
+    node's pods, say) replaced by "a pod in another namespace"."""
+    message = _OTHER_OBJECT.sub(lambda m: m.group(0) if m.group(1) == namespace else
+                                "a ResourceChaos in another namespace", message)
+    names = sorted({n for n in others if n and n != namespace}, key=len, reverse=True)
+    if names:
+        pattern = re.compile(r"(?<![\w/.-])(?:" + "|".join(re.escape(n) for n in names)
+                             + r")/[a-z0-9][-a-z0-9.]*(?:/[a-z0-9][-a-z0-9]*)?")
+        message = pattern.sub("a pod in another namespace", message)
+    return message
 
 
 def _conflict(found: ExperimentInfo, container: str, namespace: str) -> str:
@@ -665,6 +721,20 @@ def _changes_cpu_or_memory(e: ExperimentInfo) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def _over_cap(entries: Mapping[str, dict], matched: list[tuple[str, dict]], node: str) -> str:
+    """Why the object has too many targets for this node to add its own ("" if it has not): the
+    pods in its status from other nodes plus the pods matching here, against crd.MAX_TARGETS."""
+    elsewhere = {pod for pod, e in entries.items() if e.get("node") not in (None, node)}
+    here = {pod_name for pod_name, _ in matched}
+    total = len(elsewhere | here)
+    if total <= crd.MAX_TARGETS:
+        return ""
+    others = len(elsewhere - here)
+    where = f" and {others} more in its status from other nodes" if others else ""
+    return (f"it matches {len(here)} pods on node {node}{where}: more than the {crd.MAX_TARGETS} one ResourceChaos may"
+            " change; narrow the selector or split it (nothing new was changed on this node)")
 
 
 def _matches(spec: crd.ChaosSpec, pod_name: str, pod: dict) -> bool:

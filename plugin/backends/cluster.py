@@ -84,6 +84,9 @@ class ClusterBackend:
             if not pods:
                 raise BackendError(f"no pod matching -l {req.selector} in {namespace} has the container: "
                                    + "; ".join(t.error or "" for t in failed))
+            if len(pods) > crd.MAX_TARGETS:
+                raise BackendError(f"-l {req.selector} matches {len(pods)} pods in {namespace}; one ResourceChaos "
+                                   f"changes at most {crd.MAX_TARGETS}: narrow the selector or split it")
             spec = crd.ChaosSpec(
                 pod=req.pod, selector=crd.parse_selector(req.selector) if req.selector else None,
                 container=containers[req.pod] if req.pod else req.container,
@@ -111,7 +114,8 @@ class ClusterBackend:
             expected = {p["metadata"]["name"]: p for p in pods}
 
             def answered(o: dict) -> bool:
-                return all(_answered(crd.target_entry(o.get("status"), pod), generation) for pod in expected)
+                return all(_answered(crd.target_entry(o.get("status"), name), generation)
+                           or _refused(o.get("status"), pod, generation) for name, pod in expected.items())
 
             final, timed_out = self._wait(namespace, name, obj, answered)
             status = (final or {}).get("status") or {}
@@ -119,6 +123,11 @@ class ClusterBackend:
             missing = []
             for pod_name, pod in expected.items():
                 entry = crd.target_entry(status, pod_name)
+                refused = _refused(status, pod, generation)
+                if refused and not _answered(entry, generation):
+                    results.append(TargetResult(namespace, pod_name, containers[pod_name], node=_node(pod),
+                                                experiment_id=f"{namespace}/{name}", error=refused))
+                    continue
                 if not _answered(entry, generation):
                     missing.append(pod)
                     results.append(TargetResult(namespace, pod_name, containers[pod_name], node=_node(pod),
@@ -176,11 +185,17 @@ class ClusterBackend:
             requested = spec.requested()
             started = _parse_time(obj["metadata"].get("creationTimestamp"))
             entries = (obj.get("status") or {}).get("targets") or []
+            target = spec.pod or f"-l {crd.selector_text(spec.selector or {})}"
+            for refusal in (obj.get("status") or {}).get("nodes") or []:
+                if refusal.get("phase") == crd.FAILED and not refusal.get("targets"):
+                    out.append(ExperimentStatus(ns, target, spec.container or "", node=refusal.get("node"),
+                                                experiment_id=f"{ns}/{name}", started_at=started, state="failed",
+                                                message=refusal.get("message", "")))
             if not entries:
-                target = spec.pod or f"-l {crd.selector_text(spec.selector or {})}"
-                out.append(ExperimentStatus(ns, target, spec.container or "", experiment_id=f"{ns}/{name}",
-                                            started_at=started, state="pending",
-                                            message="no chaos-agent has answered yet"))
+                if not (obj.get("status") or {}).get("nodes"):
+                    out.append(ExperimentStatus(ns, target, spec.container or "", experiment_id=f"{ns}/{name}",
+                                                started_at=started, state="pending",
+                                                message="no chaos-agent has answered yet"))
                 continue
             for entry in entries:
                 changes = tuple(
@@ -429,6 +444,14 @@ def _spec_patch(spec: crd.ChaosSpec) -> dict:
 
 def _answered(entry: dict | None, generation: int) -> bool:
     return bool(entry) and entry.get("observedGeneration", 0) >= generation and entry.get("phase") in crd.TERMINAL
+
+
+def _refused(status: dict | None, pod: dict, generation: int) -> str:
+    """The message of the pod's node when its agent refused the object as a whole ("" if it did not)."""
+    entry = crd.node_entry(status, _node(pod) or "")
+    if entry and entry.get("phase") == crd.FAILED and entry.get("observedGeneration", 0) >= generation:
+        return entry.get("message") or "refused by the chaos-agent"
+    return ""
 
 
 def _node(pod: dict) -> str | None:

@@ -75,9 +75,10 @@ def controller_cluster(node, fakeapi, tmp_path):
 
 
 def _cluster(agent, fakeapi, tmp_path):
-    from tests.cluster.helpers import KUBECTL_CHAOS, role
+    from tests.cluster.helpers import KUBECTL_CHAOS, NODE, role
 
-    fakeapi.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+    fakeapi.add_namespace("shop", labels={"kubectl-chaos.io/enabled": "true"})
+    fakeapi.add_node(NODE, cpu="2", memory="8Gi")
     token = fakeapi.add_user("alice")
     fakeapi.bind("alice", role("user-role.yaml", "kubectl-chaos-user"), namespace="shop")
     kubeconfig = fakeapi.write_kubeconfig(tmp_path / "alice-kubeconfig", [("alice", token)], namespace="shop")

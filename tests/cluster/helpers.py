@@ -213,13 +213,30 @@ class Agent:
         self.stop()
 
 
+def pod_spec_containers(pod) -> list[dict]:
+    """The pod spec's containers a real test-node pod was made from: the limits its containers got
+    from the "kubelet" (tests/support/node.py) are the spec's limits (and requests)."""
+    out = []
+    for name, spec in pod.specs.items():
+        container: dict = {"name": name, "image": "busybox"}
+        limits = {}
+        if spec.cpu_millicpu is not None:
+            limits["cpu"] = f"{spec.cpu_millicpu}m"
+        if spec.memory_bytes is not None:
+            limits["memory"] = str(spec.memory_bytes)
+        if limits:
+            container["resources"] = {"limits": limits, "requests": dict(limits)}
+        out.append(container)
+    return out
+
+
 def mirror(fakeapi, pod, *, node: str = NODE, labels: dict | None = None, annotations: dict | None = None) -> dict:
     """Put a real test-node pod into the fake API, as a kubelet-registered pod would be."""
     return fakeapi.create({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid, "labels": labels or {},
                      "annotations": annotations or {}},
-        "spec": {"nodeName": node, "containers": [{"name": n, "image": "busybox"} for n in pod.specs]},
+        "spec": {"nodeName": node, "containers": pod_spec_containers(pod)},
         "status": {"phase": "Running"},
     }, keep_uid=True)
 

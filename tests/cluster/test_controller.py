@@ -61,13 +61,17 @@ def test_pod_leaving_the_selector_is_reverted(api, pods):
     assert entry["changes"][0]["restored"] == 1000
 
 
-def test_denied_namespace_fails_with_the_engines_reason(api, pods):
+def test_kube_system_is_refused_even_when_labelled(api, pods):
     fakeapi, agent = api
+    ns_type = fakeapi.resource_type("", "namespaces")
+    fakeapi.patch(ns_type, None, "kube-system", {"metadata": {"labels": {"kubectl-chaos.io/enabled": "true"}}},
+                  "application/merge-patch+json")
     pod = pods.run("core", "kube-system", [ContainerSpec(cpu_millicpu=1000)])
     mirror(fakeapi, pod)
     create(fakeapi, "core", crd.ChaosSpec(pod="core", container="app", cpu_millicpu=500), namespace="kube-system")
-    wait_for(lambda: phase_of(fakeapi, "core", "core", "kube-system") == "Failed", what="Failed")
-    assert "denied" in crd.target_entry(status_of(fakeapi, "core", "kube-system"), "core")["message"]
+    refusal = wait_for(lambda: crd.node_entry(status_of(fakeapi, "core", "kube-system"), NODE), what="Failed")
+    assert refusal["phase"] == "Failed"
+    assert "namespace kube-system is never changed by kubectl-chaos" in refusal["message"]
     assert quota_us(pod) == 100_000
     rtype = fakeapi.resource_type(crd.GROUP, crd.PLURAL)
     wait_for(lambda: not fakeapi.get(rtype, "kube-system", "core")["metadata"].get("finalizers"),

@@ -564,6 +564,22 @@ class FakeKubeAPI:
                 return True
         return False
 
+    # -- seeding what a cluster has --------------------------------------------------------------
+
+    def add_namespace(self, name: str, *, labels: dict | None = None, annotations: dict | None = None) -> dict:
+        """A Namespace; ``labels={"kubectl-chaos.io/enabled": "true"}`` is the admin's opt-in."""
+        meta: dict[str, Any] = {"name": name, "labels": {"kubernetes.io/metadata.name": name, **(labels or {})}}
+        if annotations:
+            meta["annotations"] = dict(annotations)
+        return self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": meta})
+
+    def add_node(self, name: str, *, cpu: str = "2", memory: str = "8Gi") -> dict:
+        """A Node as a kubelet registers it, with its allocatable CPU and memory."""
+        return self.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {
+            "kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+            "status": {"allocatable": {"cpu": cpu, "memory": memory, "pods": "110"},
+                       "capacity": {"cpu": cpu, "memory": memory, "pods": "110"}}})
+
     # -- types -----------------------------------------------------------------------------------
 
     def install_crd(self, crd: dict) -> ResourceType:

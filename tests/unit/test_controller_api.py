@@ -186,7 +186,8 @@ class FakeEngine:
 def fakeapi():
     with FakeKubeAPI() as api:
         api.install_crd(yaml.safe_load((ROOT / "daemonset/manifests/crd.yaml").read_text()))
-        api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+        api.add_namespace("shop", labels={"kubectl-chaos.io/enabled": "true"})
+        api.add_node(NODE, cpu="4", memory="16Gi")
         yield api
 
 

@@ -99,6 +99,8 @@ def test_agent_role_is_least_privilege(rendered):
         ("kubectl-chaos.io", "resourcechaos", "watch"), ("kubectl-chaos.io", "resourcechaos", "patch"),
         ("kubectl-chaos.io", "resourcechaos/status", "update"),
         ("", "pods", "list"), ("", "pods", "watch"),
+        ("", "namespaces", "list"), ("", "namespaces", "watch"),
+        ("", "nodes", "list"), ("", "nodes", "watch"),
         ("", "events", "create"),
     }
     (binding,) = by_kind(rendered, "ClusterRoleBinding")
@@ -111,6 +113,8 @@ def test_agent_role_is_least_privilege(rendered):
 # Each Kubernetes client call in the controller -> the (group, resource, verbs) it needs.
 _CALL_GRANTS = {
     "list_pod_for_all_namespaces": ("", "pods", ("list", "watch")),  # listed, then watched
+    "list_namespace": ("", "namespaces", ("list", "watch")),
+    "list_node": ("", "nodes", ("list", "watch")),  # its own node, by field selector
     "create_namespaced_event": ("", "events", ("create",)),
     "get_namespaced_custom_object": ("kubectl-chaos.io", "resourcechaos", ("get",)),
     "list_cluster_custom_object": ("kubectl-chaos.io", "resourcechaos", ("list", "watch")),

@@ -360,9 +360,9 @@ def test_bandwidth_only_experiment_does_not_yield_to_a_resize():
 
 
 def test_container_choice_failure_is_reported_once():
-    duo = pod()
+    duo = pod(labels={"app": "web"})
     duo["spec"]["containers"].append({"name": "side"})
-    spec = crd.ChaosSpec(selector={"matchLabels": {}}, cpu_millicpu=300)
+    spec = crd.ChaosSpec(selector={"matchLabels": {"app": "web"}}, cpu_millicpu=300)
     actions = run(chaos(spec, finalizers=()), [duo])
     entry = status_of(actions)["web-1"]
     assert entry["phase"] == crd.FAILED and "choose one with -c" in entry["message"]
