@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from cri_api.merge import merge_resources
+from daemonset import observe
 from daemonset import state as state_mod
 from daemonset.cgroups import CgroupOps, Readings
 from daemonset.metrics import Metrics
@@ -184,6 +185,9 @@ class Engine:
                                      drift_interval_s=drift_interval_s, rng=rng, backoff_base_s=backoff_base_s,
                                      backoff_max_s=backoff_max_s)
         self.metrics.scheduled.set_function(self.supervisor.pending)
+        from daemonset.metrics import ExperimentCollector
+
+        self.metrics.registry.register(ExperimentCollector(self))
         self._records: dict[str, Experiment] = {}
         self._damaged: dict[str, DamagedRecord] = {}  # by file path
         self._known: dict[str, Any] = {}  # container id -> ContainerInfo of containers under experiment
@@ -599,6 +603,7 @@ class Engine:
             only_container=req.target.container is None,
             steps=profile[0],
             steps_total=profile[1],
+            oom_kills_at_start=observe.oom_kills(cg),
         )
 
     def _new_net(self, info: Any) -> tuple[NetState, dict[Resource, int]]:
@@ -934,6 +939,28 @@ class Engine:
                                       next_step=dict(exp.steps[0].values) if exp.steps else {},
                                       step_note=exp.step_note))
         return sorted(out, key=lambda e: e.target.key)
+
+    def sample(self, namespace: str | None = None) -> list[tuple[ExperimentInfo, observe.Counters, int | None]]:
+        """Raw kernel counters of every experiment's container (no runtime call): for ``top`` and metrics.
+        Each with the OOM kill count at the experiment's start (figures report kills since then)."""
+        import netshape
+
+        with self._guard:
+            records = [e for e in self._records.values() if not namespace or e.target.namespace == namespace]
+        infos = {i.experiment_id: i for i in self.list(namespace)}
+        out = []
+        for exp in records:
+            directions = tuple(r.value for r in BANDWIDTH if r in exp.desired) if exp.net is not None else ()
+            try:
+                cg = self._snapshot_cgroups(exp)
+                counters = observe.sample(cg, host_ifname=exp.net.host_ifname if exp.net else None,
+                                          ifb_name=netshape.ifb_name(exp.net.ifb_key) if exp.net else None,
+                                          directions=directions)
+            except Exception as e:
+                counters = observe.Counters(at_s=time.monotonic(), errors=(str(e),))
+            if exp.experiment_id in infos:
+                out.append((infos[exp.experiment_id], counters, exp.oom_kills_at_start))
+        return out
 
     def list_damaged(self, namespace: str | None = None) -> list[DamagedRecord]:
         with self._guard:

@@ -37,3 +37,59 @@ class Metrics:
     def render(self) -> bytes:
         """The metrics in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+class ExperimentCollector:
+    """Per-experiment series read from the kernel at scrape time, with the labels a dashboard needs
+    (namespace, pod, container, and resource or direction). Counters are totals: let Prometheus take
+    the rates (rate(chaos_experiment_cpu_seconds_total[1m]) = cores used)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        base = ["namespace", "pod", "container"]
+        limit = GaugeMetricFamily("chaos_experiment_limit", "Limit in force now, read from the kernel"
+                                  " (millicpu, bytes, bit/s; -1 = none).", labels=base + ["resource"])
+        original = GaugeMetricFamily("chaos_experiment_original", "The limit before the experiment.",
+                                     labels=base + ["resource"])
+        cpu = CounterMetricFamily("chaos_experiment_cpu_seconds", "CPU time the container used.", labels=base)
+        periods = CounterMetricFamily("chaos_experiment_cpu_periods", "CFS periods.", labels=base)
+        throttled = CounterMetricFamily("chaos_experiment_cpu_throttled_periods", "CFS periods that hit the quota.",
+                                        labels=base)
+        ws = GaugeMetricFamily("chaos_experiment_memory_working_set_bytes", "Memory the container cannot give back.",
+                               labels=base)
+        ooms = GaugeMetricFamily("chaos_experiment_oom_kills", "OOM kills since the experiment started.", labels=base)
+        sent = CounterMetricFamily("chaos_experiment_shaped_bytes", "Bytes our qdisc sent.", labels=base + ["direction"])
+        drops = CounterMetricFamily("chaos_experiment_shaped_drops", "Packets our qdisc dropped.",
+                                    labels=base + ["direction"])
+        backlog = GaugeMetricFamily("chaos_experiment_shaped_backlog_bytes", "Bytes waiting in our qdisc.",
+                                    labels=base + ["direction"])
+        for info, c, oom0 in self.engine.sample():
+            t = info.target
+            lv = [t.namespace, t.pod, t.container]
+            for r in info.resources:
+                if not r.unknown:
+                    limit.add_metric(lv + [r.resource.value], r.in_force)
+                original.add_metric(lv + [r.resource.value], r.original)
+            if c.cpu_usage_ns is not None:
+                cpu.add_metric(lv, c.cpu_usage_ns / 1e9)
+            if c.nr_periods is not None:
+                periods.add_metric(lv, c.nr_periods)
+            if c.nr_throttled is not None:
+                throttled.add_metric(lv, c.nr_throttled)
+            if c.memory_working_set_bytes is not None:
+                ws.add_metric(lv, c.memory_working_set_bytes)
+            if c.oom_kills is not None:
+                ooms.add_metric(lv, c.oom_kills - (oom0 or 0))
+            for direction, q in (("ingress", c.ingress), ("egress", c.egress)):
+                if q is not None:
+                    sent.add_metric(lv + [direction], q.bytes_sent)
+                    drops.add_metric(lv + [direction], q.drops)
+                    backlog.add_metric(lv + [direction], q.backlog_bytes)
+        yield from (limit, original, cpu, periods, throttled, ws, ooms, sent, drops, backlog)

@@ -82,6 +82,7 @@ class Experiment:
     steps: tuple[Step, ...] = ()  # the profile's steps still to come, by time
     steps_total: int = 0  # the profile's steps, the first included (0: no profile)
     step_note: str = ""  # why the next step is held
+    oom_kills_at_start: int | None = None  # the memory cgroup's OOM kill count when the experiment began
 
     @property
     def step(self) -> int:
@@ -142,6 +143,7 @@ def encode(exp: Experiment) -> dict[str, Any]:
         "steps": [{"at": s.at, "values": {r.value: v for r, v in s.values.items()}} for s in exp.steps],
         "steps_total": exp.steps_total,
         "step_note": exp.step_note,
+        "oom_kills_at_start": exp.oom_kills_at_start,
     }
 
 
@@ -226,6 +228,7 @@ def decode(data: Any, *, legacy_owners: dict[str, Any] | None = None) -> Experim
         steps=tuple(steps),
         steps_total=r.typed(data, "steps_total", int, default=0),
         step_note=r.typed(data, "step_note", str, default=""),
+        oom_kills_at_start=r.typed(data, "oom_kills_at_start", int, default=None),
     )
     if exp.steps and exp.steps_total < len(exp.steps) + 1:
         raise RecordError(f"steps_total {exp.steps_total} is fewer than the {len(exp.steps)} steps still to come plus one")

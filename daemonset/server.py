@@ -211,6 +211,49 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             raise
 
 
+    def Observe(self, request: agent_pb2.ObserveRequest, context: grpc.ServicerContext):  # noqa: N802
+        import time as _time
+
+        from daemonset.observe import figures
+
+        interval = request.interval_s or 2.0
+        if not 0.2 <= interval <= 60:
+            self._fail(context, InvalidRequest(f"interval_s {interval:g} is out of range; accepted: 0.2 to 60 seconds"))
+        if request.count < 0:
+            self._fail(context, InvalidRequest(f"count {request.count} is negative; accepted: 0 (until cancelled) or more"))
+        namespace = request.namespace or None
+        before = {info.experiment_id: (info, c, oom) for info, c, oom in self.engine.sample(namespace)}
+        sent = 0
+        while context.is_active() and (request.count == 0 or sent < request.count):
+            deadline = _time.monotonic() + interval
+            while context.is_active() and _time.monotonic() < deadline:
+                _time.sleep(min(0.1, max(0.0, deadline - _time.monotonic())))
+            if not context.is_active():
+                return
+            now = {info.experiment_id: (info, c, oom) for info, c, oom in self.engine.sample(namespace)}
+            rows = []
+            for eid, (info, after, oom0) in now.items():
+                if eid not in before:
+                    continue  # started during this interval: its figures come with the next one
+                rows.append(observation_pb(info, figures(before[eid][1], after, oom_kills_at_start=oom0)))
+            yield agent_pb2.ObserveResponse(at_unix_s=_time.time(), rows=rows)
+            sent += 1
+            before = now
+
+
+def observation_pb(info: ExperimentInfo, f: Any) -> agent_pb2.Observation:
+    out = agent_pb2.Observation(experiment=experiment_pb(info), interval_s=f.interval_s, errors=list(f.errors))
+    for name, value in (("cpu_cores", f.cpu_cores), ("cpu_throttled_share", f.throttled_share),
+                        ("memory_working_set_bytes", f.memory_working_set_bytes),
+                        ("memory_limit_bytes", f.memory_limit_bytes), ("oom_kills", f.oom_kills),
+                        ("ingress_bps", f.ingress_bps), ("ingress_drops", f.ingress_drops),
+                        ("ingress_backlog_bytes", f.ingress_backlog_bytes), ("egress_bps", f.egress_bps),
+                        ("egress_drops", f.egress_drops), ("egress_backlog_bytes", f.egress_backlog_bytes)):
+        if value is not None:
+            setattr(out, name, value)
+    return out
+
+
 # --- listening ---------------------------------------------------------------------------------
 
 class ListenError(Exception):

@@ -47,6 +47,7 @@ _APPLY_HELP = """Change a running container's CPU limit, memory limit or network
 \b
 Other forms:
   kubectl-chaos status [-n NAMESPACE | -A] [-o text|json|yaml]   list active experiments
+  kubectl-chaos top [-n NAMESPACE | -A] [-w] [-o text|json]      watch what they do (CPU, memory, traffic)
   kubectl-chaos completion bash|zsh|fish                         print a completion script
 """
 
@@ -182,7 +183,8 @@ def _complete_first_word(ctx: click.Context, param: click.Parameter, incomplete:
 
     if any(ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE for p in ctx.command.params if p.name):
         return []
-    helps = {"status": "list active experiments", "completion": "print a completion script"}
+    helps = {"status": "list active experiments", "top": "watch what the experiments do",
+             "completion": "print a completion script"}
     return [CompletionItem(name, help=text) for name, text in helps.items() if name.startswith(incomplete)]
 
 
@@ -345,6 +347,53 @@ def make_cli(open_backend: BackendOpener = backends.open_backend, clock: Clock =
             return EXIT_OK
         click.echo(render_status(items, output, clock()), nl=False)
         return EXIT_OK
+
+    @group.command("top", context_settings=_CONTEXT, short_help="watch what the experiments do")
+    @click.option("-n", "--namespace", metavar="NAMESPACE", help="Only this namespace (default: the context's).")
+    @click.option("-A", "--all-namespaces", is_flag=True, help="Experiments in every namespace.")
+    @click.option("-w", "--watch", is_flag=True, help="Keep refreshing until interrupted.")
+    @click.option("--interval", metavar="DURATION", default="2s", show_default=True,
+                  help="Time between refreshes (0.2s to 60s).")
+    @click.option("-o", "--output", type=click.Choice(("text", "json")), default="text", show_default=True,
+                  help="text: a table (refreshed in place in a terminal); json: one object per row per refresh.")
+    @_connection_options
+    def top_command(namespace, all_namespaces, watch, interval, output, agent_address, kubeconfig, context,
+                    timeout) -> int:
+        """Per experiment, measured in the kernel over the last interval: CPU used against the limit and the
+        share of CFS periods throttled, the memory working set against the limit and OOM kills since the
+        experiment started, and for each shaped direction the throughput, drops and queue."""
+        from plugin.output import render_top
+        from plugin.units import parse_duration
+
+        if namespace is not None and all_namespaces:
+            raise UsageError("give -n/--namespace or -A/--all-namespaces, not both")
+        check_namespace(namespace)
+        try:
+            interval_s = parse_duration(interval)
+        except UsageError:
+            interval_s = -1.0
+        if not 0.2 <= interval_s <= 60:
+            raise UsageError(f'--interval: "{interval}" is out of range; give 0.2s to 60s')
+        connection = build_connection(agent_address, kubeconfig, context, timeout)
+        if connection.agent_address is None:
+            raise UsageError("top needs --agent-address in this version (the figures come from the node's agent)")
+        in_place = output == "text" and watch and sys.stdout.isatty()
+
+        def show(backend: Backend) -> int:
+            scope = None if all_namespaces else (namespace or backend.default_namespace())
+            for rows in backend.top(scope, interval_s, 0 if watch else 1):
+                text = render_top(rows, output, clock()) if rows or output == "json" else \
+                    f"No chaos experiments in {'any namespace' if scope is None else 'namespace ' + scope}.\n"
+                if in_place:
+                    text = "\x1b[H\x1b[2J" + text  # home and clear: refresh in place
+                click.echo(text, nl=False)
+                sys.stdout.flush()
+            return EXIT_OK
+
+        try:
+            return run_backend(connection, show)
+        except KeyboardInterrupt:
+            return EXIT_OK
 
     @group.command("completion", context_settings=_CONTEXT, short_help="print a completion script")
     @click.argument("shell", type=click.Choice(SHELLS), metavar="SHELL")

@@ -19,10 +19,12 @@ from plugin.backends import (
     ResetResult,
     ResourceChange,
     TargetResult,
+    TopRow,
 )
 from plugin.units import format_bandwidth, format_cpu, format_memory
 
-__all__ = ["FORMATS", "format_value", "format_time", "render_result", "render_status", "result_data", "status_data"]
+__all__ = ["FORMATS", "format_value", "format_time", "render_result", "render_status", "render_top", "result_data",
+           "status_data", "top_row_data"]
 
 FORMATS = ("text", "json", "yaml")
 
@@ -191,6 +193,71 @@ def render_status(items: Sequence[ExperimentStatus], fmt: str, now: datetime) ->
              for s in items for c in s.changes if c.unknown]
     notes += [f"{s.namespace}/{s.pod}/{s.container} ({s.state}): {s.message}" for s in items if s.message]
     return table + "".join(f"  {n}\n" for n in notes)
+
+
+_TOP_COLUMNS = ("NAMESPACE", "POD", "CONTAINER", "CPU USED/LIMIT", "THROTTLED", "MEMORY WS/LIMIT", "OOM",
+                "IN (DROPS, QUEUE)", "OUT (DROPS, QUEUE)", "LEFT", "STEP")
+
+
+def _pct(share: float | None) -> str:
+    return "?" if share is None else f"{share * 100:.0f}%"
+
+
+def _direction(bps: float | None, drops: int | None, backlog: int | None, shaped: bool) -> str:
+    if not shaped:
+        return "-"
+    if bps is None:
+        return "?"
+    return f"{format_bandwidth(round(bps))} ({drops}, {format_memory(backlog) if backlog else '0'})"
+
+
+def top_row_data(row: TopRow, now: datetime) -> dict:
+    """One row of ``top`` as plain data (``-o json`` prints one object per row per refresh)."""
+    s = row.status
+    limits = {c.resource: c for c in s.changes}
+    return {
+        "time": _rfc3339(now), "namespace": s.namespace, "pod": s.pod, "container": s.container,
+        "state": s.state, "intervalSeconds": round(row.interval_s, 3),
+        "cpu": {"usedCores": row.cpu_cores, "throttledShare": row.cpu_throttled_share,
+                "limitMillicpu": limits[RESOURCE_CPU].read_back if RESOURCE_CPU in limits else None,
+                "originalMillicpu": limits[RESOURCE_CPU].previous if RESOURCE_CPU in limits else None},
+        "memory": {"workingSetBytes": row.memory_working_set_bytes, "limitBytes": row.memory_limit_bytes,
+                   "oomKillsSinceStart": row.oom_kills},
+        "ingress": {"bitsPerSecond": row.ingress_bps, "drops": row.ingress_drops, "backlogBytes": row.ingress_backlog_bytes},
+        "egress": {"bitsPerSecond": row.egress_bps, "drops": row.egress_drops, "backlogBytes": row.egress_backlog_bytes},
+        "expiresAt": _rfc3339(next((c.expires_at for c in s.changes if c.expires_at), None)),
+        "message": s.message, "errors": list(row.errors),
+    }
+
+
+def render_top(rows: Sequence[TopRow], fmt: str, now: datetime) -> str:
+    """One refresh of ``top``: a table in text, one JSON object per row (a line each) with ``-o json``."""
+    if fmt == "json":
+        return "".join(json.dumps(top_row_data(r, now)) + "\n" for r in rows)
+    table = [_TOP_COLUMNS]
+    for r in rows:
+        s = r.status
+        limits = {c.resource: c for c in s.changes}
+        cpu_limit = limits.get(RESOURCE_CPU)
+        used = "?" if r.cpu_cores is None else f"{r.cpu_cores:.2f}"
+        cpu = f"{used}/{format_value(RESOURCE_CPU, cpu_limit.read_back)}" if cpu_limit else used
+        ws = "?" if r.memory_working_set_bytes is None else format_memory(r.memory_working_set_bytes)
+        mem = f"{ws}/{format_memory(r.memory_limit_bytes)}" + (
+            f" ({_pct(r.memory_working_set_bytes / r.memory_limit_bytes)})"
+            if r.memory_working_set_bytes is not None and r.memory_limit_bytes else "")
+        expires = next((c.expires_at for c in s.changes if c.expires_at), None)
+        left = "-" if expires is None else f"{max(0, int((expires - now).total_seconds()))}s"
+        step = next((p.split(",")[0] for p in s.message.split("; ") if p.startswith("step ")), "-")
+        table.append((s.namespace, s.pod, s.container, cpu, _pct(r.cpu_throttled_share), mem,
+                      "?" if r.oom_kills is None else str(r.oom_kills),
+                      _direction(r.ingress_bps, r.ingress_drops, r.ingress_backlog_bytes, "bandwidth-ingress" in limits),
+                      _direction(r.egress_bps, r.egress_drops, r.egress_backlog_bytes, "bandwidth-egress" in limits),
+                      left, step))
+    widths = [max(len(row[i]) for row in table) for i in range(len(_TOP_COLUMNS))]
+    out = "".join("   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in table)
+    notes = [f"  {r.status.namespace}/{r.status.pod}/{r.status.container}: not read: {'; '.join(r.errors)}"
+             for r in rows if r.errors]
+    return out + "".join(n + "\n" for n in notes)
 
 
 def _dump(data: dict, fmt: str) -> str:

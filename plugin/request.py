@@ -36,7 +36,7 @@ _LABEL_NAME = re.compile(_DNS_LABEL, re.ASCII)
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[-A-Za-z0-9]*[A-Za-z0-9])?)*\.?",
                        re.ASCII)
 _POD_KINDS = ("pod", "pods", "po")
-_SUBCOMMANDS = ("status", "completion")
+_SUBCOMMANDS = ("status", "top", "completion")
 _ADDRESS_ACCEPTS = "use unix:///path/to/agent.sock or host:port"
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "Connection",
     "ExperimentStatus",
     "ProfileStep",
+    "TopRow",
     "ResetResult",
     "ResourceChange",
     "TargetResult",
@@ -72,6 +73,27 @@ UNIT_BY_RESOURCE: dict[str, str] = {
     RESOURCE_BANDWIDTH_INGRESS: "bps",
     RESOURCE_BANDWIDTH_EGRESS: "bps",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class TopRow:
+    """One experiment's measured effect over the last interval (``kubectl chaos top``); None = could not
+    be read (``errors`` says why). ``status`` has the limits (original, chaos, in force now)."""
+
+    status: ExperimentStatus
+    interval_s: float
+    cpu_cores: float | None = None
+    cpu_throttled_share: float | None = None
+    memory_working_set_bytes: int | None = None
+    memory_limit_bytes: int | None = None
+    oom_kills: int | None = None
+    ingress_bps: float | None = None
+    ingress_drops: int | None = None
+    ingress_backlog_bytes: int | None = None
+    egress_bps: float | None = None
+    egress_drops: int | None = None
+    egress_backlog_bytes: int | None = None
+    errors: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

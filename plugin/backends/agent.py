@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,6 +27,7 @@ from plugin.backends import (
     ResetResult,
     ResourceChange,
     TargetResult,
+    TopRow,
 )
 from plugin.errors import BackendError, UsageError, one_line
 
@@ -36,6 +37,9 @@ _TRANSPORT_FAILURES = ("failed to connect", "Connection refused", "No such file"
                        "Permission denied", "DNS resolution failed")
 # ... and what it says when the agent went away in the middle of a call.
 _CUT_OFF = ("Stream removed", "Broken pipe", "EOF")
+_TOP_FIGURES = ("cpu_cores", "cpu_throttled_share", "memory_working_set_bytes", "memory_limit_bytes", "oom_kills",
+                "ingress_bps", "ingress_drops", "ingress_backlog_bytes", "egress_bps", "egress_drops",
+                "egress_backlog_bytes")
 _TLS_ENV = ("KUBECTL_CHAOS_TLS_CA", "KUBECTL_CHAOS_TLS_CERT", "KUBECTL_CHAOS_TLS_KEY")
 
 
@@ -195,10 +199,42 @@ class AgentBackend:
             dry_run=resp.dry_run,
         )
 
+    def top(self, namespace: str | None, interval_s: float, count: int) -> Iterator[list[TopRow]]:
+        """The agent's Observe stream: one list of rows per interval (``count`` of them; 0 = forever)."""
+        grpc = self._grpc
+        request = self._pb.ObserveRequest(namespace=namespace or "", interval_s=interval_s, count=count)
+        stream = self._stub.Observe(request, timeout=None if count == 0 else self.timeout_s + interval_s * count)
+        try:
+            for resp in stream:
+                rows = []
+                for o in resp.rows:
+                    [status] = self._statuses([o.experiment])
+                    figures = {name: getattr(o, name) if o.HasField(name) else None for name in _TOP_FIGURES}
+                    rows.append(TopRow(status=status, interval_s=o.interval_s, errors=tuple(o.errors), **figures))
+                yield rows
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise BackendError(f"top failed: {one_line(err.details() or str(err.code()))}") from None
+        finally:
+            stream.cancel()
+
     def status(self, namespace: str | None) -> Sequence[ExperimentStatus]:
         resp = self._call(self._stub.List, self._pb.ListRequest(namespace=namespace or ""), "status")
+        out = self._statuses(resp.experiments)
+        for d in resp.damaged:
+            namespace, pod, container = (d.key.split("/", 2) if d.key else ["?", "?", "?"])
+            cleaned = f"; removed: {', '.join(d.cleaned)}" if d.cleaned else ""
+            out.append(ExperimentStatus(
+                namespace=namespace, pod=pod, container=container, state="damaged",
+                message=f"state record {d.file} is damaged ({d.reason}); what it held may still be in force;"
+                        f" --reset the container to clean up{cleaned}",
+            ))
+        return out
+
+    def _statuses(self, experiments: Any) -> list[ExperimentStatus]:
         out = []
-        for e in resp.experiments:
+        for e in experiments:
             expires = _when(e.expires_at_unix_s) if e.HasField("expires_at_unix_s") else None
             changes = tuple(
                 ResourceChange(
@@ -241,14 +277,6 @@ class AgentBackend:
                 namespace=t.namespace, pod=t.pod, container=t.container, changes=changes, node=t.node_name or None,
                 experiment_id=e.experiment_id, started_at=_when(e.started_at_unix_s),
                 state=e.phase or "active", message="; ".join(notes),
-            ))
-        for d in resp.damaged:
-            namespace, pod, container = (d.key.split("/", 2) if d.key else ["?", "?", "?"])
-            cleaned = f"; removed: {', '.join(d.cleaned)}" if d.cleaned else ""
-            out.append(ExperimentStatus(
-                namespace=namespace, pod=pod, container=container, state="damaged",
-                message=f"state record {d.file} is damaged ({d.reason}); what it held may still be in force;"
-                        f" --reset the container to clean up{cleaned}",
             ))
         return out
 

@@ -19,7 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def chaos(agent_address: str, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [args[0]] if args and args[0] == "status" else []  # a subcommand goes first
+    command = [args[0]] if args and args[0] in ("status", "top") else []  # a subcommand goes first
     rest = args[len(command):]
     return subprocess.run([sys.executable, "-m", "plugin.cli", *command, "--agent-address", agent_address, *rest],
                           cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -616,7 +616,7 @@ def complete(harness: Harness, words: str) -> list[str]:
 
 def test_completion_of_words(harness):
     assert complete(harness, "kubectl-chaos st") == ["status"]
-    assert complete(harness, "kubectl-chaos ") == ["status", "completion"]
+    assert complete(harness, "kubectl-chaos ") == ["status", "top", "completion"]
     assert set(complete(harness, "kubectl-chaos web --set-")) == {"--set-cpu", "--set-memory", "--set-bandwidth"}
     assert complete(harness, "kubectl-chaos web --direction ") == ["egress", "ingress", "both"]
     assert complete(harness, "kubectl-chaos status --all") == ["--all-namespaces"]
@@ -635,7 +635,7 @@ def kubectl_answer(words: list[str], command=None) -> list[str]:
 
 
 def test_kubectl_protocol_answers_candidates_then_a_directive():
-    assert kubectl_answer([]) == ["status\tlist active experiments", "completion\tprint a completion script", ":4"]
+    assert kubectl_answer([]) == ["status\tlist active experiments", "top\twatch what the experiments do", "completion\tprint a completion script", ":4"]
     assert kubectl_answer(["web", "--direction", "e"]) == ["egress", ":4"]
     assert kubectl_answer(["status", "--all"]) == [
         "--all-namespaces\tExperiments in every namespace.", ":4"

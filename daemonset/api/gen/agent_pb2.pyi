@@ -598,3 +598,161 @@ class ListResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListResponse: _TypeAlias = ListResponse  # noqa: Y015
+
+@_typing.final
+class ObserveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    INTERVAL_S_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Empty: every namespace."""
+    interval_s: _builtins.float
+    """Seconds between samples, 0.2 to 60 (default 2)."""
+    count: _builtins.int
+    """How many responses; 0 = until cancelled."""
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        interval_s: _builtins.float = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "interval_s", b"interval_s", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObserveRequest: _TypeAlias = ObserveRequest  # noqa: Y015
+
+@_typing.final
+class Observation(_message.Message):
+    """One experiment over the last interval. An absent figure could not be read: `errors` says why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    INTERVAL_S_FIELD_NUMBER: _builtins.int
+    CPU_CORES_FIELD_NUMBER: _builtins.int
+    CPU_THROTTLED_SHARE_FIELD_NUMBER: _builtins.int
+    MEMORY_WORKING_SET_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _builtins.int
+    OOM_KILLS_FIELD_NUMBER: _builtins.int
+    INGRESS_BPS_FIELD_NUMBER: _builtins.int
+    INGRESS_DROPS_FIELD_NUMBER: _builtins.int
+    INGRESS_BACKLOG_BYTES_FIELD_NUMBER: _builtins.int
+    EGRESS_BPS_FIELD_NUMBER: _builtins.int
+    EGRESS_DROPS_FIELD_NUMBER: _builtins.int
+    EGRESS_BACKLOG_BYTES_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    interval_s: _builtins.float
+    cpu_cores: _builtins.float
+    cpu_throttled_share: _builtins.float
+    """Of the CFS periods in the interval, the share that hit the quota."""
+    memory_working_set_bytes: _builtins.int
+    memory_limit_bytes: _builtins.int
+    oom_kills: _builtins.int
+    """OOM kills in the container's memory cgroup since the experiment started."""
+    ingress_bps: _builtins.float
+    ingress_drops: _builtins.int
+    ingress_backlog_bytes: _builtins.int
+    egress_bps: _builtins.float
+    egress_drops: _builtins.int
+    egress_backlog_bytes: _builtins.int
+    @_builtins.property
+    def experiment(self) -> Global___Experiment: ...
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        experiment: Global___Experiment | None = ...,
+        interval_s: _builtins.float = ...,
+        cpu_cores: _builtins.float | None = ...,
+        cpu_throttled_share: _builtins.float | None = ...,
+        memory_working_set_bytes: _builtins.int | None = ...,
+        memory_limit_bytes: _builtins.int | None = ...,
+        oom_kills: _builtins.int | None = ...,
+        ingress_bps: _builtins.float | None = ...,
+        ingress_drops: _builtins.int | None = ...,
+        ingress_backlog_bytes: _builtins.int | None = ...,
+        egress_bps: _builtins.float | None = ...,
+        egress_drops: _builtins.int | None = ...,
+        egress_backlog_bytes: _builtins.int | None = ...,
+        errors: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cpu_cores", b"_cpu_cores", "_cpu_throttled_share", b"_cpu_throttled_share", "_egress_backlog_bytes", b"_egress_backlog_bytes", "_egress_bps", b"_egress_bps", "_egress_drops", b"_egress_drops", "_ingress_backlog_bytes", b"_ingress_backlog_bytes", "_ingress_bps", b"_ingress_bps", "_ingress_drops", b"_ingress_drops", "_memory_limit_bytes", b"_memory_limit_bytes", "_memory_working_set_bytes", b"_memory_working_set_bytes", "_oom_kills", b"_oom_kills", "cpu_cores", b"cpu_cores", "cpu_throttled_share", b"cpu_throttled_share", "egress_backlog_bytes", b"egress_backlog_bytes", "egress_bps", b"egress_bps", "egress_drops", b"egress_drops", "experiment", b"experiment", "ingress_backlog_bytes", b"ingress_backlog_bytes", "ingress_bps", b"ingress_bps", "ingress_drops", b"ingress_drops", "memory_limit_bytes", b"memory_limit_bytes", "memory_working_set_bytes", b"memory_working_set_bytes", "oom_kills", b"oom_kills"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cpu_cores", b"_cpu_cores", "_cpu_throttled_share", b"_cpu_throttled_share", "_egress_backlog_bytes", b"_egress_backlog_bytes", "_egress_bps", b"_egress_bps", "_egress_drops", b"_egress_drops", "_ingress_backlog_bytes", b"_ingress_backlog_bytes", "_ingress_bps", b"_ingress_bps", "_ingress_drops", b"_ingress_drops", "_memory_limit_bytes", b"_memory_limit_bytes", "_memory_working_set_bytes", b"_memory_working_set_bytes", "_oom_kills", b"_oom_kills", "cpu_cores", b"cpu_cores", "cpu_throttled_share", b"cpu_throttled_share", "egress_backlog_bytes", b"egress_backlog_bytes", "egress_bps", b"egress_bps", "egress_drops", b"egress_drops", "errors", b"errors", "experiment", b"experiment", "ingress_backlog_bytes", b"ingress_backlog_bytes", "ingress_bps", b"ingress_bps", "ingress_drops", b"ingress_drops", "interval_s", b"interval_s", "memory_limit_bytes", b"memory_limit_bytes", "memory_working_set_bytes", b"memory_working_set_bytes", "oom_kills", b"oom_kills"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cpu_cores: _TypeAlias = _typing.Literal["cpu_cores"]  # noqa: Y015
+    _WhichOneofArgType__cpu_cores: _TypeAlias = _typing.Literal["_cpu_cores", b"_cpu_cores"]  # noqa: Y015
+    _WhichOneofReturnType__cpu_throttled_share: _TypeAlias = _typing.Literal["cpu_throttled_share"]  # noqa: Y015
+    _WhichOneofArgType__cpu_throttled_share: _TypeAlias = _typing.Literal["_cpu_throttled_share", b"_cpu_throttled_share"]  # noqa: Y015
+    _WhichOneofReturnType__egress_backlog_bytes: _TypeAlias = _typing.Literal["egress_backlog_bytes"]  # noqa: Y015
+    _WhichOneofArgType__egress_backlog_bytes: _TypeAlias = _typing.Literal["_egress_backlog_bytes", b"_egress_backlog_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__egress_bps: _TypeAlias = _typing.Literal["egress_bps"]  # noqa: Y015
+    _WhichOneofArgType__egress_bps: _TypeAlias = _typing.Literal["_egress_bps", b"_egress_bps"]  # noqa: Y015
+    _WhichOneofReturnType__egress_drops: _TypeAlias = _typing.Literal["egress_drops"]  # noqa: Y015
+    _WhichOneofArgType__egress_drops: _TypeAlias = _typing.Literal["_egress_drops", b"_egress_drops"]  # noqa: Y015
+    _WhichOneofReturnType__ingress_backlog_bytes: _TypeAlias = _typing.Literal["ingress_backlog_bytes"]  # noqa: Y015
+    _WhichOneofArgType__ingress_backlog_bytes: _TypeAlias = _typing.Literal["_ingress_backlog_bytes", b"_ingress_backlog_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__ingress_bps: _TypeAlias = _typing.Literal["ingress_bps"]  # noqa: Y015
+    _WhichOneofArgType__ingress_bps: _TypeAlias = _typing.Literal["_ingress_bps", b"_ingress_bps"]  # noqa: Y015
+    _WhichOneofReturnType__ingress_drops: _TypeAlias = _typing.Literal["ingress_drops"]  # noqa: Y015
+    _WhichOneofArgType__ingress_drops: _TypeAlias = _typing.Literal["_ingress_drops", b"_ingress_drops"]  # noqa: Y015
+    _WhichOneofReturnType__memory_limit_bytes: _TypeAlias = _typing.Literal["memory_limit_bytes"]  # noqa: Y015
+    _WhichOneofArgType__memory_limit_bytes: _TypeAlias = _typing.Literal["_memory_limit_bytes", b"_memory_limit_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__memory_working_set_bytes: _TypeAlias = _typing.Literal["memory_working_set_bytes"]  # noqa: Y015
+    _WhichOneofArgType__memory_working_set_bytes: _TypeAlias = _typing.Literal["_memory_working_set_bytes", b"_memory_working_set_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__oom_kills: _TypeAlias = _typing.Literal["oom_kills"]  # noqa: Y015
+    _WhichOneofArgType__oom_kills: _TypeAlias = _typing.Literal["_oom_kills", b"_oom_kills"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_cores) -> _WhichOneofReturnType__cpu_cores | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_throttled_share) -> _WhichOneofReturnType__cpu_throttled_share | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__egress_backlog_bytes) -> _WhichOneofReturnType__egress_backlog_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__egress_bps) -> _WhichOneofReturnType__egress_bps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__egress_drops) -> _WhichOneofReturnType__egress_drops | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ingress_backlog_bytes) -> _WhichOneofReturnType__ingress_backlog_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ingress_bps) -> _WhichOneofReturnType__ingress_bps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ingress_drops) -> _WhichOneofReturnType__ingress_drops | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_limit_bytes) -> _WhichOneofReturnType__memory_limit_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_working_set_bytes) -> _WhichOneofReturnType__memory_working_set_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__oom_kills) -> _WhichOneofReturnType__oom_kills | None: ...
+
+Global___Observation: _TypeAlias = Observation  # noqa: Y015
+
+@_typing.final
+class ObserveResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_UNIX_S_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    at_unix_s: _builtins.float
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___Observation]: ...
+    def __init__(
+        self,
+        *,
+        at_unix_s: _builtins.float = ...,
+        rows: _abc.Iterable[Global___Observation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_s", b"at_unix_s", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObserveResponse: _TypeAlias = ObserveResponse  # noqa: Y015

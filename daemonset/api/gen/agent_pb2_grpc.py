@@ -49,6 +49,11 @@ class AgentStub:
                 request_serializer=daemonset_dot_api_dot_agent__pb2.ListRequest.SerializeToString,
                 response_deserializer=daemonset_dot_api_dot_agent__pb2.ListResponse.FromString,
                 _registered_method=True)
+        self.Observe = channel.unary_stream(
+                '/kubectl_chaos.agent.v1.Agent/Observe',
+                request_serializer=daemonset_dot_api_dot_agent__pb2.ObserveRequest.SerializeToString,
+                response_deserializer=daemonset_dot_api_dot_agent__pb2.ObserveResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -76,6 +81,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Observe(self, request, context):
+        """What the experiments do, measured in the kernel: one response per interval (`count` of them,
+        0 = until the client goes away). For `kubectl chaos top`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +106,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=daemonset_dot_api_dot_agent__pb2.ListRequest.FromString,
                     response_serializer=daemonset_dot_api_dot_agent__pb2.ListResponse.SerializeToString,
+            ),
+            'Observe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Observe,
+                    request_deserializer=daemonset_dot_api_dot_agent__pb2.ObserveRequest.FromString,
+                    response_serializer=daemonset_dot_api_dot_agent__pb2.ObserveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +194,33 @@ class Agent:
             '/kubectl_chaos.agent.v1.Agent/List',
             daemonset_dot_api_dot_agent__pb2.ListRequest.SerializeToString,
             daemonset_dot_api_dot_agent__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Observe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kubectl_chaos.agent.v1.Agent/Observe',
+            daemonset_dot_api_dot_agent__pb2.ObserveRequest.SerializeToString,
+            daemonset_dot_api_dot_agent__pb2.ObserveResponse.FromString,
             options,
             channel_credentials,
             insecure,
