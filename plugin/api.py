@@ -611,6 +611,7 @@ class Experiment:
 
     def _revert(self, body_error: BaseException | None, held: _HeldSignals) -> ResetResult | None:
         assert self._backend is not None
+        retry = self._state == "revert-failed"
         try:
             before = self._status_or_none()
             done = None
@@ -643,7 +644,7 @@ class Experiment:
             print(left, file=sys.stderr)
             raise
         self._end(held, done)
-        if before is not None and not _live(before):
+        if before is not None and not _live(before) and not retry:
             warnings.warn(ExperimentEnded(
                 f"the experiment on {self._describe_target()} had ended before its block did (its duration "
                 f"ran out, someone reset it, or its pod went away): part of the block ran without the limits"),

@@ -661,3 +661,14 @@ def test_the_api_imports_neither_grpc_nor_kubernetes():
             "print(sorted(m for m in ('grpc', 'kubernetes') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr
+
+
+def test_a_retried_revert_that_finds_nothing_left_does_not_warn(cluster):
+    exp = experiment(cluster, cpu="200m").start()
+    cluster.fail_reset = ["the chaos-agent did not revert within 30s"]
+    with pytest.raises(RevertFailed):
+        exp.stop()
+    cluster.experiments.clear()  # the agent finished it later
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert exp.stop() is None and exp.state == "ended"
