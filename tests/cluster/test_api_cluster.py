@@ -5,6 +5,11 @@ process on the real test node; effects checked in the cgroup files, and that no 
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+import urllib.request
 import warnings
 
 import pytest
@@ -19,6 +24,7 @@ from tests.support.node import ContainerSpec
 pytest_plugins = ["pytester"]
 
 MiB = 2**20
+EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "pytest-kind"
 
 
 @pytest.fixture
@@ -165,3 +171,36 @@ def test_the_chaos_fixture_reverts_after_passing_failing_and_raising_tests(clust
     result.assert_outcomes(failed=1)  # the current context, "nobody", may not do anything
     result.stdout.fnmatch_lines(["*BackendError: not allowed*"])
     assert untouched(fakeapi, shop.values())
+
+
+def test_the_example_suite_passes_against_pods_on_the_test_node(cluster, pods):
+    """examples/pytest-kind as a user runs it, with the fake API server for kind: its own CGI
+    script in two busybox httpd pods on the test node, SLOW_URL instead of a port-forward, and the
+    connection options on the command line over its pytest.ini."""
+    fakeapi, agent, run = cluster
+    app = list(yaml.safe_load_all((EXAMPLE / "app.yaml").read_text()))
+    script = next(d for d in app if d["kind"] == "ConfigMap")["data"]["work"]
+    start = 'mkdir -p /www/cgi-bin && printf "%s" "$WORK" > /www/cgi-bin/work && chmod 755 /www/cgi-bin/work && ' \
+            "exec httpd -f -p 8080 -h /www"
+    spec = ContainerSpec("app", argv=("sh", "-c", start), cpu_millicpu=1000, memory_bytes=64 * MiB,
+                         env={"WORK": script})
+    slow = [pods.run(f"slow-{i}", "shop", [spec]) for i in range(2)]
+    for pod in slow:
+        mirror(fakeapi, pod, labels={"app": "slow"})
+    url = f"http://{slow[0].ip}:8080/cgi-bin/work"
+
+    def answers() -> bool:
+        try:
+            return urllib.request.urlopen(url, timeout=5).read() == b"done\n"
+        except OSError:
+            return False
+
+    wait_for(answers, timeout_s=15, what="the demo endpoint")
+    env = {**os.environ, "SLOW_URL": url}
+    env.pop("PYTEST_ADDOPTS", None)
+    res = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-s",
+                          f"--chaos-kubeconfig={run.kubeconfig}", "--chaos-context=alice", "--chaos-namespace=shop"],
+                         cwd=EXAMPLE, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "2 passed" in res.stdout and "ms at 200m" in res.stdout
+    assert all(quota_us(p) == 100_000 for p in slow) and chaos_objects(fakeapi) == []
