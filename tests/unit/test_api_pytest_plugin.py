@@ -1,8 +1,8 @@
 """The pytest plugin (plugin/pytest_plugin.py) as users get it: registered through the pytest11 entry
 point, run by pytest's own ``pytester`` (each run in a fresh process) on suites written here. Their
-conftest overrides the ``chaos_backend_opener`` fixture with the in-memory backend of test_api.py,
-which writes every call to a journal; the real agent and the fake API server:
-tests/node/test_api.py and tests/cluster/test_api_cluster.py.
+conftest overrides the ``chaos_backend_opener`` fixture with the in-memory backend of
+test_api_fake_backend.py, which writes every call to a journal; the real agent and the fake API
+server: tests/node/test_api.py and tests/cluster/test_api_cluster.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 sys.path.insert(0, {repo!r})
 
 import pytest
-from tests.unit.test_api import FakeCluster
+from tests.unit.test_api_fake_backend import FakeCluster
 
 JOURNAL = {journal!r}
 

@@ -543,7 +543,7 @@ PROGRAM = """
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
 from plugin.api import Experiment, build_request
-from tests.unit.test_api import FakeCluster
+from tests.unit.test_api_fake_backend import FakeCluster
 
 cluster = FakeCluster(journal=lambda line: print(line, flush=True))
 req, conn = build_request("web", cpu="200m", agent_address="/run/agent.sock", duration="10m")
