@@ -1,8 +1,9 @@
 """chaos-agent figures on a throwaway containerd node (root), all measured in one run:
 
 1. Apply latency through the agent, CPU via CRI and CPU via cgroup (p50, p99), beside a bare CRI
-   UpdateContainerResources call and a bare cgroup write. Goals: CRI path p50 within 1.3x of the
-   bare call; cgroup path p50 under 3 ms.
+   UpdateContainerResources call and a bare cgroup write. Goals: the CRI path's own share (its p50
+   minus the bare call's p50) at most 1.0 ms, about 1.2x at today's runtime speed; cgroup path p50
+   under 3 ms.
 2. kubectl-chaos end to end in node-local mode, process start to exit. Goal: p50 under 500 ms.
 3. 100 containers changed at once (100 concurrent Apply calls). Goal: all applied within 5 s.
 4. Agent memory (RSS) idle and with 100 active experiments. Goal: under 80 MiB.
@@ -213,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
 
     by = {r["name"]: r for r in lat}
     ratio = by["agent Apply, CPU via CRI"]["p50_ms"] / by["bare CRI UpdateContainerResources"]["p50_ms"]
+    own_ms = by["agent Apply, CPU via CRI"]["p50_ms"] - by["bare CRI UpdateContainerResources"]["p50_ms"]
     goals = [
-        ("CRI path p50 <= 1.3x bare CRI call", ratio <= 1.3, f"{ratio:.2f}x"),
+        # The agent's own share: its Apply (as a client sees it, gRPC included) minus the runtime's
+        # call, both p50 of the same interleaved run.
+        ("CRI path: the agent's own share p50 <= 1.0 ms", own_ms <= 1.0, f"{own_ms:.2f} ms ({ratio:.2f}x)"),
         ("cgroup path p50 < 3 ms", by["agent Apply, CPU via cgroup"]["p50_ms"] < 3.0,
          f"{by['agent Apply, CPU via cgroup']['p50_ms']:.2f} ms"),
         ("plugin end to end p50 < 500 ms", cli["p50_ms"] < 500, f"{cli['p50_ms']:.0f} ms"),
