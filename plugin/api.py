@@ -7,6 +7,7 @@
     with limit("web-0", namespace="shop", container="app", cpu="200m", bandwidth="2Mbps") as exp:
         run_the_load()                 # the limits are in force here, read back: exp.targets
         exp.in_force("cpu")            # what the kernel holds now (millicpu)
+        exp.effect("2s")               # the measured effect, as `kubectl chaos top` shows it
 
 The same requests as ``kubectl-chaos`` (values read with the CLI's own parsers, checked by the same
 code before anything is sent, carried out by the same backends): node-local with
@@ -54,6 +55,7 @@ from plugin.backends import (
     ResetResult,
     ResourceChange,
     TargetResult,
+    TopRow,
 )
 from plugin.errors import BackendError, UsageError, one_line
 from plugin.output import format_value
@@ -135,7 +137,7 @@ def _api_words(message: str) -> str:
 
 
 _EXAMPLES = {"cpu": '"200m" or "2"', "memory": '"256Mi"', "bandwidth": '"2Mbps"', "duration": '"5m"',
-             "timeout": '"30s"'}
+             "timeout": '"30s"', "interval": '"2s"'}
 
 
 def _is_int(value: object) -> bool:
@@ -494,6 +496,22 @@ class Experiment:
         self.current = self.status()
         return self.current
 
+    def effect(self, interval: str | datetime.timedelta = "2s") -> tuple[TopRow, ...]:
+        """The measured effect over the next ``interval``, one row per target, as ``kubectl chaos top``
+        shows it: CPU cores used and the share of CFS periods throttled, memory working set and OOM
+        kills since the start, per shaped direction throughput, drops and backlog (None = could not
+        be read; ``errors`` says why). Raises BackendError where the backend measures nothing."""
+        if self._state != "active" or self._backend is None:
+            raise UsageError(f"effect(): the experiment on {self._describe_target()} is {self._state}, not active")
+        seconds = parse_duration(_seconds_text("interval", interval), "interval")
+        top = getattr(self._backend, "top", None)
+        if top is None:
+            raise BackendError(f"the {self.connection.mode} backend of this build measures no effect figures "
+                               "(kubectl chaos top reads them from the agent: use agent_address=)")
+        for rows in top(self._req.namespace, seconds, 1):
+            return tuple(r for r in rows if self._is_mine(r.status))
+        return ()
+
     def read_back(self, resource: str, pod: str | None = None) -> int | None:
         """``resource``'s value read back at the last apply (None = unlimited)."""
         return _change(self.targets, resource, pod).read_back
@@ -679,11 +697,15 @@ class Experiment:
             return None
 
     def _mine(self, items: Sequence[ExperimentStatus]) -> tuple[ExperimentStatus, ...]:
-        ids = {t.experiment_id for t in self.targets if t.experiment_id}
-        keys = {_key(t) for t in self.targets}
+        return tuple(s for s in items if self._is_mine(s))
+
+    def _is_mine(self, s: ExperimentStatus) -> bool:
         # By experiment id where there is one (also a pod a selector matched later; not a newer
         # experiment of someone else on the same container), else by container.
-        return tuple(s for s in items if (s.experiment_id in ids if s.experiment_id and ids else _key(s) in keys))
+        ids = {t.experiment_id for t in self.targets if t.experiment_id}
+        if s.experiment_id and ids:
+            return s.experiment_id in ids
+        return _key(s) in {_key(t) for t in self.targets}
 
     def _left_text(self, still: Sequence[ExperimentStatus] | None) -> str:
         """What is still changed (from a fresh status, else from the last apply), until when, and how to end it."""

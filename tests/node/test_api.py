@@ -70,6 +70,15 @@ def test_the_block_holds_the_limits_and_its_end_puts_them_back(agent, web):  # n
                                                                                       "memory": 64 * MiB}
 
 
+def test_the_effect_is_measured_as_top_measures_it(agent, web):  # noqa: F811
+    with limit("web", cpu="200m", agent_address=agent.address) as exp:
+        (row,) = exp.effect("2s")
+        assert (row.status.pod, row.status.container) == ("web", "app") and abs(row.interval_s - 2) < 0.5
+        assert 0.1 < row.cpu_cores < 0.25, row  # one busy thread held at 200m
+        assert row.cpu_throttled_share > 0.5, row
+    assert untouched(agent, web)
+
+
 def test_bandwidth_is_shaped_when_the_block_starts(agent, pods):  # noqa: F811
     pod = pods.run("net", containers=[ContainerSpec("app", cpu_millicpu=500)])
     with limit("net", bandwidth="8Mbps", direction="ingress", agent_address=agent.address) as exp:

@@ -32,6 +32,7 @@ from plugin.backends import (
     ResetResult,
     ResourceChange,
     TargetResult,
+    TopRow,
 )
 from plugin.errors import UsageError
 from plugin.request import Flags, build_invocation
@@ -174,8 +175,18 @@ class FakeBackend:
                                  experiment_id=e.id, state=e.state)
                 for (ns, pod, ctr), e in self.c.experiments.items() if namespace in (None, ns)]
 
+    def top(self, namespace: str | None, interval_s: float, count: int):
+        self.c.log("top", (namespace, interval_s, count))
+        someone_else = ExperimentStatus("default", "db", "app", experiment_id="theirs")
+        yield [TopRow(status=s, interval_s=interval_s, cpu_cores=0.2, cpu_throttled_share=0.9)
+               for s in [*self.status(namespace), someone_else]]
+
     def close(self) -> None:
         self.c.closed += 1
+
+
+class BackendWithoutTop(FakeBackend):
+    top = None
 
 
 @pytest.fixture
@@ -371,6 +382,22 @@ def test_update_changes_on_top_and_the_end_restores_the_first_originals(cluster)
     assert cluster.limits["default", "web", "app"] == ORIGINAL
     with pytest.raises(UsageError, match="not active"):
         exp.update(cpu="1")
+
+
+def test_effect_is_what_the_backends_top_measures_for_this_experiment(cluster):
+    with experiment(cluster, cpu="200m") as exp:
+        (row,) = exp.effect("3s")
+        assert (row.status.pod, row.cpu_cores, row.cpu_throttled_share) == ("web", 0.2, 0.9)
+        assert ("top", ("default", 3.0, 1)) in cluster.calls
+        assert exp.effect(datetime.timedelta(seconds=1))[0].interval_s == 1
+        with pytest.raises(UsageError, match="^interval: 3 is not a string"):
+            exp.effect(3)
+    with pytest.raises(UsageError, match="not active"):
+        exp.effect()
+    req, conn = build_request("web", cpu="200m", kubeconfig="/kc")
+    with Experiment(req, conn, open_backend=lambda c: BackendWithoutTop(cluster, c)) as exp:
+        with pytest.raises(BackendError, match="the cluster backend of this build measures no effect figures"):
+            exp.effect()
 
 
 def test_namespace_comes_from_the_backend(cluster):
