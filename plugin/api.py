@@ -127,7 +127,7 @@ _KEYWORDS = {
     "--duration": "duration", "--method": "method", "--namespace": "namespace", "--container": "container",
     "-l/--selector": "selector", "--selector": "selector", "--agent-address": "agent_address",
     "--kubeconfig": "kubeconfig", "--context": "context", "--timeout": "timeout", "--reset": "reset()",
-    "--force": "force", "--dry-run": "dry_run", "POD": "pod",
+    "--force": "force", "--dry-run": "dry_run", "POD": "pod", "--over": "over", "--steps": "steps",
 }
 _CLI_NAME = re.compile(r"-l/--selector|--[a-z][a-z-]*|\bPOD\b")
 
@@ -157,8 +157,14 @@ def _text(name: str, value: object, parse: Callable[[str, str], object], *, ints
         if name == "cpu" and _is_int(value):
             accepts = f'an int is ambiguous: write "{value}m" for millicores or "{value}" for cores'
         raise UsageError(f"{name}: {value!r} is not a string; {accepts}")
-    parse(text, name)
+    # A range (a stepped profile, with over=): both ends are checked; the request builder checks the rest.
+    for part in text.split("..", 1) if ".." in text else (text,):
+        parse(part.strip(), name)
     return text
+
+
+def _bad_steps(value: object) -> str:
+    raise UsageError(f"steps: {value!r} is not a whole number; give 2 to 1000")
 
 
 def _seconds_text(name: str, value: object) -> str | None:
@@ -211,8 +217,13 @@ def build_request(
     kubeconfig: str | os.PathLike[str] | None = None,
     context: str | None = None,
     timeout: str | datetime.timedelta | None = None,
+    over: str | datetime.timedelta | None = None,
+    steps: int | None = None,
 ) -> tuple[ChaosRequest, Connection]:
     """The validated request and connection these arguments make; raises UsageError, sends nothing.
+
+    A range as a quantity (``cpu="1000m..100m"``) with ``over`` (and ``steps``, default 10) is a
+    stepped profile the agent runs (node-local mode, ``agent_address``).
 
     Quantities are strings in the CLI's units (``"200m"``, ``"256Mi"``, ``"2Mbps"``, ``"5m"``);
     ``memory`` also takes an int (bytes), ``bandwidth`` an int (bit/s), ``duration``/``timeout`` a
@@ -239,6 +250,8 @@ def build_request(
         reset=reset, dry_run=dry_run, force=force,
         agent_address=_name("agent_address", agent_address), kubeconfig=_path("kubeconfig", kubeconfig),
         context=_name("context", context), timeout=_seconds_text("timeout", timeout),
+        over=_seconds_text("over", over),
+        steps=None if steps is None else str(steps) if _is_int(steps) else _bad_steps(steps),
     )
     try:
         invocation = build_invocation(flags)
@@ -805,8 +818,12 @@ def limit(
     kubeconfig: str | os.PathLike[str] | None = None,
     context: str | None = None,
     timeout: str | datetime.timedelta | None = None,
+    over: str | datetime.timedelta | None = None,
+    steps: int | None = None,
 ) -> Experiment:
     """An experiment to use as ``with limit(...) as exp:`` (or ``exp = limit(...).start()`` ... ``exp.stop()``).
+
+    ``cpu="1000m..100m", over="5m", steps=10``: a stepped profile, run by the agent (node-local).
 
     Checked now (UsageError, nothing sent); applied when the block is entered; reverted when it is
     left. ``duration`` (default ``DEFAULT_DURATION_S``) is how long the agent keeps the change if
@@ -819,7 +836,7 @@ def limit(
         bandwidth=bandwidth, direction=direction,
         duration=duration if duration is not None else format_duration(DEFAULT_DURATION_S),
         method=method, force=force, agent_address=agent_address, kubeconfig=kubeconfig, context=context,
-        timeout=timeout)
+        timeout=timeout, over=over, steps=steps)
     return Experiment(req, conn)
 
 

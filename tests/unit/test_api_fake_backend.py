@@ -699,3 +699,16 @@ def test_a_retried_revert_that_finds_nothing_left_does_not_warn(cluster):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert exp.stop() is None and exp.state == "ended"
+
+
+def test_a_range_with_over_is_a_stepped_profile_in_the_apis_words():
+    from plugin.api import build_request
+
+    req, _ = build_request("web", cpu="1000m..100m", over="5m", steps=4, agent_address="unix:///a.sock")
+    assert req.cpu_millicpu == 1000 and [(s.offset_s, s.cpu_millicpu) for s in req.steps] == [
+        (100.0, 700), (200.0, 400), (300.0, 100)]
+    with pytest.raises(UsageError, match="a range needs over") as err:
+        build_request("web", cpu="1000m..100m", agent_address="unix:///a.sock")
+    assert "--" not in str(err.value)
+    with pytest.raises(UsageError, match="steps: 'x' is not a whole number"):
+        build_request("web", cpu="1000m..100m", over="5m", steps="x", agent_address="unix:///a.sock")
