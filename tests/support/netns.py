@@ -1,25 +1,41 @@
-"""Throwaway network namespaces for kernel tests and the bandwidth benchmark.
+"""Throwaway network namespaces for kernel tests and the bandwidth benchmarks.
 
 A ``VethPair`` is a "host" namespace and a "pod" namespace joined by a veth, with addresses, and
 a sleeping process inside the pod namespace (so ``find_host_veth`` has a pid to start from).
+With ``remote=True`` a third namespace hangs off the host by another veth and the host routes
+between them: traffic from there to the pod is forwarded, as traffic from another node is.
 Names carry a random suffix so parallel test runs never collide; everything is removed on exit,
 also when the test fails. The real host's interfaces are never touched.
+
+Traffic tools: ``iperf3_flow`` / ``iperf3_goodput_bps`` (bulk TCP, goodput from the receiver's
+TCP byte count), ``udp_echo_server`` + ``udp_echo_rtts`` (a ping without iputils-ping: small UDP
+probes echoed back, RTT per probe), ``tcp_window_rates`` (bytes the receiving application got
+per short window). The in-namespace halves run as ``python -m tests.support.netns ...``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import re
 import secrets
+import select
+import socket
+import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 HOST_ADDR = "10.213.0.1"
 POD_ADDR = "10.213.0.2"
+# The remote namespace's link to the host (only with veth_pair(remote=True)).
+REMOTE_GW_ADDR = "10.213.1.1"
+REMOTE_ADDR = "10.213.1.2"
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(*argv: str, check: bool = True, timeout_s: float = 30) -> subprocess.CompletedProcess:
@@ -33,6 +49,7 @@ class VethPair:
     host_ifname: str
     pod_ifname: str
     pod_pid: int
+    remote_ns: str | None = None
 
     @property
     def host_ns_path(self) -> str:
@@ -65,29 +82,45 @@ class VethPair:
 
 
 @contextlib.contextmanager
-def veth_pair(prefix: str = "kt") -> Iterator[VethPair]:
-    """A host/pod namespace pair joined by a veth, cleaned up on exit."""
+def veth_pair(prefix: str = "kt", *, remote: bool = False) -> Iterator[VethPair]:
+    """A host/pod namespace pair joined by a veth, cleaned up on exit.
+
+    ``remote=True`` adds a third namespace (``remote_ns``, address ``REMOTE_ADDR``) joined to the
+    host by a second veth, with the host forwarding between the two links.
+    """
     suffix = secrets.token_hex(3)
     host_ns, pod_ns = f"{prefix}h-{suffix}", f"{prefix}p-{suffix}"
+    remote_ns = f"{prefix}r-{suffix}" if remote else None
     host_if = f"v{prefix}{suffix}"
     sleeper = None
     try:
         run("ip", "netns", "add", host_ns)
         run("ip", "netns", "add", pod_ns)
         run("ip", "-n", host_ns, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", pod_ns)
-        for ns, dev, addr in ((host_ns, host_if, HOST_ADDR), (pod_ns, "eth0", POD_ADDR)):
+        links = [(host_ns, host_if, HOST_ADDR), (pod_ns, "eth0", POD_ADDR)]
+        if remote_ns is not None:
+            run("ip", "netns", "add", remote_ns)
+            run("ip", "-n", host_ns, "link", "add", f"r{prefix}{suffix}", "type", "veth",
+                "peer", "name", "eth0", "netns", remote_ns)  # fmt: skip
+            links += [(host_ns, f"r{prefix}{suffix}", REMOTE_GW_ADDR), (remote_ns, "eth0", REMOTE_ADDR)]
+        for ns, dev, addr in links:
             run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             run("ip", "-n", ns, "link", "set", dev, "up")
             run("ip", "-n", ns, "link", "set", "lo", "up")
+        if remote_ns is not None:
+            run("ip", "netns", "exec", host_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            run("ip", "-n", pod_ns, "route", "add", "default", "via", HOST_ADDR)
+            run("ip", "-n", remote_ns, "route", "add", "default", "via", REMOTE_GW_ADDR)
         sleeper = subprocess.Popen(["ip", "netns", "exec", pod_ns, "sleep", "3600"])
         _wait_in_netns(sleeper.pid, pod_ns)
-        yield VethPair(host_ns, pod_ns, host_if, "eth0", sleeper.pid)
+        yield VethPair(host_ns, pod_ns, host_if, "eth0", sleeper.pid, remote_ns)
     finally:
         if sleeper is not None:
             sleeper.kill()
             sleeper.wait()
-        for ns in (host_ns, pod_ns):
-            run("ip", "netns", "del", ns, check=False)
+        for ns in (host_ns, pod_ns, remote_ns):
+            if ns is not None:
+                run("ip", "netns", "del", ns, check=False)
 
 
 def _wait_in_netns(pid: int, ns: str, timeout_s: float = 5.0) -> None:
@@ -106,6 +139,72 @@ def ns_argv(ns: str | None, argv: list[str]) -> list[str]:
     return argv if ns is None else ["ip", "netns", "exec", ns, *argv]
 
 
+class Flow:
+    """A running iperf3 transfer; ``received()`` reads the receiver's TCP byte count."""
+
+    def __init__(self, server_prefix: list[str], port: int):
+        self.server_prefix = server_prefix
+        self.port = port
+
+    def received(self) -> tuple[float, int]:
+        """(monotonic time, bytes received so far) of the data connection, per the kernel."""
+        return _received(self.server_prefix, self.port)
+
+
+@contextlib.contextmanager
+def iperf3_flow(
+    *,
+    server_ns: str | None,
+    client_ns: str | None,
+    server_addr: str,
+    seconds: float,
+    port: int | None = None,
+    congestion: str | None = None,
+    server_argv_prefix: list[str] | None = None,
+    client_argv_prefix: list[str] | None = None,
+) -> Iterator[Flow]:
+    """One bulk TCP transfer from an iperf3 client to its server, running for ``seconds``.
+
+    Yields once data flows. ``congestion`` picks the sender's TCP congestion control (iperf3
+    ``-C``; None = the namespace's default). ``*_argv_prefix`` run the commands another way
+    (e.g. nsenter into a container's namespace). On exit both processes are ended.
+    """
+    port = port or 20000 + secrets.randbelow(20000)
+    server_prefix = server_argv_prefix or ns_argv(server_ns, [])
+    client_prefix = client_argv_prefix or ns_argv(client_ns, [])
+    server = subprocess.Popen(
+        server_prefix + ["iperf3", "-s", "-1", "-B", server_addr, "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = None
+    try:
+        argv = client_prefix + ["iperf3", "-c", server_addr, "-p", str(port), "-t", str(int(seconds + 0.999)), "-J"]
+        if congestion is not None:
+            argv += ["-C", congestion]
+        deadline = time.monotonic() + 5
+        while True:
+            client = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            first = _wait_for_bytes(server_prefix, port, client, timeout_s=5)
+            if first is not None or time.monotonic() > deadline:
+                break
+            client.wait()  # refused: the server was not listening yet
+            time.sleep(0.1)
+        if first is None:
+            out = client.communicate(timeout=seconds + 30)[0]
+            raise RuntimeError(f"iperf3 transfer to {server_addr}:{port} did not start: {out[-500:]}")
+        yield Flow(server_prefix, port)
+        if client.poll() is not None and client.returncode != 0:
+            result = json.loads(client.communicate()[0] or "{}")
+            raise RuntimeError(f"iperf3 client failed: {result.get('error', client.returncode)}")
+    finally:
+        for proc in (client, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+            if proc is not None:
+                proc.communicate()
+
+
 def iperf3_goodput_bps(
     *,
     server_ns: str | None,
@@ -114,6 +213,7 @@ def iperf3_goodput_bps(
     duration_s: float = 3.0,
     omit_s: float = 1.0,
     port: int | None = None,
+    congestion: str | None = None,
     server_argv_prefix: list[str] | None = None,
     client_argv_prefix: list[str] | None = None,
 ) -> float:
@@ -126,44 +226,21 @@ def iperf3_goodput_bps(
     counts the time the test-end message waits in the shaped queue behind the data.
     ``*_argv_prefix`` run the commands another way (e.g. nsenter into a container's namespace).
     """
-    port = port or 20000 + secrets.randbelow(20000)
-    server_prefix = server_argv_prefix or ns_argv(server_ns, [])
-    client_prefix = client_argv_prefix or ns_argv(client_ns, [])
-    server = subprocess.Popen(
-        server_prefix + ["iperf3", "-s", "-1", "-B", server_addr, "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = None
-    try:
-        total_s = omit_s + duration_s + 1
-        argv = client_prefix + ["iperf3", "-c", server_addr, "-p", str(port), "-t", str(int(total_s + 0.999)), "-J"]
-        deadline = time.monotonic() + 5
-        while True:
-            client = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            first = _wait_for_bytes(server_prefix, port, client, timeout_s=5)
-            if first is not None or time.monotonic() > deadline:
-                break
-            client.wait()  # refused: the server was not listening yet
-            time.sleep(0.1)
-        if first is None:
-            out = client.communicate(timeout=total_s + 30)[0]
-            raise RuntimeError(f"iperf3 transfer to {server_addr}:{port} did not start: {out[-500:]}")
+    with iperf3_flow(
+        server_ns=server_ns,
+        client_ns=client_ns,
+        server_addr=server_addr,
+        seconds=omit_s + duration_s + 1,
+        port=port,
+        congestion=congestion,
+        server_argv_prefix=server_argv_prefix,
+        client_argv_prefix=client_argv_prefix,
+    ) as flow:
         time.sleep(omit_s)
-        t0, bytes0 = _received(server_prefix, port)
+        t0, bytes0 = flow.received()
         time.sleep(duration_s)
-        t1, bytes1 = _received(server_prefix, port)
-        out = client.communicate(timeout=total_s + 30)[0]
-        result = json.loads(out or "{}")
-        if "error" in result:
-            raise RuntimeError(f"iperf3 client failed: {result['error']}")
-        return (bytes1 - bytes0) * 8 / (t1 - t0)
-    finally:
-        for proc in (client, server):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-            if proc is not None:
-                proc.communicate()
+        t1, bytes1 = flow.received()
+    return (bytes1 - bytes0) * 8 / (t1 - t0)
 
 
 def _received(prefix: list[str], port: int) -> tuple[float, int]:
@@ -183,3 +260,208 @@ def _wait_for_bytes(prefix: list[str], port: int, client: subprocess.Popen, time
             return count
         time.sleep(0.05)
     return None
+
+
+# --- a ping without iputils-ping: UDP probes echoed back ------------------------------------------
+
+PROBE_BYTES = 56  # ping's default payload; the frame is 98 bytes, as an ICMP echo's
+
+
+@dataclass(frozen=True)
+class EchoStats:
+    """Round-trip times of the probes that came back, in send order, and how many were sent."""
+
+    sent: int
+    rtts_s: tuple[float, ...]
+
+    @property
+    def lost(self) -> int:
+        return self.sent - len(self.rtts_s)
+
+    def percentile_s(self, pct: float) -> float:
+        """The ``pct``-th percentile RTT (nearest rank); lost probes count as infinitely late."""
+        if not self.sent:
+            raise ValueError("no probe was sent")
+        ordered = sorted(self.rtts_s) + [float("inf")] * self.lost
+        rank = max(1, -(-len(ordered) * pct // 100))  # ceil, at least the first
+        return ordered[int(rank) - 1]
+
+
+@contextlib.contextmanager
+def udp_echo_server(ns: str | None, addr: str, port: int | None = None) -> Iterator[int]:
+    """A UDP echo server in ``ns`` bound to ``addr``; yields its port once it listens."""
+    port = port or 20000 + secrets.randbelow(20000)
+    proc = subprocess.Popen(
+        ns_argv(ns, [sys.executable, "-m", "tests.support.netns", "echo-server", addr, str(port)]),
+        cwd=_REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"UDP echo server on {addr}:{port} in {ns} did not start")
+        yield port
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def udp_echo_rtts(
+    ns: str | None, addr: str, port: int, *, duration_s: float, interval_s: float = 0.05, grace_s: float = 3.0
+) -> EchoStats:
+    """Send a probe every ``interval_s`` for ``duration_s`` from ``ns`` to the echo server, wait up
+    to ``grace_s`` for the last replies, and return the RTTs. Blocks for about duration + grace."""
+    argv = [sys.executable, "-m", "tests.support.netns", "echo-client", addr, str(port),
+            str(duration_s), str(interval_s), str(grace_s)]  # fmt: skip
+    out = subprocess.run(
+        ns_argv(ns, argv), cwd=_REPO_ROOT, check=True, capture_output=True, text=True,
+        timeout=duration_s + grace_s + 30,
+    ).stdout  # fmt: skip
+    result = json.loads(out)
+    return EchoStats(sent=result["sent"], rtts_s=tuple(result["rtts_s"]))
+
+
+def _echo_server(addr: str, port: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((addr, port))
+    print("ready", flush=True)
+    while True:
+        data, peer = sock.recvfrom(2048)
+        sock.sendto(data, peer)
+
+
+def _echo_client(addr: str, port: int, duration_s: float, interval_s: float, grace_s: float) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect((addr, port))
+    sent_at: list[float] = []
+    rtts: dict[int, float] = {}
+    start = time.monotonic()
+    end_of_sending = start + duration_s
+    deadline = end_of_sending + grace_s
+    next_send = start
+    while True:
+        now = time.monotonic()
+        if now >= next_send and now < end_of_sending:
+            seq = len(sent_at)
+            sent_at.append(time.monotonic())
+            with contextlib.suppress(OSError):  # ENOBUFS/ECONNREFUSED: the probe counts as lost
+                sock.send(struct.pack("=I", seq).ljust(PROBE_BYTES, b"\0"))
+            next_send = start + len(sent_at) * interval_s
+        if now >= deadline or (now >= end_of_sending and len(rtts) == len(sent_at)):
+            break
+        wait = (next_send if now < end_of_sending else deadline) - time.monotonic()
+        ready, _, _ = select.select([sock], [], [], max(wait, 0))
+        if ready:
+            with contextlib.suppress(OSError):
+                data = sock.recv(2048)
+                got = time.monotonic()
+                seq = struct.unpack_from("=I", data)[0]
+                if seq < len(sent_at) and seq not in rtts:
+                    rtts[seq] = got - sent_at[seq]
+    print(json.dumps({"sent": len(sent_at), "rtts_s": [rtts[i] for i in sorted(rtts)]}))
+
+
+# --- what the receiving application gets per window ------------------------------------------------
+
+
+def tcp_window_rates(
+    *,
+    server_ns: str | None,
+    client_ns: str | None,
+    server_addr: str,
+    duration_s: float,
+    omit_s: float = 1.0,
+    window_s: float = 0.1,
+    congestion: str | None = None,
+) -> list[float]:
+    """Bulk TCP from ``client_ns`` to a sink in ``server_ns``: the rate in bit/s the receiving
+    application read in each ``window_s`` window of ``duration_s``, after ``omit_s``."""
+    port = 20000 + secrets.randbelow(20000)
+    sink = subprocess.Popen(
+        ns_argv(server_ns, [sys.executable, "-m", "tests.support.netns", "sink", server_addr, str(port),
+                            str(omit_s + duration_s), str(window_s)]),
+        cwd=_REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    source = None
+    try:
+        if sink.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"TCP sink on {server_addr}:{port} did not start: {sink.stderr.read()[-500:]}")
+        source = subprocess.Popen(
+            ns_argv(client_ns, [sys.executable, "-m", "tests.support.netns", "source", server_addr, str(port),
+                                congestion or ""]),
+            cwd=_REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        out, err = sink.communicate(timeout=omit_s + duration_s + 30)
+        if sink.returncode != 0:
+            raise RuntimeError(f"TCP sink failed: {err[-500:]}")
+        per_window = json.loads(out)
+    finally:
+        for proc in (source, sink):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+            if proc is not None:
+                proc.communicate()
+    skip = round(omit_s / window_s)
+    return [count * 8 / window_s for count in per_window[skip:]]
+
+
+def _sink(addr: str, port: int, total_s: float, window_s: float) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((addr, port))
+    listener.listen(1)
+    print("ready", flush=True)
+    conn, _ = listener.accept()
+    first = conn.recv(65536)
+    start = time.monotonic()  # windows count from the first data
+    windows = [0] * round(total_s / window_s)
+    windows[0] += len(first)
+    while True:
+        elapsed = time.monotonic() - start
+        if elapsed >= total_s:
+            break
+        ready, _, _ = select.select([conn], [], [], total_s - elapsed)
+        if not ready:
+            break
+        data = conn.recv(65536)
+        if not data:
+            break
+        index = int((time.monotonic() - start) / window_s)
+        if index < len(windows):
+            windows[index] += len(data)
+    print(json.dumps(windows))
+
+
+def _source(addr: str, port: int, congestion: str) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if congestion:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+    sock.connect((addr, port))
+    block = b"\0" * 65536
+    with contextlib.suppress(OSError):
+        while True:
+            sock.sendall(block)
+
+
+def _main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.support.netns", description="in-namespace traffic tools")
+    sub = parser.add_subparsers(dest="tool", required=True)
+    sub.add_parser("echo-server").add_argument("args", nargs=2)
+    sub.add_parser("echo-client").add_argument("args", nargs=5)
+    sub.add_parser("sink").add_argument("args", nargs=4)
+    sub.add_parser("source").add_argument("args", nargs=3)
+    ns = parser.parse_args(argv)
+    a = ns.args
+    if ns.tool == "echo-server":
+        _echo_server(a[0], int(a[1]))
+    elif ns.tool == "echo-client":
+        _echo_client(a[0], int(a[1]), float(a[2]), float(a[3]), float(a[4]))
+    elif ns.tool == "sink":
+        _sink(a[0], int(a[1]), float(a[2]), float(a[3]))
+    else:
+        _source(a[0], int(a[1]), a[2])
+
+
+if __name__ == "__main__":
+    _main()
