@@ -14,20 +14,28 @@ from netshape.errors import (
     Unrestorable,
 )
 from netshape.plan import (
+    DEFAULT_LATENCY_S,
+    MAX_LATENCY_S,
     MAX_RATE_BPS,
+    MIN_LATENCY_S,
     MIN_RATE_BPS,
+    QueueInfo,
     Rates,
     default_burst_bytes,
     ifb_name,
     kernel_bps,
     plan_rates,
+    queue_limit_bytes,
 )
-from netshape.shaper import check, read_rates, shape, sweep_orphans, unshape
+from netshape.shaper import check, read_queue, read_rates, shape, sweep_orphans, unshape
 from netshape.snapshot import SavedQdisc, Snapshot
 from netshape.veth import HostVeth, find_host_veth
 
 __all__ = [
+    "DEFAULT_LATENCY_S",
+    "MAX_LATENCY_S",
     "MAX_RATE_BPS",
+    "MIN_LATENCY_S",
     "MIN_RATE_BPS",
     "DeviceMissing",
     "HostNetwork",
@@ -36,6 +44,7 @@ __all__ = [
     "NetlinkFailed",
     "NotVeth",
     "OutOfRange",
+    "QueueInfo",
     "Rates",
     "SavedQdisc",
     "ShapeError",
@@ -47,6 +56,8 @@ __all__ = [
     "ifb_name",
     "kernel_bps",
     "plan_rates",
+    "queue_limit_bytes",
+    "read_queue",
     "read_rates",
     "shape",
     "sweep_orphans",

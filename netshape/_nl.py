@@ -12,11 +12,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
-from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, nlmsg
+from pyroute2.netlink import (
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+    nlmsg,
+)
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (
     RTM_DELQDISC,
     RTM_DELTFILTER,
+    RTM_GETQDISC,
     RTM_NEWQDISC,
     RTM_NEWTCLASS,
 )
@@ -36,7 +45,7 @@ REPLACE = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
 CHANGE = NLM_F_REQUEST | NLM_F_ACK
 NLMSG_HEADER_BYTES = 16
 TCMSG_HEADER_BYTES = 20
-TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_KIND, TCA_OPTIONS, TCA_DUMP_INVISIBLE = 1, 2, 10
 
 
 class _rawtcmsg(nlmsg):
@@ -51,7 +60,11 @@ class _rawtcmsg(nlmsg):
         ("parent", "I"),
         ("info", "I"),
     )
-    nla_map = ((TCA_KIND, "TCA_KIND", "asciiz"), (TCA_OPTIONS, "TCA_OPTIONS", "cdata"))
+    nla_map = (
+        (TCA_KIND, "TCA_KIND", "asciiz"),
+        (TCA_OPTIONS, "TCA_OPTIONS", "cdata"),
+        (TCA_DUMP_INVISIBLE, "TCA_DUMP_INVISIBLE", "flag"),
+    )
 
 
 @dataclass(frozen=True)
@@ -142,12 +155,18 @@ class Session:
 
     # --- tc dumps ----------------------------------------------------------------------------
 
-    def qdiscs(self, index: int) -> list[TcObject]:
-        return [
-            self._tc_object("qdisc", m)
-            for m in self._call("dumping qdiscs", self.ipr.get_qdiscs, index)
-            if m["index"] == index
-        ]
+    def qdiscs(self, index: int, *, invisible: bool = False) -> list[TcObject]:
+        """The device's qdiscs; ``invisible`` also the defaults the kernel made itself (the pfifo
+        under an HTB class that was given no qdisc, the bfifo inside a TBF), as `tc ... invisible`."""
+        if invisible:
+            msg = _rawtcmsg()
+            msg["family"] = socket.AF_UNSPEC
+            msg["index"] = index
+            msg["attrs"] = [["TCA_DUMP_INVISIBLE", True]]
+            msgs = self._call("dumping qdiscs", self.ipr.nlm_request, msg, RTM_GETQDISC, NLM_F_REQUEST | NLM_F_DUMP)
+        else:
+            msgs = self._call("dumping qdiscs", self.ipr.get_qdiscs, index)
+        return [self._tc_object("qdisc", m) for m in msgs if m["index"] == index]
 
     def classes(self, index: int) -> list[TcObject]:
         return [self._tc_object("class", m) for m in self._call("dumping classes", self.ipr.get_classes, index)]

@@ -1,16 +1,19 @@
 """Shape, re-shape, check and unshape a pod's host-side veth.
 
 Traffic into the pod: our qdisc at the root of the host veth. Traffic out of the pod: a u32
-match-all filter on the veth's ingress hook redirects to our IFB, shaped at its root. Everything
-we create is recognisable without stored state: qdisc handle major ``OUR_MAJOR``, the IFB's name
-from ``ifb_name(target_key)``, the filter by where it redirects to.
+match-all filter on the veth's ingress hook redirects to our IFB, shaped at its root. Each
+direction's queue is bounded by a latency budget: TBF's own limit, or under the HTB class a
+splitter TBF (handle ``OUR_LEAF_HANDLE``) that bounds the queue and splits GSO packets. Everything
+we create is recognisable without stored state: qdisc handle major ``OUR_MAJOR`` at the root (the
+leaf goes with it), the IFB's name from ``ifb_name(target_key)``, the filter by where it
+redirects to.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from netshape import _nl
 from netshape.errors import DeviceMissing, ShapeError
@@ -19,14 +22,19 @@ from netshape.plan import (
     IFNAMSIZ_MAX,
     OUR_CLASS_ID,
     OUR_FILTER_PREF,
+    OUR_LEAF_HANDLE,
     OUR_ROOT_HANDLE,
     DirectionPlan,
+    QueueInfo,
     Rates,
+    fifo_limit,
     htb_class_options,
     htb_class_rate_bytes,
     htb_qdisc_options,
     ifb_name,
     plan_rates,
+    splitter_options,
+    tbf_limit_bytes,
     tbf_options,
     tbf_rate_bytes,
 )
@@ -36,6 +44,9 @@ log = logging.getLogger(__name__)
 
 INGRESS_HANDLE = 0xFFFF0000
 IFB_TXQLEN = 1000
+
+# Makes (ingress, egress) plans for the veth's MTU.
+Planner = Callable[[int], "tuple[DirectionPlan | None, DirectionPlan | None]"]
 
 
 def shape(
@@ -47,23 +58,45 @@ def shape(
     qdisc: str = "htb",
     burst_bytes: int | None = None,
     snapshot: Snapshot | None = None,
+    latency_s: float | None = None,
     netns: str | None = None,
 ) -> Snapshot:
     """Limit traffic into the pod (``ingress_bps``) and/or out of it (``egress_bps``).
 
-    A direction left None is left as it is. Where our limit is already in place its rate is
-    changed in place. Pass the snapshot an earlier call returned as ``snapshot``: it is kept
-    (the state before the first call is what ``unshape`` must restore) and extended by any
-    direction this call takes over; the returned snapshot is the one to persist.
+    A direction left None is left as it is. Where our limit is already in place its rate and
+    queue are changed in place. Pass the snapshot an earlier call returned as ``snapshot``: it is
+    kept (the state before the first call is what ``unshape`` must restore) and extended by any
+    direction this call takes over; the returned snapshot is the one to persist. ``latency_s``
+    bounds each shaped direction's queue to that much time at its rate (None = 50 ms; accepted
+    1 ms to 10 s; never fewer than four full frames); ``read_queue`` reads the limits back.
     """
+    return _shape(
+        host_ifname,
+        target_key,
+        lambda mtu: plan_rates(
+            ingress_bps=ingress_bps,
+            egress_bps=egress_bps,
+            qdisc=qdisc,
+            burst_bytes=burst_bytes,
+            mtu_bytes=mtu,
+            latency_s=latency_s,
+        ),
+        snapshot=snapshot,
+        netns=netns,
+    )
+
+
+def _shape(
+    host_ifname: str, target_key: str, planner: Planner, *, snapshot: Snapshot | None, netns: str | None
+) -> Snapshot:
+    """``shape`` with the plans made by ``planner(veth MTU)``; the latency benchmark passes
+    ``plan_rates(..., legacy=True)`` here for its baseline."""
     ingress_plan, egress_plan = None, None
     with _nl.session(netns) as s:
         veth = s.link(host_ifname)
         if veth is None:
             raise DeviceMissing(f"host device {host_ifname} does not exist in {s.where}")
-        ingress_plan, egress_plan = plan_rates(
-            ingress_bps=ingress_bps, egress_bps=egress_bps, qdisc=qdisc, burst_bytes=burst_bytes, mtu_bytes=veth.mtu
-        )
+        ingress_plan, egress_plan = planner(veth.mtu)
         before = _applicable(snapshot, host_ifname, target_key)
         snap = before
         root_was_ours = False
@@ -124,6 +157,27 @@ def read_rates(host_ifname: str, target_key: str, *, netns: str | None = None) -
         return Rates(
             ingress_bps=_our_rate_bps(s, veth.index),
             egress_bps=_our_rate_bps(s, ifb.index) if ifb is not None else None,
+        )
+
+
+def read_queue(host_ifname: str, target_key: str, *, netns: str | None = None) -> QueueInfo:
+    """The queue limits of our shaping as the kernel holds them (None = no qdisc of ours there).
+
+    Ingress: the veth's root; egress: our IFB's. A TBF root's own limit, or the queue under our
+    HTB class (our splitter, or the kernel's default pfifo, counted in packets).
+    """
+    with _nl.session(netns) as s:
+        veth = s.link(host_ifname)
+        if veth is None:
+            raise DeviceMissing(f"host device {host_ifname} does not exist in {s.where}")
+        ifb = s.link(ifb_name(target_key))
+        ingress_bytes, ingress_packets = _our_queue(s, veth.index)
+        egress_bytes, egress_packets = _our_queue(s, ifb.index) if ifb is not None else (None, None)
+        return QueueInfo(
+            ingress_limit_bytes=ingress_bytes,
+            egress_limit_bytes=egress_bytes,
+            ingress_limit_packets=ingress_packets,
+            egress_limit_packets=egress_packets,
         )
 
 
@@ -222,10 +276,12 @@ def _send_rate(s: _nl.Session, dev: _nl.Link, plan: DirectionPlan, op: int, doin
 
 
 def _install(s: _nl.Session, dev: _nl.Link, plan: DirectionPlan, current_root: TcObject | None) -> None:
-    """Put our qdisc at the root of ``dev``, or change its rate in place when it is ours already."""
+    """Put our qdisc at the root of ``dev``, or change its rate and queue in place when it is ours already."""
     ours = current_root is not None and current_root.handle == OUR_ROOT_HANDLE
     if ours and current_root.kind == plan.kind:
         _send_rate(s, dev, plan, _nl.CHANGE, "changing")
+        if plan.kind == "htb":
+            _send_leaf(s, dev, plan)
         return
     if ours:
         # Another kind of ours: the kernel cannot change a qdisc's kind in place.
@@ -235,10 +291,28 @@ def _install(s: _nl.Session, dev: _nl.Link, plan: DirectionPlan, current_root: T
         s.send_qdisc(f"adding htb at the root of {dev.ifname}", _nl.REPLACE, index=dev.index,
                      handle=OUR_ROOT_HANDLE, parent=TC_H_ROOT, kind="htb",
                      options=htb_qdisc_options(OUR_CLASS_ID & 0xFFFF))
-        # Its leaf gets the kernel's default for HTB leaves, a pfifo of txqueuelen packets.
         _send_rate(s, dev, plan, _nl.CREATE, "adding")
+        _send_leaf(s, dev, plan)
     else:
         _send_rate(s, dev, plan, _nl.REPLACE, "adding")
+
+
+def _send_leaf(s: _nl.Session, dev: _nl.Link, plan: DirectionPlan) -> None:
+    """Give our HTB class its bounded queue: the splitter TBF, added or changed in place.
+
+    Without it the class gets the kernel's default, a pfifo of txqueuelen (1000) packets, and
+    replacing that default is what this does to a class shaped before queues were sized.
+    """
+    if plan.limit_bytes is None:
+        return  # the legacy plan: the kernel's default leaf
+    leaf = next((q for q in s.qdiscs(dev.index) if q.parent == OUR_CLASS_ID and q.handle == OUR_LEAF_HANDLE), None)
+    if leaf is not None and leaf.kind != "tbf":
+        s.delete_qdisc(f"deleting our {leaf.kind} under the htb class on {dev.ifname}", index=dev.index,
+                       parent=OUR_CLASS_ID, handle=OUR_LEAF_HANDLE)  # fmt: skip
+    # tc qdisc replace dev DEV parent 6b63:1 handle 6b64: tbf rate 500Tbit burst S peakrate 1Pbit mtu S limit L
+    s.send_qdisc(f"{'changing' if leaf is not None else 'adding'} the queue of the htb class on {dev.ifname}",
+                 _nl.REPLACE, index=dev.index, handle=OUR_LEAF_HANDLE, parent=OUR_CLASS_ID, kind="tbf",
+                 options=splitter_options(plan))  # fmt: skip
 
 
 def _root_objects(s: _nl.Session, index: int) -> list[TcObject]:
@@ -338,6 +412,9 @@ def _unshape(
         current = _root(s.qdiscs(veth.index))
         if current is not None and current.handle == OUR_ROOT_HANDLE:
             saved = snapshot.root_before
+            if saved is not None and saved.handle == OUR_LEAF_HANDLE:
+                # Theirs had the handle of our leaf, which must go before theirs can come back.
+                s.delete_qdisc(f"deleting our qdisc at the root of {veth.ifname}", index=veth.index, parent=TC_H_ROOT)
             if saved is None:
                 s.delete_qdisc(f"deleting our qdisc at the root of {veth.ifname}", index=veth.index, parent=TC_H_ROOT)
             else:
@@ -403,3 +480,23 @@ def _our_rate_bps(s: _nl.Session, index: int) -> int | None:
     else:
         rate = None
     return None if rate is None else rate * 8
+
+
+def _our_queue(s: _nl.Session, index: int) -> tuple[int | None, int | None]:
+    """(limit in bytes, limit in packets) of the queue of our qdisc on the device."""
+    qdiscs = s.qdiscs(index, invisible=True)
+    root = _root(qdiscs)
+    if root is None or root.handle != OUR_ROOT_HANDLE:
+        return None, None
+    if root.kind == "tbf":
+        return tbf_limit_bytes(root.options), None
+    leaf = next((q for q in qdiscs if q.parent == OUR_CLASS_ID), None)
+    if leaf is None:
+        return None, None
+    if leaf.kind == "tbf":
+        return tbf_limit_bytes(leaf.options), None
+    if leaf.kind == "bfifo":
+        return fifo_limit(leaf.options), None
+    if leaf.kind in ("pfifo", "pfifo_head_drop"):
+        return None, fifo_limit(leaf.options)
+    return None, None

@@ -4,14 +4,26 @@ veth. Asserts what tc shows, what the kernel reports back, and real TCP throughp
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import threading
+import time
 
 import pytest
 
 import netshape
-from netshape import _nl
-from netshape.plan import OUR_ROOT_HANDLE
-from tests.support.netns import HOST_ADDR, POD_ADDR, iperf3_goodput_bps, veth_pair
+from netshape import _nl, shaper
+from netshape.plan import OUR_ROOT_HANDLE, plan_rates
+from tests.support.netns import (
+    HOST_ADDR,
+    POD_ADDR,
+    REMOTE_ADDR,
+    iperf3_flow,
+    iperf3_goodput_bps,
+    udp_echo_rtts,
+    udp_echo_server,
+    veth_pair,
+)
 from tests.support.require import require_binary, require_root
 
 KEY = "default/web-0/app"
@@ -91,17 +103,20 @@ def test_shape_both_ways_dumps_rates_and_traffic(pair):
     qdiscs = pair.tc("qdisc", "show", "dev", pair.host_ifname)
     assert "qdisc htb 6b63: root" in qdiscs and "default 0x1" in qdiscs
     assert "qdisc ingress ffff:" in qdiscs
-    assert "class htb 6b63:1 root prio 0 rate 10Mbit ceil 10Mbit burst 64Kb cburst 64Kb" in pair.tc(
+    assert "class htb 6b63:1 root leaf 6b64: prio 0 rate 10Mbit ceil 10Mbit burst 12500b cburst 12500b" in pair.tc(
         "class", "show", "dev", pair.host_ifname
     )
     filters = pair.tc("filter", "show", "dev", pair.host_ifname, "ingress")
     assert "filter parent ffff: protocol all pref 1 u32" in filters
     assert "match 00000000/00000000 at 0" in filters
     assert f"mirred (Egress Redirect to device {ifb}) stolen" in filters
-    assert "rate 20Mbit ceil 20Mbit burst 64Kb" in pair.tc("class", "show", "dev", ifb)
-    # The leaves are the kernel's HTB default, a pfifo (this kernel has no fq_codel).
+    assert "rate 20Mbit ceil 20Mbit burst 25000b" in pair.tc("class", "show", "dev", ifb)
+    # Each class has our splitter as its queue, not the kernel's default 1000-packet pfifo.
     for dev in (pair.host_ifname, ifb):
-        assert "qdisc pfifo 0: parent 6b63:1 limit 1000p" in pair.tc("qdisc", "show", "dev", dev, "invisible")
+        qdiscs = pair.tc("qdisc", "show", "dev", dev, "invisible")
+        assert "qdisc tbf 6b64: parent 6b63:1 rate 500Tbit" in qdiscs
+        assert "pfifo" not in qdiscs
+    assert netshape.read_queue(pair.host_ifname, KEY, netns=pair.host_ns) == netshape.QueueInfo(62_500, 125_000)
     assert ifb in pair.host_links()
     assert snap.root_taken and snap.root_before is None
     assert snap.ingress_taken and snap.ingress_qdisc_created
@@ -142,6 +157,8 @@ def test_change_rate_in_place_keeps_snapshot(pair):
     again = _shape(pair, ingress_bps=30_000_000, egress_bps=40_000_000, snapshot=first)
     assert again == first
     assert netshape.check(pair.host_ifname, KEY, netns=pair.host_ns) == netshape.Rates(30_000_000, 40_000_000)
+    # The queues follow the rates: 50 ms of each.
+    assert netshape.read_queue(pair.host_ifname, KEY, netns=pair.host_ns) == netshape.QueueInfo(187_500, 250_000)
     # Same qdiscs, same IFB (same ifindex), one redirect filter: changed, not rebuilt.
     assert pair.ip_host("-o", "link", "show", netshape.ifb_name(KEY)).stdout.split(":")[0] == ifb_index
     assert pair.tc("filter", "show", "dev", pair.host_ifname, "ingress").count("mirred") == 1
@@ -150,6 +167,7 @@ def test_change_rate_in_place_keeps_snapshot(pair):
     assert third == first
     assert "qdisc tbf 6b63: root" in pair.tc("qdisc", "show", "dev", pair.host_ifname)
     assert netshape.read_rates(pair.host_ifname, KEY, netns=pair.host_ns) == netshape.Rates(20_000_000, 40_000_000)
+    assert netshape.read_queue(pair.host_ifname, KEY, netns=pair.host_ns) == netshape.QueueInfo(125_000, 250_000)
     _unshape(pair, third)
     assert pair.dumps() == before
     assert "rate 50Mbit burst 64Kb lat 25ms" in before
@@ -331,3 +349,129 @@ def test_sweep_orphans_deletes_only_our_unused_ifbs(pair):
     netshape.unshape(pair.host_ifname, "busy/pod", netshape.Snapshot(pair.host_ifname, "busy/pod"), netns=pair.host_ns)
     _unshape(pair, in_use)
     assert sorted([*links_before, "ifb0"]) == pair.host_links()
+
+
+# --- the queue: bounded by a latency budget --------------------------------------------------------
+
+
+def _leaf_stats(vp, dev):
+    """(dropped, overlimits) of our splitter under the HTB class of ``dev``."""
+    out = vp.tc("-s", "qdisc", "show", "dev", dev, "parent", "6b63:1")
+    dropped, overlimits = re.search(r"dropped (\d+), overlimits (\d+)", out).groups()
+    return int(dropped), int(overlimits)
+
+
+def test_queue_limits_read_back_resized_in_place_and_removed(pair):
+    before = pair.dumps()
+    ifb = netshape.ifb_name(KEY)
+    snap = _shape(pair, ingress_bps=2_000_000, egress_bps=2_000_000)
+    # 50 ms of 2 Mbit/s, in bytes, as the kernel holds it.
+    assert netshape.read_queue(pair.host_ifname, KEY, netns=pair.host_ns) == netshape.QueueInfo(12_500, 12_500)
+    for dev in (pair.host_ifname, ifb):
+        assert "qdisc bfifo 0: parent 6b64:1 limit 12500b" in pair.tc("qdisc", "show", "dev", dev, "invisible")
+
+    # A new budget and rate in place: same qdiscs, resized; the class keeps its leaf.
+    again = _shape(pair, ingress_bps=8_000_000, egress_bps=400_000, latency_s=0.2, snapshot=snap)
+    assert again == snap
+    assert netshape.read_queue(pair.host_ifname, KEY, netns=pair.host_ns) == netshape.QueueInfo(200_000, 10_000)
+    assert pair.tc("qdisc", "show", "dev", pair.host_ifname).count("qdisc tbf 6b64:") == 1
+    # Below about 1 Mbit/s the budget is less than four frames: four frames it is.
+    _shape(pair, egress_bps=200_000, snapshot=snap)
+    assert netshape.read_queue(pair.host_ifname, KEY, netns=pair.host_ns).egress_limit_bytes == 4 * 1514
+
+    # TBF at the root holds the queue itself.
+    _shape(pair, ingress_bps=10_000_000, qdisc="tbf", latency_s=0.025, snapshot=snap)
+    assert "qdisc tbf 6b63: root" in pair.tc("qdisc", "show", "dev", pair.host_ifname)
+    assert netshape.read_queue(pair.host_ifname, KEY, netns=pair.host_ns).ingress_limit_bytes == 31_250
+    assert netshape.read_rates(pair.host_ifname, KEY, netns=pair.host_ns) == netshape.Rates(10_000_000, 200_000)
+
+    _unshape(pair, snap)
+    assert pair.dumps() == before
+    assert netshape.read_queue(pair.host_ifname, KEY, netns=pair.host_ns) == netshape.QueueInfo()
+
+
+def test_class_shaped_before_queues_were_sized_gets_its_queue(pair):
+    # What an agent before the bounded queue left: HTB classes on the kernel's 1000-packet pfifo.
+    legacy = lambda mtu: plan_rates(ingress_bps=2_000_000, egress_bps=2_000_000, mtu_bytes=mtu, legacy=True)  # noqa: E731
+    snap = shaper._shape(pair.host_ifname, KEY, legacy, snapshot=None, netns=pair.host_ns)
+    assert "qdisc pfifo 0: parent 6b63:1 limit 1000p" in pair.tc("qdisc", "show", "dev", pair.host_ifname, "invisible")
+    assert netshape.read_queue(pair.host_ifname, KEY, netns=pair.host_ns) == netshape.QueueInfo(
+        ingress_limit_packets=1000, egress_limit_packets=1000
+    )
+    # Shaping it again in place puts the bounded queue under the same classes.
+    _shape(pair, ingress_bps=2_000_000, egress_bps=2_000_000, snapshot=snap)
+    assert netshape.read_queue(pair.host_ifname, KEY, netns=pair.host_ns) == netshape.QueueInfo(12_500, 12_500)
+    assert "pfifo" not in pair.tc("qdisc", "show", "dev", pair.host_ifname, "invisible")
+    _unshape(pair, snap)
+
+
+def test_bad_latency_changes_nothing(pair):
+    before = pair.dumps()
+    with pytest.raises(netshape.OutOfRange, match=r"latency 20 s is out of range; accepted: 0.001 s \(1 ms\) to 10 s"):
+        _shape(pair, ingress_bps=10_000_000, egress_bps=10_000_000, latency_s=20)
+    assert pair.dumps() == before
+    assert not any(name.startswith("kcx") for name in pair.host_links())
+
+
+def test_restores_a_root_qdisc_with_the_handle_of_our_leaf(pair):
+    dev = pair.host_ifname
+    pair.tc("qdisc", "add", "dev", dev, "root", "handle", "6b64:", "tbf", "rate", "50mbit", "burst", "64kb", "latency", "25ms")
+    before = pair.dumps()
+    snap = _shape(pair, ingress_bps=10_000_000)
+    assert "qdisc tbf 6b64: parent 6b63:1" in pair.tc("qdisc", "show", "dev", dev)
+    _unshape(pair, snap)
+    assert pair.dumps() == before
+
+
+@pytest.fixture
+def routed():
+    """Host, pod and a remote namespace routed through the host: traffic into the pod is
+    forwarded, as from another node (no TCP small-queue back-pressure on the shaped queue)."""
+    require_root()
+    require_binary("tc")
+    require_binary("ip")
+    require_binary("iperf3")
+    with veth_pair("kr", remote=True) as vp:
+        yield vp
+
+
+@pytest.mark.parametrize("direction", ["ingress", "egress"])
+def test_rtt_under_a_saturating_flow_at_2_mbit_stays_within_the_budget(routed, direction):
+    # Before the bounded queue: p50 4.2 s into the pod, 0.7 s out of it (cubic; bbr 1.2-1.4 s).
+    rate = 2_000_000
+    snap = netshape.shape(routed.host_ifname, KEY, ingress_bps=rate, egress_bps=rate, netns=routed.host_ns)
+    queue = netshape.read_queue(routed.host_ifname, KEY, netns=routed.host_ns)
+    budget_s = getattr(queue, f"{direction}_limit_bytes") * 8 / rate
+    assert budget_s == pytest.approx(0.050)
+    frame_s = 1514 * 8 / rate
+    if direction == "ingress":
+        ends = dict(server_ns=routed.pod_ns, client_ns=routed.remote_ns, server_addr=POD_ADDR)
+    else:
+        ends = dict(server_ns=routed.remote_ns, client_ns=routed.pod_ns, server_addr=REMOTE_ADDR)
+    try:
+        with udp_echo_server(routed.pod_ns, POD_ADDR) as port:
+            idle = udp_echo_rtts(routed.remote_ns, POD_ADDR, port, duration_s=1.0, interval_s=0.05, grace_s=1.0)
+            # cubic fills any queue it is given (this machine's default, bbr, is gentler).
+            with iperf3_flow(seconds=13, congestion="cubic", **ends) as flow:
+                time.sleep(3)  # past slow start: the queue is full
+                t0, bytes0 = flow.received()
+                loaded = {}
+                prober = threading.Thread(target=lambda: loaded.update(
+                    stats=udp_echo_rtts(routed.remote_ns, POD_ADDR, port, duration_s=5.0, interval_s=0.05, grace_s=2.0)
+                ))  # fmt: skip
+                prober.start()
+                time.sleep(5)
+                t1, bytes1 = flow.received()
+                prober.join()
+        stats = loaded["stats"]
+        assert stats.lost <= stats.sent // 20, f"{stats.lost} of {stats.sent} probes lost"
+        p99 = sorted(stats.rtts_s)[int(len(stats.rtts_s) * 0.99) - 1]
+        bound = budget_s + frame_s + max(idle.rtts_s)
+        assert p99 <= bound, f"RTT p99 {p99 * 1000:.1f} ms under load > {bound * 1000:.1f} ms"
+        goodput = (bytes1 - bytes0) * 8 / (t1 - t0)
+        assert TOLERANCE[0] <= goodput / rate <= TOLERANCE[1], f"goodput {goodput / 1e6:.2f} Mbit/s"
+        # The splitter never held a packet back: HTB alone paces (no "non-work-conserving").
+        dev = routed.host_ifname if direction == "ingress" else netshape.ifb_name(KEY)
+        assert _leaf_stats(routed, dev)[1] == 0
+    finally:
+        netshape.unshape(routed.host_ifname, KEY, snap, netns=routed.host_ns)
