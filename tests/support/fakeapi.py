@@ -29,8 +29,15 @@ Fault injection, for clients' error paths: ``fail_writes`` answers writes with a
 does; ``expire_watches`` compacts the history and ends every open watch in the middle of its
 stream with the ``410 Gone`` ERROR event a real server sends after etcd compaction.
 
-What it leaves out: client certificates, admission beyond the CRD schema, CEL rules, server-side apply, JSON
-patch, pagination (``limit`` is ignored, which the API contract allows), graceful pod deletion
+Server-side apply (``application/apply-patch+yaml``) for custom resources: ``managedFields`` per
+manager, operation and subresource (Update operations take the fields whose value they change),
+list-maps merged by their keys, conflicts (409 naming each field and manager) unless ``force``,
+fields a manager stops applying removed unless another owns them. Size limits: a request body over
+3 MiB is a 413, a stored object over 1.5 MiB (etcd's default request limit) a 500 "etcdserver:
+request is too large", as a real server answers.
+
+What it leaves out: client certificates, admission beyond the CRD schema, CEL rules, server-side apply
+of built-in types, managed fields of built-in types, JSON patch, pagination (``limit`` is ignored, which the API contract allows), graceful pod deletion
 (pods go at once, as with ``gracePeriodSeconds=0``).
 """
 
@@ -359,6 +366,187 @@ def schema_errors(schema: dict, obj: dict) -> list[tuple[str, str]]:
 
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+# --------------------------------------------------------------------------------------------
+# Server-side apply and managed fields (pure), for custom resources
+#
+# A field set is a set of paths; a path is a tuple of fieldsV1 elements: "f:name" for a field of a
+# map, 'k:{"pod":"web-1"}' for the item of a list-map (x-kubernetes-list-type: map) with that key,
+# "." for the item itself. A scalar, an atomic list (any other list) or an unknown value is a leaf.
+
+MAX_OBJECT_BYTES = 1_572_864  # etcd's default --max-request-bytes; custom resources are stored as JSON
+MAX_REQUEST_BYTES = 3_145_728  # the API server's limit on a request body
+_MISSING = object()
+
+Path = tuple[str, ...]
+
+
+def _item_key(item: Any, keys: list[str]) -> str:
+    key = {k: item.get(k) for k in keys} if isinstance(item, dict) else {}
+    return "k:" + json.dumps(key, separators=(",", ":"))
+
+
+def _sub_schema(schema: dict | None, field: str) -> dict:
+    schema = schema or {}
+    props = schema.get("properties") or {}
+    if field in props:
+        return props[field]
+    extra = schema.get("additionalProperties")
+    return extra if isinstance(extra, dict) else {}
+
+
+def field_paths(value: Any, schema: dict | None, prefix: Path = ()) -> set[Path]:
+    """Every path ``value`` sets, as the API server's structured-merge-diff counts them."""
+    schema = schema or {}
+    if isinstance(value, dict) and value and ("properties" in schema or "additionalProperties" in schema
+                                              or schema.get("type") == "object" or not schema):
+        out: set[Path] = set()
+        for key, item in value.items():
+            out |= field_paths(item, _sub_schema(schema, key), prefix + (f"f:{key}",))
+        return out
+    if isinstance(value, list) and schema.get("x-kubernetes-list-type") == "map":
+        keys = schema.get("x-kubernetes-list-map-keys") or []
+        out = set()
+        for item in value:
+            element = prefix + (_item_key(item, keys),)
+            out.add(element + (".",))
+            if isinstance(item, dict):
+                for key, sub in item.items():
+                    out |= field_paths(sub, _sub_schema(schema.get("items"), key), element + (f"f:{key}",))
+        return out
+    return {prefix} if prefix else set()
+
+
+def value_at(obj: Any, path: Path) -> Any:
+    for element in path:
+        if element == ".":
+            return obj
+        if element.startswith("f:"):
+            if not isinstance(obj, dict) or element[2:] not in obj:
+                return _MISSING
+            obj = obj[element[2:]]
+        else:  # k:{...}
+            key = json.loads(element[2:])
+            if not isinstance(obj, list):
+                return _MISSING
+            obj = next((i for i in obj if isinstance(i, dict) and all(i.get(k) == v for k, v in key.items())),
+                       _MISSING)
+            if obj is _MISSING:
+                return _MISSING
+    return obj
+
+
+def remove_path(obj: Any, path: Path) -> None:
+    """Delete the field (or list item, for a path ending in ".") at ``path`` from ``obj``."""
+    if path and path[-1] == ".":
+        parent, element = value_at(obj, path[:-2]), path[-2]
+        if isinstance(parent, list):
+            key = json.loads(element[2:])
+            parent[:] = [i for i in parent if not (isinstance(i, dict) and all(i.get(k) == v for k, v in key.items()))]
+        return
+    parent = value_at(obj, path[:-1])
+    if isinstance(parent, dict) and path and path[-1].startswith("f:"):
+        parent.pop(path[-1][2:], None)
+
+
+def merge_applied(current: Any, applied: Any, schema: dict | None) -> Any:
+    """The applied configuration merged into ``current``: maps by key, list-maps by item key, the rest replaced."""
+    schema = schema or {}
+    if isinstance(applied, dict) and isinstance(current, dict):
+        out = copy.deepcopy(current)
+        for key, value in applied.items():
+            out[key] = merge_applied(current.get(key, _MISSING), value, _sub_schema(schema, key))
+        return out
+    if isinstance(applied, list) and isinstance(current, list) and schema.get("x-kubernetes-list-type") == "map":
+        keys = schema.get("x-kubernetes-list-map-keys") or []
+        out_list = copy.deepcopy(current)
+        index = {_item_key(i, keys): n for n, i in enumerate(out_list)}
+        for item in applied:
+            k = _item_key(item, keys)
+            if k in index:
+                out_list[index[k]] = merge_applied(out_list[index[k]], item, schema.get("items"))
+            else:
+                index[k] = len(out_list)
+                out_list.append(copy.deepcopy(item))
+        return out_list
+    return copy.deepcopy(applied)
+
+
+def fields_v1(paths: set[Path]) -> dict:
+    tree: dict = {}
+    for path in sorted(paths):
+        node = tree
+        for element in path:
+            node = node.setdefault(element, {})
+    return tree
+
+
+def paths_of(tree: dict, prefix: Path = ()) -> set[Path]:
+    out: set[Path] = set()
+    for element, sub in (tree or {}).items():
+        if sub:
+            out |= paths_of(sub, prefix + (element,))
+        else:
+            out.add(prefix + (element,))
+    return out
+
+
+def show_path(path: Path) -> str:
+    """A path as the API server prints it in a conflict: .status.targets[pod="web-1"].phase"""
+    out = ""
+    for element in path:
+        if element.startswith("f:"):
+            out += "." + element[2:]
+        elif element.startswith("k:"):
+            out += "[" + ",".join(f"{k}={json.dumps(v)}" for k, v in json.loads(element[2:]).items()) + "]"
+    return out or "."
+
+
+DIRECT_MANAGER = "fakeapi-test"  # the manager of writes a test makes straight on the store
+
+
+def _part(obj: dict, subresource: str | None) -> dict:
+    """What a write to ``subresource`` sets: the status, or everything but the status and the
+    system-owned metadata."""
+    if subresource == "status":
+        return {"status": obj["status"]} if "status" in obj else {}
+    out = {k: v for k, v in obj.items() if k not in ("status", "metadata", "apiVersion", "kind")}
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items()
+            if k in ("labels", "annotations", "finalizers", "ownerReferences")}
+    if meta:
+        out["metadata"] = meta
+    return out
+
+
+def _managers(obj: dict | None) -> dict[tuple[str, str, str], set[Path]]:
+    return {(e["manager"], e["operation"], e.get("subresource", "")): paths_of(e.get("fieldsV1") or {})
+            for e in ((obj or {}).get("metadata") or {}).get("managedFields") or []}
+
+
+def _managed_fields(managers: dict[tuple[str, str, str], set[Path]], current: dict | None,
+                    rtype: ResourceType) -> list[dict]:
+    before = _managers(current)
+    times = {(e["manager"], e["operation"], e.get("subresource", "")): e.get("time")
+             for e in ((current or {}).get("metadata") or {}).get("managedFields") or []}
+    out = []
+    for key in sorted(managers):
+        paths = managers[key]
+        if not paths:
+            continue
+        manager, operation, subresource = key
+        entry = {"manager": manager, "operation": operation, "apiVersion": rtype.group_version,
+                 "time": times.get(key) if before.get(key) == paths and times.get(key) else _now(),
+                 "fieldsType": "FieldsV1", "fieldsV1": fields_v1(paths)}
+        if subresource:
+            entry["subresource"] = subresource
+        out.append(entry)
+    return out
+
+
+def _check_size(obj: dict) -> None:
+    if len(json.dumps(obj, separators=(",", ":"))) > MAX_OBJECT_BYTES:
+        raise ApiError(500, "InternalError", "etcdserver: request is too large")
 
 
 # --------------------------------------------------------------------------------------------
@@ -700,7 +888,8 @@ class FakeKubeAPI:
             raise ApiError(400, "BadRequest", str(e)) from None
 
     def create(self, obj: dict, namespace: str | None = None, *, field_validation: str = "",
-               warnings: list[str] | None = None, dry_run: bool = False, keep_uid: bool = False) -> dict:
+               warnings: list[str] | None = None, dry_run: bool = False, keep_uid: bool = False,
+               manager: str = DIRECT_MANAGER) -> dict:
         """Create ``obj``. ``keep_uid`` (tests seeding pods that mirror real ones) keeps its uid."""
         rtype = self._type_of(obj)
         obj = copy.deepcopy(obj)
@@ -740,6 +929,9 @@ class FakeKubeAPI:
             meta.pop("deletionTimestamp", None)
             if rtype.custom:
                 meta["generation"] = 1
+                meta.pop("managedFields", None)
+                self._track_update(rtype, None, obj, None, manager)
+            _check_size(obj)
             if dry_run:
                 return copy.deepcopy(obj)
             meta["resourceVersion"] = str(self._next_rv())
@@ -778,7 +970,10 @@ class FakeKubeAPI:
 
     def update(self, rtype: ResourceType, namespace: str | None, name: str, obj: dict,
                subresource: str | None = None, *, require_rv: bool = True, field_validation: str = "",
-               warnings: list[str] | None = None, dry_run: bool = False) -> dict:
+               warnings: list[str] | None = None, dry_run: bool = False, manager: str = DIRECT_MANAGER,
+               managed: bool = False) -> dict:
+        """Replace the object (or its status). ``manager`` owns the fields it changes (operation
+        Update); ``managed``: ``obj`` carries the managed fields already (a server-side apply)."""
         with self._lock:
             key = (rtype.group_resource, namespace or "", name)
             current = self._objects.get(key)
@@ -804,6 +999,17 @@ class FakeKubeAPI:
                     new["status"] = copy.deepcopy(obj["status"])
                 else:
                     new.pop("status", None)
+            elif subresource == "resize" and rtype.plural == "pods":
+                # In-place resize (KEP-1287): only the containers' resources change; the kubelet acts on it.
+                new = copy.deepcopy(current)
+                asked = {c.get("name"): c for c in (obj.get("spec") or {}).get("containers") or []}
+                for container in new["spec"].get("containers") or []:
+                    if container.get("name") in asked:
+                        resources = asked[container["name"]].get("resources")
+                        if resources:
+                            container["resources"] = copy.deepcopy(resources)
+                        else:
+                            container.pop("resources", None)
             elif subresource is not None:
                 raise ApiError(404, "NotFound", f"the server could not find the requested resource ({subresource})")
             else:
@@ -828,8 +1034,15 @@ class FakeKubeAPI:
                         raise ApiError(422, "Invalid", f'{rtype.group_resource} "{name}" is being deleted: '
                                        f"no new finalizers can be added: {sorted(added)}")
             new = self._admit(rtype, new, field_validation, warnings)
+            if rtype.custom:
+                if managed:
+                    new["metadata"]["managedFields"] = copy.deepcopy(obj["metadata"].get("managedFields") or [])
+                else:
+                    new["metadata"]["managedFields"] = copy.deepcopy(current["metadata"].get("managedFields") or [])
+                    self._track_update(rtype, current, new, subresource, manager)
             if new == current or dry_run:
                 return copy.deepcopy(new)
+            _check_size(new)
             if rtype.custom and {k: v for k, v in new.items() if k not in ("metadata", "status")} != \
                     {k: v for k, v in current.items() if k not in ("metadata", "status")}:
                 new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
@@ -841,8 +1054,10 @@ class FakeKubeAPI:
             return copy.deepcopy(new)
 
     def patch(self, rtype: ResourceType, namespace: str | None, name: str, patch: Any, content_type: str,
-              subresource: str | None = None, **kwargs) -> dict:
+              subresource: str | None = None, *, force: bool = False, **kwargs) -> dict:
         kind = content_type.split(";")[0].strip()
+        if kind == "application/apply-patch+yaml":
+            return self.apply(rtype, namespace, name, patch, subresource, force=force, **kwargs)
         if kind == "application/strategic-merge-patch+json" and rtype.custom:
             raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
                            "accepted media types include: application/json-patch+json, "
@@ -858,6 +1073,99 @@ class FakeKubeAPI:
             want_rv = (patch.get("metadata") or {}).get("resourceVersion")
             merged["metadata"]["resourceVersion"] = want_rv or current["metadata"]["resourceVersion"]
             return self.update(rtype, namespace, name, merged, subresource, **kwargs)
+
+    # -- server-side apply --------------------------------------------------------------------------
+
+    def apply(self, rtype: ResourceType, namespace: str | None, name: str, applied: Any,
+              subresource: str | None = None, *, manager: str = "", force: bool = False, **kwargs) -> dict:
+        """Server-side apply of ``applied`` (a partial object) by field manager ``manager``.
+
+        As the API server: a field another manager owns with another value is a conflict (409,
+        every conflicting field and manager named) unless ``force`` (then it changes hands); the
+        same value is shared ownership; fields this manager applied before and applies no more are
+        removed unless another manager owns them; list-maps merge by their keys. Only existing
+        custom resources (the status subresource, or the object itself)."""
+        if not rtype.custom:
+            raise ApiError(415, "UnsupportedMediaType", "the fake API server applies custom resources only")
+        if not manager:
+            raise ApiError(400, "BadRequest", "PATCH, application/apply-patch+yaml: fieldManager is required for "
+                           "apply requests")
+        if not isinstance(applied, dict):
+            raise ApiError(400, "BadRequest", "an apply patch must be an object")
+        if applied.get("apiVersion") != rtype.group_version or applied.get("kind") != rtype.kind:
+            raise ApiError(400, "BadRequest", f"apiVersion and kind must be {rtype.group_version} and {rtype.kind}, "
+                           f"got {applied.get('apiVersion')!r} and {applied.get('kind')!r}")
+        if (applied.get("metadata") or {}).get("name", name) != name:
+            raise ApiError(400, "BadRequest", "the name in the apply patch does not match the name on the URL")
+        with self._lock:
+            try:
+                current = self.get(rtype, namespace, name)
+            except ApiError as e:
+                if e.code != 404 or subresource is not None:
+                    raise
+                # Apply creates what does not exist yet; the applier owns every field it set.
+                body = copy.deepcopy(applied)
+                body.setdefault("metadata", {})["name"] = name
+                created = self.create(body, namespace, manager=manager, **{
+                    k: v for k, v in kwargs.items() if k in ("field_validation", "warnings", "dry_run")})
+                paths = field_paths(_part(created, None), rtype.schema)
+                created["metadata"]["managedFields"] = _managed_fields({(manager, "Apply", ""): paths}, None, rtype)
+                if not kwargs.get("dry_run"):
+                    self._objects[(rtype.group_resource, namespace or "", name)]["metadata"]["managedFields"] = \
+                        copy.deepcopy(created["metadata"]["managedFields"])
+                return created
+            part = _part(applied, subresource)
+            wanted = field_paths(part, rtype.schema)
+            managers = _managers(current)
+            me = (manager, "Apply", subresource or "")
+            conflicts = []
+            for other, paths in managers.items():
+                if other == me:
+                    continue
+                for path in sorted(wanted & paths):
+                    if path[-1] != "." and value_at(current, path) not in (_MISSING, value_at(applied, path)):
+                        conflicts.append((other, path))
+            if conflicts and not force:
+                causes = [{"reason": "FieldManagerConflict", "message": f'conflict with "{m}"', "field": show_path(p)}
+                          for (m, _, _), p in conflicts]
+                listed = "\n".join(f"- {c['message']}: {c['field']}" for c in causes)
+                raise ApiError(409, "Conflict", f"Apply failed with {len(causes)} conflict"
+                               f"{'s' if len(causes) > 1 else ''}: {listed}",
+                               {"name": name, "group": rtype.group, "kind": rtype.plural, "causes": causes})
+            for other, path in conflicts:
+                managers[other].discard(path)
+            merged = merge_applied(current, part, rtype.schema)
+            others = set().union(*(paths for m, paths in managers.items() if m != me))
+            # Whole list items first (deepest first), then single fields: a field of an item another
+            # manager keeps is removed on its own, but never a field of the item's key.
+            for path in sorted(managers.get(me, set()) - wanted, key=lambda p: (p[-1] != ".", -len(p))):
+                if path in others or path[-1] == "." and any(q[:len(path) - 1] == path[:-1] for q in others):
+                    continue  # another manager still holds it (or a part of that list item)
+                if len(path) >= 2 and path[-2].startswith("k:") and path[-1][2:] in json.loads(path[-2][2:]):
+                    continue
+                remove_path(merged, path)
+            managers[me] = wanted
+            merged["metadata"]["managedFields"] = _managed_fields(managers, current, rtype)
+            want_rv = (applied.get("metadata") or {}).get("resourceVersion")
+            merged["metadata"]["resourceVersion"] = want_rv or current["metadata"]["resourceVersion"]
+            kwargs.pop("require_rv", None)
+            return self.update(rtype, namespace, name, merged, subresource, require_rv=False, managed=True, **kwargs)
+
+    def _track_update(self, rtype: ResourceType, current: dict | None, new: dict, subresource: str | None,
+                      manager: str) -> None:
+        """Managed fields after a create or update by ``manager``: the fields whose value it changed
+        become its own (taken from any other manager); fields it removed are no one's."""
+        old_part, new_part = _part(current or {}, subresource), _part(new, subresource)
+        new_paths = field_paths(new_part, rtype.schema)
+        old_paths = field_paths(old_part, rtype.schema)
+        changed = {p for p in new_paths if (value_at(old_part, p) is _MISSING if p[-1] == "." else
+                                            value_at(old_part, p) != value_at(new_part, p))}
+        managers = _managers(current) if current is not None else {}
+        for paths in managers.values():
+            paths -= changed | (old_paths - new_paths)
+        key = (manager, "Update", subresource or "")
+        managers[key] = managers.get(key, set()) | changed
+        new["metadata"]["managedFields"] = _managed_fields(managers, current, rtype)
 
     def delete(self, rtype: ResourceType, namespace: str | None, name: str,
                preconditions: dict | None = None) -> dict:
@@ -975,6 +1283,9 @@ class FakeKubeAPI:
             if rtype.status_subresource:
                 resources.append({"name": f"{rtype.plural}/status", "singularName": "", "namespaced": rtype.namespaced,
                                   "kind": rtype.kind, "verbs": ["get", "patch", "update"]})
+            if rtype.plural == "pods":
+                resources.append({"name": "pods/resize", "singularName": "", "namespaced": True, "kind": "Pod",
+                                  "verbs": ["get", "patch", "update"]})
         if not resources:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/{version}".lstrip("/"),
@@ -1050,6 +1361,10 @@ _VERB_BY_METHOD = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "pa
 class _Handler(http.server.BaseHTTPRequestHandler):
     api: FakeKubeAPI
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY, as Go's net package sets on every connection of a real API server. Without it a
+    # response written as headers then body waits ~40 ms on a kept-alive connection (Nagle against
+    # the client's delayed ACK), which no real server shows.
+    disable_nagle_algorithm = True
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         pass
@@ -1090,7 +1405,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise fault
             if request.verb == "watch":
                 return self._watch(request, user)
-            body = json.loads(raw) if raw else None
+            if length > MAX_REQUEST_BYTES:
+                raise ApiError(413, "RequestEntityTooLarge", f"Request entity too large: limit is {MAX_REQUEST_BYTES}")
+            if raw and self.headers.get("Content-Type", "").startswith("application/apply-patch+yaml"):
+                try:
+                    body = yaml.safe_load(raw)
+                except yaml.YAMLError as e:
+                    raise ApiError(400, "BadRequest", f"invalid YAML body: {e}") from None
+            else:
+                body = json.loads(raw) if raw else None
             warnings: list[str] = []
             result = self._dispatch(request, body, warnings)
             return self._send(201 if request.verb == "create" else 200, result, user, warnings)
@@ -1158,7 +1481,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if rtype.namespaced and name is not None and namespace is None:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        if subresource not in (None, "status") or (subresource and not rtype.status_subresource):
+        if subresource == "resize" and rtype.plural == "pods" and self.command in ("GET", "PATCH", "PUT"):
+            pass
+        elif subresource not in (None, "status") or (subresource and not rtype.status_subresource):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         verb = _VERB_BY_METHOD[self.command]
         if self.command == "GET" and name is None:
@@ -1172,6 +1497,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self, r: _Request, body: Any, warnings: list[str]) -> dict:
         api, q = self.api, r.query
         validation = q.get("fieldValidation", "")
+        # As the API server: fieldManager, else the client's user agent up to its first "/".
+        manager = q.get("fieldManager") or (self.headers.get("User-Agent") or "unknown").split("/")[0]
         if r.verb == "get":
             obj = api.get(r.rtype, r.namespace, r.name)
             if "as=Table" in (self.headers.get("Accept") or ""):
@@ -1196,14 +1523,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body.setdefault("kind", r.rtype.kind)
             if body.get("kind") != r.rtype.kind:
                 raise ApiError(400, "BadRequest", f"the kind {body.get('kind')!r} does not match {r.rtype.kind!r}")
-            return api.create(body, r.namespace, field_validation=validation, warnings=warnings, dry_run=dry_run)
+            return api.create(body, r.namespace, field_validation=validation, warnings=warnings, dry_run=dry_run,
+                              manager=manager)
         if r.verb == "update":
             return api.update(r.rtype, r.namespace, r.name, body, r.subresource, field_validation=validation,
-                              warnings=warnings, dry_run=dry_run)
+                              warnings=warnings, dry_run=dry_run, manager=manager)
         if r.verb == "patch":
-            return api.patch(r.rtype, r.namespace, r.name, body, self.headers.get("Content-Type", ""),
-                             r.subresource, require_rv=False, field_validation=validation, warnings=warnings,
-                             dry_run=dry_run)
+            content_type = self.headers.get("Content-Type", "")
+            if content_type.startswith("application/apply-patch+yaml"):
+                if not q.get("fieldManager"):
+                    manager = ""  # required for apply: no user-agent default
+                if q.get("force") not in (None, "true", "false"):
+                    raise ApiError(400, "BadRequest", f"invalid force value {q.get('force')!r}")
+            return api.patch(r.rtype, r.namespace, r.name, body, content_type, r.subresource, require_rv=False,
+                             field_validation=validation, warnings=warnings, dry_run=dry_run, manager=manager,
+                             force=q.get("force") == "true")
         if r.subresource:
             raise ApiError(405, "MethodNotAllowed", "DELETE on a subresource is not allowed")
         if dry_run:
