@@ -250,6 +250,8 @@ class Informer:
         key = self.key_of(obj)
         with self._lock:
             before = self._cache.get(key)
+            if type_ != "DELETED" and before is not None and _newer(before, obj):
+                return  # our own write's answer (store()) is already newer than this event
             if type_ == "DELETED":
                 self._cache.pop(key, None)
             else:
