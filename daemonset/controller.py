@@ -58,7 +58,9 @@ log = logging.getLogger("chaos-agent.controller")
 
 WATCH_TIMEOUT_S = 240
 RESYNC_S = 60.0
-STATUS_TRIES = 3  # conflicts answered by reading the object again; then the key is retried with backoff
+STATUS_TRIES = 3  # finalizer patch conflicts answered by reading the object again; then the key is retried
+FIELD_MANAGER = "chaos-agent/{node}"  # each node's agent owns its own status entries (server-side apply)
+APPLY_PATCH = "application/apply-patch+yaml"
 RUNTIME_DOWN = "the container runtime does not answer"
 
 Key = tuple[str, str]
@@ -151,6 +153,13 @@ class Controller:
         self._lock = threading.Lock()  # guards the three maps below (the engine's thread writes _ended)
         self._ended: dict[Key, dict[str, EngineEvent]] = {}  # ENDED events not yet answered, by experiment
         self._unwritten: dict[Key, dict[str, dict]] = {}  # status entries a failed write still owes
+        # What this node last applied to each object's status: (object uid, its entries by pod). Each
+        # apply sends all of them (an entry left out is removed), so they come from here, never from
+        # a cache that may be behind our own last write.
+        self._mine: dict[Key, tuple[str, dict[str, dict]]] = {}
+        self.field_manager = FIELD_MANAGER.format(node=node_name)[:128]
+        self.status_writes = 0  # server-side applies of the status sent
+        self.status_conflicts = 0  # of them answered 409 (another manager owned a field) and sent again forced
         self._baselines: dict[Key, rc.Baselines] = {}  # spec resources when applied, for in-place resize
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -354,7 +363,10 @@ class Controller:
             ended = list(self._ended.get(key, {}).values())
             unwritten = dict(self._unwritten.get(key, {}))
             baselines = self._baselines.get(key, {})
+            uid, mine = self._mine.get(key, ("", {}))
         experiments = self.engine.list(namespace)
+        if obj is not None and uid == obj["metadata"].get("uid") and mine:
+            unwritten = {**mine, **unwritten}  # our own entries as we last wrote them: the cache may lag
         if obj is not None and unwritten:
             obj = dict(obj, status=crd.with_targets(obj, list(unwritten.values())))
         actions = rc.reconcile(key, obj, pods, experiments, self.node, ended=ended, baselines=baselines,
@@ -366,6 +378,7 @@ class Controller:
                 with self._lock:
                     self._baselines.pop(key, None)
                     self._unwritten.pop(key, None)
+                    self._mine.pop(key, None)
         with self._lock:  # answered (or nothing left to answer them on)
             seen = self._ended.get(key, {})
             for event in ended:
@@ -525,40 +538,57 @@ class Controller:
     # -- API writes --------------------------------------------------------------------------------
 
     def _write_status(self, key: Key, obj: dict, entries: dict[str, dict], node_entry: dict | None = None) -> None:
-        """Put ``entries`` into the object's status, and this node's ``status.nodes`` entry
-        (``node_entry`` when it refuses the object as a whole, else a summary of its targets); what a
-        failed write still owes is kept and shown to the next reconcile as if written."""
+        """Server-side apply of this node's part of the status: all its ``status.targets`` entries
+        (``entries`` put in place by pod), its ``status.nodes`` entry (``node_entry`` when it refuses
+        the object as a whole, else a summary of its targets) and the target summary, as field
+        manager ``chaos-agent/NODE``. No read-modify-write: nodes write their own entries side by
+        side without conflicts. What a failed write owes is kept and shown to the next reconcile
+        as if written."""
         from kubernetes.client.exceptions import ApiException
 
         namespace = key[0]
         entries = {pod: dict(e, message=self._scrub(e.get("message", ""), namespace)) for pod, e in entries.items()}
+        uid = obj["metadata"].get("uid", "")
         with self._lock:
             owed = {**self._unwritten.get(key, {}), **entries}
-        cached = self.rcs.get(key)
-        uid = obj["metadata"].get("uid")
+            known_uid, mine = self._mine.get(key, ("", None))
+        cached = self.rcs.get(key) or obj
+        if cached["metadata"].get("uid") != uid:
+            with self._lock:
+                self._unwritten.pop(key, None)
+            return  # another object of this name now: not ours to write
+        if mine is None or known_uid != uid:  # first write since start: what the API holds of ours
+            mine = {e["pod"]: e for e in (cached.get("status") or {}).get("targets") or []
+                    if e.get("node") == self.node}
+        targets = {**mine, **owed}
+        ordered = [targets[pod] for pod in sorted(targets)]
+        node = dict(node_entry, message=self._scrub(node_entry.get("message", ""), namespace)) \
+            if node_entry is not None else crd.node_summary(cached, self.node, ordered)
+        body = {"apiVersion": crd.API_VERSION, "kind": crd.KIND,
+                "metadata": {"name": key[1], "namespace": namespace},
+                "status": {"targetSummary": crd.target_summary(cached), "targets": ordered, "nodes": [node]}}
+        written = False
         try:
-            for attempt in range(STATUS_TRIES):
-                fresh = cached if attempt == 0 and cached is not None else \
-                    self.custom.get_namespaced_custom_object(crd.GROUP, crd.VERSION, namespace, crd.PLURAL, key[1])
-                if fresh["metadata"].get("uid") != uid:
-                    owed = {}
-                    return  # another object of this name now: not ours to write
-                merged = crd.with_targets(fresh, list(owed.values()))
-                mine = [t for t in merged["targets"] if t.get("node") == self.node]
-                node = dict(node_entry, message=self._scrub(node_entry.get("message", ""), namespace)) \
-                    if node_entry is not None else crd.node_summary(fresh, self.node, mine)
-                fresh = dict(fresh, status=crd.with_targets(fresh, list(owed.values()), node))
+            for force in (False, True):
+                self.status_writes += 1
                 try:
-                    stored = self.custom.replace_namespaced_custom_object_status(
-                        crd.GROUP, crd.VERSION, namespace, crd.PLURAL, key[1], fresh)
+                    stored = self.custom.patch_namespaced_custom_object_status(
+                        crd.GROUP, crd.VERSION, namespace, crd.PLURAL, key[1], body, field_manager=self.field_manager,
+                        force=force, _content_type=APPLY_PATCH)
                 except ApiException as e:
-                    if e.status == 409:
+                    if e.status == 409 and not force:
+                        # Another manager holds a field with another value: a pod of this name that was
+                        # on another node, or a target summary from an older spec. Ours is current.
+                        self.status_conflicts += 1
+                        log.info("ResourceChaos %s/%s: status conflict (%s); applying it forced", namespace,
+                                 key[1], _status_text(e))
                         continue
                     raise
+                if (stored.get("metadata") or {}).get("uid") != uid:
+                    return
                 self.rcs.store(stored)
-                owed = {}
+                written = True
                 return
-            raise Transient(f"the status write still conflicts after {STATUS_TRIES} tries")
         except ApiException as e:
             if e.status == 404:
                 owed = {}
@@ -566,7 +596,10 @@ class Controller:
             raise
         finally:
             with self._lock:
-                if owed:
+                if written:
+                    self._mine[key] = (uid, targets)
+                    self._unwritten.pop(key, None)
+                elif owed:
                     self._unwritten[key] = owed
                 else:
                     self._unwritten.pop(key, None)
@@ -606,7 +639,7 @@ class Controller:
             patch = {"metadata": {"finalizers": finalizers, "resourceVersion": fresh["metadata"]["resourceVersion"]}}
             try:
                 stored = self.custom.patch_namespaced_custom_object(crd.GROUP, crd.VERSION, key[0], crd.PLURAL, key[1],
-                                                                   patch)
+                                                                   patch, field_manager=self.field_manager)
             except ApiException as e:
                 if e.status == 404:
                     return False
@@ -679,6 +712,13 @@ class _Stream:
             self.resp.shutdown() if hasattr(self.resp, "shutdown") else self.resp.close()
         except Exception:
             pass
+
+
+def _status_text(e: Any) -> str:
+    try:
+        return json.loads(e.body).get("message", "")
+    except (TypeError, ValueError):
+        return str(e.reason)
 
 
 def _key(obj: dict) -> Key:

@@ -444,6 +444,19 @@ def with_targets(obj: dict, entries: list[dict], node: dict | None = None) -> di
     return status
 
 
+def target_summary(obj: dict) -> str:
+    """What the object targets, as every node writes it alike: ``pod/web-1`` or ``-l app=web``."""
+    target = (obj.get("spec") or {}).get("target") or {}
+    if target.get("pod"):
+        return f"pod/{target['pod']}"
+    annotations = obj["metadata"].get("annotations") or {}
+    try:
+        text = annotations.get(SELECTOR_ANNOTATION) or selector_text(target.get("selector") or {})
+    except (AttributeError, KeyError, TypeError):  # a hostile selector: said in the node entries
+        text = "(a selector that cannot be used)"
+    return f"-l {str(text)[:300]}"
+
+
 def node_summary(obj: dict, node: str, targets: list[dict]) -> dict:
     """The ``status.nodes`` entry of ``node`` over its own ``targets``."""
     summary = summarize(obj, targets)

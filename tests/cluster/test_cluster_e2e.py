@@ -56,7 +56,10 @@ def test_apply_status_reset_through_the_api(cluster, pods):
     changes = {c["resource"]: c for c in entry["changes"]}
     assert changes["cpu"]["original"] == 1000 and changes["cpu"]["applied"] == 500
     assert changes["memory"]["original"] == 256 * 2**20 and changes["memory"]["applied"] == 128 * 2**20
-    assert obj["status"]["phase"] == "Applied"
+    assert crd.node_entry(obj["status"], NODE)["phase"] == "Applied"
+    assert obj["status"]["targetSummary"] == "pod/web-1"
+    assert [m["manager"] for m in obj["metadata"]["managedFields"] if m.get("subresource") == "status"] == \
+        [f"chaos-agent/{NODE}"]
     wait_for(lambda: [reason for reason, _ in events(fakeapi, "web-1")] == ["Applied"], what="the Applied event")
 
     status = run("status", "-o", "json")
@@ -126,7 +129,8 @@ def test_duration_expires_and_status_says_so(cluster, pods):
     assert quota_us(pod) == 40_000
     wait_for(lambda: quota_us(pod) == 100_000, timeout_s=8, what="the expiry")
     rtype = fakeapi.resource_type(crd.GROUP, crd.PLURAL)
-    obj = wait_for(lambda: (o := fakeapi.get(rtype, "shop", "web-4.app"))["status"]["phase"] == "Reverted"
+    obj = wait_for(lambda: crd.node_entry((o := fakeapi.get(rtype, "shop", "web-4.app"))["status"], NODE)["phase"]
+                   == "Reverted"
                    and not o["metadata"].get("finalizers") and o, what="status Reverted and the finalizer dropped")
     assert "expired" in obj["status"]["targets"][0]["message"]
 

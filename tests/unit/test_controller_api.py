@@ -410,7 +410,7 @@ def test_revert_refused_is_reverting_with_one_event_until_it_succeeds(fakeapi, e
     fakeapi.delete(rtype(fakeapi), "shop", "held")
     wait_for(lambda: entry(fakeapi, "held").get("phase") == "Reverting", what="Reverting")
     assert "below the 200Mi" in entry(fakeapi, "held")["message"]
-    assert get(fakeapi, "held")["status"]["phase"] == "Reverting"
+    assert crd.node_entry(get(fakeapi, "held")["status"], NODE)["phase"] == "Reverting"
     for _ in range(3):
         engine.retry("shop/held/app", succeed=False)
     wait_for(lambda: "(attempt 4)" in entry(fakeapi, "held")["message"], what="the retries in the status")

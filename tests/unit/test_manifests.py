@@ -97,7 +97,7 @@ def test_agent_role_is_least_privilege(rendered):
     assert granted == {
         ("kubectl-chaos.io", "resourcechaos", "get"), ("kubectl-chaos.io", "resourcechaos", "list"),
         ("kubectl-chaos.io", "resourcechaos", "watch"), ("kubectl-chaos.io", "resourcechaos", "patch"),
-        ("kubectl-chaos.io", "resourcechaos/status", "update"),
+        ("kubectl-chaos.io", "resourcechaos/status", "patch"),
         ("", "pods", "list"), ("", "pods", "watch"),
         ("", "namespaces", "list"), ("", "namespaces", "watch"),
         ("", "nodes", "list"), ("", "nodes", "watch"),
@@ -120,6 +120,7 @@ _CALL_GRANTS = {
     "list_cluster_custom_object": ("kubectl-chaos.io", "resourcechaos", ("list", "watch")),
     "patch_namespaced_custom_object": ("kubectl-chaos.io", "resourcechaos", ("patch",)),
     "replace_namespaced_custom_object_status": ("kubectl-chaos.io", "resourcechaos/status", ("update",)),
+    "patch_namespaced_custom_object_status": ("kubectl-chaos.io", "resourcechaos/status", ("patch",)),
 }
 
 
