@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deny-namespaces", default=_default_deny(),
                    help="comma-separated namespaces never touched (default: kube-system and $POD_NAMESPACE)")
     p.add_argument("--metrics-address", default="", help="host:port for Prometheus metrics (default: off)")
+    p.add_argument("--node-local-api", choices=("on", "off"), default="on",
+                   help="serve Apply/Revert/List on --listen (default on); off: grpc health only, as cluster"
+                        " installs run it (requests come through the Kubernetes API and its RBAC)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--drift-interval", type=float, default=3.0, help="seconds between drift checks")
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.tls_cert, "rb") as c, open(args.tls_key, "rb") as k, open(args.tls_client_ca, "rb") as ca:
             tls = (c.read(), k.read(), ca.read())
     try:
-        server = serve(engine, args.listen, tls=tls)
+        server = serve(engine, args.listen, tls=tls, node_local_api=args.node_local_api == "on")
     except ListenError as e:
         log.error("%s", e)
         engine.close()

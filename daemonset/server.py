@@ -297,14 +297,18 @@ def _umask(mask: int):
         os.umask(old)
 
 
-def serve(engine: Any, listen: str, *, tls: tuple[bytes, bytes, bytes] | None = None, max_workers: int = 32) -> grpc.Server:
+def serve(engine: Any, listen: str, *, tls: tuple[bytes, bytes, bytes] | None = None, max_workers: int = 32,
+          node_local_api: bool = True) -> grpc.Server:
     """Start serving ``engine`` on ``listen``; returns the started server.
 
     A unix socket is created with mode 0600 (root only). A TCP address needs ``tls`` = (server
     certificate chain, private key, client CA): clients must present a certificate the CA signed.
+    ``node_local_api=False`` serves grpc health only (cluster installs: requests come through the
+    Kubernetes API and its RBAC; Apply/Revert/List answer UNIMPLEMENTED).
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="chaos-rpc"))
-    agent_pb2_grpc.add_AgentServicer_to_server(AgentService(engine), server)
+    if node_local_api:
+        agent_pb2_grpc.add_AgentServicer_to_server(AgentService(engine), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     path = unix_path(listen)
@@ -332,7 +336,8 @@ def serve(engine: Any, listen: str, *, tls: tuple[bytes, bytes, bytes] | None = 
             raise ListenError(f"cannot listen on {listen}")
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    if node_local_api:
+        health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     server.health_servicer = health_servicer  # type: ignore[attr-defined]
-    log.info("serving %s on %s", SERVICE_NAME, listen)
+    log.info("serving %s on %s", SERVICE_NAME if node_local_api else "grpc health only", listen)
     return server

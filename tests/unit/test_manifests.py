@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -45,6 +46,8 @@ def test_renders_every_object(rendered):
         ("DaemonSet", "chaos-agent"),
         ("Namespace", "kubectl-chaos"),
         ("ServiceAccount", "chaos-agent"),
+        ("ValidatingAdmissionPolicy", "kubectl-chaos-agent-own-finalizer-only"),
+        ("ValidatingAdmissionPolicyBinding", "kubectl-chaos-agent-own-finalizer-only"),
     ]
     for doc in rendered:
         if doc["kind"] in ("DaemonSet", "ServiceAccount"):
@@ -78,9 +81,13 @@ def test_daemonset_host_access_without_privileged(rendered):
     assert sc["readOnlyRootFilesystem"] is True
     assert agent["image"].startswith("ghcr.io/kubectl-chaos/agent:")
     assert agent["resources"]["requests"]["cpu"] and agent["resources"]["requests"]["memory"]
-    host_paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
-    assert host_paths == {"/sys/fs/cgroup", "/run/containerd", "/var/run/crio", "/var/lib/kubectl-chaos",
-                          "/run/kubectl-chaos"}
+    host_paths = {v["hostPath"]["path"]: v["hostPath"]["type"] for v in pod["volumes"] if "hostPath" in v}
+    # The CRI socket file only (not /run/containerd, no /var/run/crio made on containerd nodes).
+    assert host_paths == {"/sys/fs/cgroup": "Directory", "/run/containerd/containerd.sock": "Socket",
+                          "/var/lib/kubectl-chaos": "DirectoryOrCreate", "/run/kubectl-chaos": "DirectoryOrCreate"}
+    assert "--node-local-api=off" in agent["args"]  # health only on the node-local socket
+    assert "--cri-endpoint=unix:///run/containerd/containerd.sock" in agent["args"]
+    assert 'connect("/run/containerd/containerd.sock")' in " ".join(agent["livenessProbe"]["exec"]["command"])
     env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in agent["env"]}
     assert env["NODE_NAME"] == "spec.nodeName"
     assert "ports" not in agent  # no open port: cluster mode goes through the API server
@@ -88,6 +95,52 @@ def test_daemonset_host_access_without_privileged(rendered):
         command = " ".join(agent[probe]["exec"]["command"])
         assert "HealthStub" in command and "unix:///run/kubectl-chaos/agent.sock" in command
     assert "--listen=unix:///run/kubectl-chaos/agent.sock" in agent["args"]
+
+
+def test_crio_component_mounts_crio_socket_alone(tmp_path):
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(MANIFESTS, overlay)], "components": [os.path.relpath(MANIFESTS / "crio", overlay)]}))
+    out = subprocess.run([KUBECTL, "kustomize", "--load-restrictor=LoadRestrictionsNone", str(overlay)],
+                         capture_output=True, text=True, timeout=60,
+                         env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    (ds,) = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "DaemonSet"]
+    pod = ds["spec"]["template"]["spec"]
+    (agent,) = pod["containers"]
+    paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert "/var/run/crio/crio.sock" in paths and not any("containerd" in p for p in paths)
+    assert "--cri-endpoint=unix:///var/run/crio/crio.sock" in agent["args"]
+    assert {"name": "cri-socket", "mountPath": "/var/run/crio/crio.sock"} in agent["volumeMounts"]
+    assert "crio.sock" in " ".join(agent["livenessProbe"]["exec"]["command"])
+    kubernetes_validate.validate(ds, KUBERNETES_VERSIONS[0], strict=True)
+
+
+def test_admission_policy_holds_the_agent_to_its_own_finalizer(rendered):
+    """The policy's shape (its CEL is evaluated by a real API server only; none runs here)."""
+    (policy,) = by_kind(rendered, "ValidatingAdmissionPolicy")
+    (binding,) = by_kind(rendered, "ValidatingAdmissionPolicyBinding")
+    assert "namespace" not in policy["metadata"] and "namespace" not in binding["metadata"]
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    (rule,) = spec["matchConstraints"]["resourceRules"]
+    assert rule["apiGroups"] == ["kubectl-chaos.io"] and rule["resources"] == ["resourcechaos"]
+    assert rule["operations"] == ["UPDATE"]
+    (condition,) = spec["matchConditions"]
+    assert condition["expression"].endswith('"system:serviceaccount:kubectl-chaos:chaos-agent"')
+    variables = {v["name"]: v["expression"] for v in spec["variables"]}
+    assert "request.userInfo.extra['authentication.kubernetes.io/node-name'][0]" in variables["node"]
+    assert "'kubectl-chaos.io/node-' + variables.node" in variables["own"]
+    checks = " ".join(v["expression"] for v in spec["validations"])
+    assert "object.spec == oldObject.spec" in checks and "variables.after == variables.before" in checks
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    # The finalizer the policy allows is the one the controller writes (for names up to 58 characters).
+    from daemonset import crd
+
+    assert crd.finalizer_for("n" * 58) == "kubectl-chaos.io/node-" + "n" * 58
+    assert crd.finalizer_for("n" * 59).startswith("kubectl-chaos.io/node-" + "n" * 30)
 
 
 def test_agent_role_is_least_privilege(rendered):
@@ -169,8 +222,12 @@ def test_health_probe_command_reads_the_grpc_health_service(rendered, tmp_path):
     command = list(agent["livenessProbe"]["exec"]["command"])
     assert command[0] == "python3"
     socket_path = tmp_path / "agent.sock"
+    cri = socket.socket(socket.AF_UNIX)  # the runtime's socket as mounted (a live one)
+    cri.bind(str(tmp_path / "cri.sock"))
+    cri.listen(8)
     command = [sys.executable, *command[1:-1],
-               command[-1].replace("unix:///run/kubectl-chaos/agent.sock", f"unix://{socket_path}")]
+               command[-1].replace("unix:///run/kubectl-chaos/agent.sock", f"unix://{socket_path}")
+               .replace("/run/containerd/containerd.sock", str(tmp_path / "cri.sock"))]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
@@ -179,6 +236,12 @@ def test_health_probe_command_reads_the_grpc_health_service(rendered, tmp_path):
     try:
         servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         assert subprocess.run(command, capture_output=True, timeout=30).returncode == 0
+        cri.close()  # a stale mount after the runtime re-created its socket: refused
+        assert subprocess.run(command, capture_output=True, timeout=30).returncode != 0
+        cri = socket.socket(socket.AF_UNIX)
+        (tmp_path / "cri.sock").unlink()
+        cri.bind(str(tmp_path / "cri.sock"))
+        cri.listen(8)
         servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         assert subprocess.run(command, capture_output=True, timeout=30).returncode == 1
     finally:
