@@ -103,14 +103,14 @@ def test_shape_both_ways_dumps_rates_and_traffic(pair):
     qdiscs = pair.tc("qdisc", "show", "dev", pair.host_ifname)
     assert "qdisc htb 6b63: root" in qdiscs and "default 0x1" in qdiscs
     assert "qdisc ingress ffff:" in qdiscs
-    assert "class htb 6b63:1 root leaf 6b64: prio 0 rate 10Mbit ceil 10Mbit burst 12500b cburst 12500b" in pair.tc(
+    assert "class htb 6b63:1 root leaf 6b64: prio 0 rate 10Mbit ceil 10Mbit burst 25000b cburst 25000b" in pair.tc(
         "class", "show", "dev", pair.host_ifname
     )
     filters = pair.tc("filter", "show", "dev", pair.host_ifname, "ingress")
     assert "filter parent ffff: protocol all pref 1 u32" in filters
     assert "match 00000000/00000000 at 0" in filters
     assert f"mirred (Egress Redirect to device {ifb}) stolen" in filters
-    assert "rate 20Mbit ceil 20Mbit burst 25000b" in pair.tc("class", "show", "dev", ifb)
+    assert "rate 20Mbit ceil 20Mbit burst 50000b" in pair.tc("class", "show", "dev", ifb)
     # Each class has our splitter as its queue, not the kernel's default 1000-packet pfifo.
     for dev in (pair.host_ifname, ifb):
         qdiscs = pair.tc("qdisc", "show", "dev", dev, "invisible")

@@ -64,19 +64,19 @@ def test_ifb_name_rejects_empty_key():
     ("rate_bps", "burst"),
     [
         (MIN_RATE_BPS, 3028),  # two frames
-        (1_000_000, 3028),  # 10 ms = 1250 bytes (the 64 KiB floor before: 524 ms)
-        (10_000_000, 12_500),  # 10 ms of the rate
-        (100_000_000, 125_000),
-        (1_000_000_000, 1_250_000),
+        (1_000_000, 3028),  # 20 ms = 2500 bytes (the 64 KiB floor before: 524 ms)
+        (10_000_000, 25_000),  # 20 ms of the rate
+        (100_000_000, 250_000),
+        (1_000_000_000, 2_500_000),
     ],
 )
-def test_default_burst_is_ten_ms_or_two_frames(rate_bps, burst):
+def test_default_burst_is_twenty_ms_or_two_frames(rate_bps, burst):
     assert default_burst_bytes(rate_bps) == burst
     assert plan_direction("ingress", rate_bps).burst_bytes == burst
 
 
 def test_burst_never_below_two_mtus():
-    plan = plan_direction("ingress", 10_000_000, mtu_bytes=9000)
+    plan = plan_direction("ingress", 5_000_000, mtu_bytes=9000)
     assert plan.burst_bytes == 2 * (9000 + 14)
     plan = plan_direction("ingress", 10_000_000, mtu_bytes=65000)
     assert plan.burst_bytes == 2 * (65000 + 14)
@@ -125,7 +125,7 @@ def test_htb_class_options_roundtrip():
     attrs = parse_attrs(options)
     assert set(attrs) == {TCA_HTB_PARMS}
     assert htb_class_rate_bytes(options) == 12_500_000
-    assert htb_class_burst_bytes(options) == pytest.approx(125_000, abs=1)
+    assert htb_class_burst_bytes(options) == pytest.approx(250_000, abs=1)
     rate, ceil = struct.unpack_from("=I", attrs[TCA_HTB_PARMS], 8)[0], struct.unpack_from("=I", attrs[TCA_HTB_PARMS], 20)[0]
     assert rate == ceil == 12_500_000
     # linklayer ethernet: the kernel needs no rate table
@@ -149,15 +149,15 @@ def test_htb_quantum_within_kernel_bounds():
 
 def test_tbf_options_carry_rate_burst_limit_and_split():
     plan = plan_direction("egress", 10_000_000, kind="tbf")
-    assert (plan.burst_bytes, plan.limit_bytes, plan.split_bytes) == (12_500, 62_500, 1518)
+    assert (plan.burst_bytes, plan.limit_bytes, plan.split_bytes) == (25_000, 62_500, 1518)
     options = tbf_options(plan)
     attrs = parse_attrs(options)
     assert tbf_rate_bytes(options) == 1_250_000
     assert tbf_limit_bytes(options) == 62_500
-    assert struct.unpack("=I", attrs[TCA_TBF_BURST])[0] == 12_500
+    assert struct.unpack("=I", attrs[TCA_TBF_BURST])[0] == 25_000
     limit, buffer = struct.unpack_from("=II", attrs[TCA_TBF_PARMS], 24)
     assert limit == plan.limit_bytes
-    assert buffer == burst_ticks(1_250_000, 12_500)
+    assert buffer == burst_ticks(1_250_000, 25_000)
     # The peak bucket only sets the split size: the longest packet TBF sends whole.
     assert struct.unpack_from("=I", attrs[TCA_TBF_PARMS], 20)[0] == U32_MAX  # peak rate, > u32: below
     assert struct.unpack("=Q", attrs[TCA_TBF_PRATE64])[0] == SPLITTER_PEAK_BYTES_PER_S
