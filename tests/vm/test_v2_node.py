@@ -342,7 +342,7 @@ def test_container_recreated_in_the_same_pod_gets_the_experiment_again(v2node, a
     pod = run_pod(v2node, "restart", runtime)
     agent.apply("restart", cpu_millicpu=1500, memory_bytes=256 * MiB, method=agent_pb2.METHOD_CGROUP)
     pod = v2node.call("restart_container", sandbox_id=pod["sandbox_id"], name="app")
-    assert wait_until(lambda: files(v2node, pod)["scope/cpu.max"] == "150000 100000", 10)
+    assert wait_until(lambda: files(v2node, pod)["scope/cpu.max"] == "150000 100000", 20)  # a drift pass under TCG, during a loaded CI run
     f = files(v2node, pod)
     assert {k: v for k, v in f.items() if k.endswith("/memory.max")} == dict.fromkeys(
         [f"{lvl}/memory.max" for lvl in levels(pod)], str(256 * MiB))
