@@ -84,7 +84,8 @@ def test_daemonset_host_access_without_privileged(rendered):
     host_paths = {v["hostPath"]["path"]: v["hostPath"]["type"] for v in pod["volumes"] if "hostPath" in v}
     # The CRI socket file only (not /run/containerd, no /var/run/crio made on containerd nodes).
     assert host_paths == {"/sys/fs/cgroup": "Directory", "/run/containerd/containerd.sock": "Socket",
-                          "/var/lib/kubectl-chaos": "DirectoryOrCreate", "/run/kubectl-chaos": "DirectoryOrCreate"}
+                          "/var/lib/kubectl-chaos": "DirectoryOrCreate", "/run/kubectl-chaos": "DirectoryOrCreate",
+                          "/run/dbus": "DirectoryOrCreate"}
     assert "--node-local-api=off" in agent["args"]  # health only on the node-local socket
     assert "--cri-endpoint=unix:///run/containerd/containerd.sock" in agent["args"]
     assert 'connect("/run/containerd/containerd.sock")' in " ".join(agent["livenessProbe"]["exec"]["command"])
@@ -95,6 +96,33 @@ def test_daemonset_host_access_without_privileged(rendered):
         command = " ".join(agent[probe]["exec"]["command"])
         assert "HealthStub" in command and "unix:///run/kubectl-chaos/agent.sock" in command
     assert "--listen=unix:///run/kubectl-chaos/agent.sock" in agent["args"]
+
+
+def test_daemonset_mounts_the_system_bus_where_the_agent_looks_for_it(rendered, monkeypatch):
+    """systemd's D-Bus API (daemonset/systemd.py, bus "SYSTEM") needs the host's system bus socket:
+    the directory is mounted read-only, at the path jeepney connects to without DBUS_SYSTEM_BUS_ADDRESS
+    (/var/run/dbus/..., and /var/run is /run in the Debian-based image)."""
+    from jeepney.bus import find_system_bus
+
+    from daemonset.systemd import Systemd
+
+    (ds,) = by_kind(rendered, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    (agent,) = pod["containers"]
+    (volume,) = [v for v in pod["volumes"] if v.get("hostPath", {}).get("path") == "/run/dbus"]
+    # A node without a system bus still runs the agent (it writes the cgroup files alone there).
+    assert volume["hostPath"]["type"] == "DirectoryOrCreate"
+    (mount,) = [m for m in agent["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["mountPath"] == "/run/dbus" and mount["readOnly"] is True
+    assert "DBUS_SYSTEM_BUS_ADDRESS" not in {e["name"] for e in agent["env"]}
+    assert Systemd().bus == "SYSTEM"
+    monkeypatch.delenv("DBUS_SYSTEM_BUS_ADDRESS", raising=False)
+    socket_path = find_system_bus().removeprefix("unix:path=")
+    in_image = os.path.normpath("/run/" + socket_path.removeprefix("/var/run/")) if socket_path.startswith("/var/run/") \
+        else socket_path
+    assert os.path.dirname(in_image) == mount["mountPath"], socket_path
+    # The agent's own paths are not shadowed by it (its socket directory is /run/kubectl-chaos).
+    assert not any(m["mountPath"].startswith("/run/dbus/") for m in agent["volumeMounts"])
 
 
 def test_crio_component_mounts_crio_socket_alone(tmp_path):
