@@ -41,7 +41,7 @@ from daemonset import observe
 from daemonset import state as state_mod
 from daemonset.cgroups import CgroupOps, Readings
 from daemonset.metrics import Metrics
-from daemonset.net import NetOps
+from daemonset.net import NetOps, queue_results, stale_queues
 from daemonset.record import (
     BANDWIDTH,
     CPU_MEM,
@@ -82,6 +82,7 @@ from daemonset.types import (
     Method,
     OwnerKind,
     Phase,
+    QueueResult,
     Refused,
     ResolvedTarget,
     Resource,
@@ -478,6 +479,8 @@ class Engine:
             new_snapshot = True
         exp = self._new_record(req, info, target, cg, before, changes) if base is None \
             else self._merged_record(base, req, info, changes, advance)
+        if req.latency_s is not None and exp.net is not None:
+            exp = exp.replace(net=dataclasses.replace(exp.net, latency_s=req.latency_s))
         net_before = self._rates(exp) if any(r in changes for r in BANDWIDTH) else {}
         previous = _values(before, net_before, exp)
 
@@ -525,6 +528,7 @@ class Engine:
                     concurrent.futures.wait([saving])
                 saving = self._io.submit(self._save, made, False)
             in_force = self._verify(made, cg, set(made.desired))
+            queues = self._queues(made, in_force) if any(r in changes for r in BANDWIDTH) else {}
             saving.result()
         except Exception as e:
             if saving is not None:
@@ -551,7 +555,8 @@ class Engine:
             log.info("applied %s on %s: %s -> %s (read back) via %s%s", r.value, target.describe(),
                      fmt(r, previous[r]), fmt(r, in_force[r]), made.methods[r].value,
                      f", expires at {_iso(made.expires_at)}" if made.expires_at else "")
-        result = self._result(made, set(changes), previous, in_force, dry_run=False)
+        result = self._result(made, set(changes), previous, in_force, dry_run=False,
+                              queues=queues)
         self._emit(EventKind.APPLIED, made, resources=result.resources)
         return result
 
@@ -607,7 +612,7 @@ class Engine:
         )
 
     def _new_net(self, info: Any) -> tuple[NetState, dict[Resource, int]]:
-        host = self.net.find_host_veth(info.pid)
+        host = self.net.find_host_veth(info.pid, pod=f"{info.pod_namespace}/{info.pod_name}")
         net = NetState(host_ifname=host, ifb_key=info.sandbox_id, snapshot=None,
                        ingress_hook_before=self.net.has_ingress_hook(host))
         ingress, egress = self.net.read_rates(host, info.sandbox_id)
@@ -694,7 +699,8 @@ class Engine:
             assert net is not None
             # The first shaping's snapshot saw the veth as it was; later calls extend it, never replace it.
             snap = self.net.shape(net.host_ifname, net.ifb_key, ingress_bps=desired.get(Resource.INGRESS),
-                                  egress_bps=desired.get(Resource.EGRESS), snapshot=net.snapshot)
+                                  egress_bps=desired.get(Resource.EGRESS), snapshot=net.snapshot,
+                                  latency_s=net.latency_s)
             net = dataclasses.replace(net, snapshot=snap)
             for r in BANDWIDTH:
                 if r in desired:
@@ -741,6 +747,19 @@ class Engine:
             if not same_quantity(r, want, in_force[r]):
                 raise ApplyFailed(f"{r.value} reads back as {fmt(r, in_force[r])} after setting {fmt(r, want)}")
         return in_force
+
+    def _queues(self, exp: Experiment, rates: dict[Resource, int]) -> dict[Resource, QueueResult]:
+        """The queue of each shaped direction of the experiment, read from the kernel (unknown with the
+        reason when it cannot be read)."""
+        directions = [r for r in BANDWIDTH if r in exp.desired]
+        if exp.net is None or not directions:
+            return {}
+        try:
+            info = self.net.read_queues(exp.net.host_ifname, exp.net.ifb_key)
+        except Exception as e:  # a report: a reading that fails is shown as unknown, never guessed
+            return {r: QueueResult(budget_s=exp.net.latency_s, unknown=f"cannot read the qdiscs: {e}")
+                    for r in directions}
+        return queue_results(info, rates, exp.net.latency_s, directions)
 
     def _rates(self, exp: Experiment) -> dict[Resource, int]:
         if exp.net is None:
@@ -925,11 +944,12 @@ class Engine:
             if namespace and exp.target.namespace != namespace:
                 continue
             values, unknown = self._readings(exp, None)
+            queues = self._queues(exp, values)
             resources = tuple(
                 ResourceResult(resource=r, original=exp.original.get(r, UNLIMITED),
                                previous=exp.original.get(r, UNLIMITED), requested=v,
                                in_force=values.get(r, UNLIMITED), method=exp.methods.get(r, Method.AUTO),
-                               unknown=unknown.get(r, ""))
+                               unknown=unknown.get(r, ""), queue=queues.get(r))
                 for r, v in sorted(exp.desired.items(), key=lambda kv: kv[0].value))
             out.append(ExperimentInfo(experiment_id=exp.experiment_id, target=exp.target, resources=resources,
                                       started_at=exp.started_at, expires_at=exp.expires_at,
@@ -998,13 +1018,16 @@ class Engine:
         return values, unknown
 
     def _result(self, exp: Experiment, changed: set[Resource], previous: dict[Resource, int],
-                in_force: dict[Resource, int] | None, *, dry_run: bool) -> ApplyResult:
+                in_force: dict[Resource, int] | None, *, dry_run: bool,
+                queues: dict[Resource, QueueResult] | None = None) -> ApplyResult:
         """The resources this request changed (others of the experiment stay as they were)."""
+        queues = queues or {}
         resources = tuple(
             ResourceResult(resource=r, original=exp.original.get(r, UNLIMITED), previous=previous.get(r, UNLIMITED),
                            requested=exp.desired[r], in_force=in_force[r] if in_force is not None else UNLIMITED,
                            method=exp.methods.get(r, Method.NETLINK if r in BANDWIDTH else Method.AUTO),
-                           unknown="" if in_force is not None else "dry run: nothing was changed")
+                           unknown="" if in_force is not None else "dry run: nothing was changed",
+                           queue=queues.get(r))
             for r in sorted(changed, key=lambda r: r.value))
         return ApplyResult(experiment_id=exp.experiment_id, target=exp.target, resources=resources,
                            expires_at=exp.expires_at, dry_run=dry_run)
@@ -1308,7 +1331,8 @@ class Engine:
             cause = "container-restarted"
             exp = self._adopt(exp, fresh, cg)
             if exp.net is not None:
-                exp = exp.replace(net=dataclasses.replace(exp.net, host_ifname=self.net.find_host_veth(fresh.pid)))
+                host = self.net.find_host_veth(fresh.pid, pod=exp.pod_key)
+                exp = exp.replace(net=dataclasses.replace(exp.net, host_ifname=host))
             stale = set(exp.desired)
         else:
             ours = view_of(exp.cri_sent) if exp.cri_sent is not None else view_of(exp.cri_original)
@@ -1319,6 +1343,10 @@ class Engine:
             readings = self.cgroups.read(cg) if set(exp.desired) & set(CPU_MEM) else None
             now = _values(readings, self._rates(exp) if exp.net is not None else {}, exp)
             stale = {r for r, v in exp.desired.items() if not same_quantity(r, v, now[r])}
+            if exp.net is not None and set(exp.desired) & set(BANDWIDTH):
+                # A queue someone replaced or resized is drift like a changed rate.
+                stale |= stale_queues(self.net.read_queues(exp.net.host_ifname, exp.net.ifb_key), exp.desired,
+                                      exp.net.latency_s)
             if view is not None and view == view_of(exp.cri_original) and ours not in (None, view) \
                     and set(exp.desired) & set(CPU_MEM):
                 stale |= set(exp.desired) & set(CPU_MEM)  # the runtime was set back: tell it again

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemonset.types import UNLIMITED, ApplyFailed, InvalidRequest, TargetNotFound
+from daemonset.types import (
+    DEFAULT_LATENCY_S,
+    UNLIMITED,
+    ApplyFailed,
+    InvalidRequest,
+    QueueResult,
+    Resource,
+    TargetNotFound,
+)
 
 _TC_H_INGRESS = 0xFFFFFFF1  # parent of an ingress or clsact qdisc
 
@@ -31,7 +39,8 @@ class NetOps:
     def __init__(self, proc_root: str = "/proc"):
         self.proc_root = proc_root
 
-    def find_host_veth(self, pid: int | None) -> str:
+    def find_host_veth(self, pid: int | None, pod: str = "") -> str:
+        """The host veth of the pod whose process is ``pid``; ``pod`` (namespace/name) names it in errors."""
         import netshape
         from netshape import errors as ne
 
@@ -39,19 +48,22 @@ class NetOps:
             raise TargetNotFound("the container has no process id; cannot find its network namespace")
         try:
             return netshape.find_host_veth(pid, proc_root=self.proc_root).ifname
+        except ne.SeveralVeths as e:
+            raise InvalidRequest(f"pod {pod or '?'}: {e}") from e
         except ne.ShapeError as e:
-            raise _engine_error(e, f"finding the host veth of pid {pid}") from e
+            raise _engine_error(e, f"finding the host veth of pid {pid}" + (f" (pod {pod})" if pod else "")) from e
 
     def shape(self, host_ifname: str, key: str, *, ingress_bps: int | None, egress_bps: int | None,
-              snapshot: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Shape; ``snapshot`` is what an earlier call returned (kept: it saw the veth as it was)."""
+              snapshot: dict[str, Any] | None = None, latency_s: float = DEFAULT_LATENCY_S) -> dict[str, Any]:
+        """Shape; ``snapshot`` is what an earlier call returned (kept: it saw the veth as it was);
+        ``latency_s`` bounds each shaped direction's queue."""
         import netshape
         from netshape import errors as ne
         from netshape.snapshot import Snapshot
 
         try:
             snap = netshape.shape(host_ifname, key, ingress_bps=ingress_bps, egress_bps=egress_bps,
-                                  snapshot=Snapshot.from_dict(snapshot) if snapshot else None)
+                                  snapshot=Snapshot.from_dict(snapshot) if snapshot else None, latency_s=latency_s)
         except ne.ShapeError as e:
             raise _engine_error(e, f"shaping {host_ifname}") from e
         return snap.to_dict()
@@ -120,6 +132,16 @@ class NetOps:
             UNLIMITED if rates.egress_bps is None else rates.egress_bps,
         )
 
+    def read_queues(self, host_ifname: str, key: str) -> Any:
+        """netshape's QueueInfo: the queue limits of our shaping, as the kernel holds them."""
+        import netshape
+        from netshape import errors as ne
+
+        try:
+            return netshape.read_queue(host_ifname, key)
+        except ne.ShapeError as e:
+            raise _engine_error(e, f"reading the queues of {host_ifname}") from e
+
     def sweep_orphans(self, active_keys: set[str]) -> list[str]:
         """Delete IFB devices of ours that nothing redirects to and no active experiment owns."""
         import netshape
@@ -129,3 +151,37 @@ class NetOps:
             return netshape.sweep_orphans(active_keys)
         except ne.ShapeError as e:
             raise _engine_error(e, "removing orphaned IFB devices") from e
+
+
+# --- queues: pure ---------------------------------------------------------------------------------
+
+_QUEUE_FIELDS = {Resource.INGRESS: "ingress", Resource.EGRESS: "egress"}
+
+
+def queue_results(info: Any, rates: dict[Resource, int], budget_s: float,
+                  directions: Any = (Resource.INGRESS, Resource.EGRESS)) -> dict[Resource, QueueResult]:
+    """Each direction's queue from a QueueInfo and the rates in force (bit/s; UNLIMITED: not shaped)."""
+    out = {}
+    for r in directions:
+        limit = getattr(info, f"{_QUEUE_FIELDS[r]}_limit_bytes")
+        packets = getattr(info, f"{_QUEUE_FIELDS[r]}_limit_packets")
+        rate = rates.get(r, UNLIMITED)
+        if limit is None and packets is None:
+            out[r] = QueueResult(budget_s=budget_s, unknown="no queue of ours on this direction")
+            continue
+        latency = limit * 8 / rate if limit is not None and rate not in (UNLIMITED, 0) else None
+        out[r] = QueueResult(budget_s=budget_s, limit_bytes=limit, limit_packets=packets, latency_s=latency)
+    return out
+
+
+def stale_queues(info: Any, desired: dict[Resource, int], budget_s: float) -> set[Resource]:
+    """The shaped directions whose queue is not the one ``shape`` installs for their rate and budget
+    (a leaf replaced or resized by someone else, or one from before queues were sized)."""
+    out = set()
+    for r, field in _QUEUE_FIELDS.items():
+        if r not in desired:
+            continue
+        planned = info.planned_limit_bytes(desired[r], budget_s)
+        if planned is not None and getattr(info, f"{field}_limit_bytes") != planned:
+            out.add(r)
+    return out

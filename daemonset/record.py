@@ -18,6 +18,9 @@ import math
 from typing import Any
 
 from daemonset.types import (
+    DEFAULT_LATENCY_S,
+    MAX_LATENCY_S,
+    MIN_LATENCY_S,
     NODE_LOCAL,
     UNLIMITED,
     Failure,
@@ -46,6 +49,7 @@ class NetState:
     ifb_key: str
     snapshot: dict[str, Any] | None = None  # netshape's Snapshot.to_dict() of the first shaping
     ingress_hook_before: bool | None = None  # had the veth an ingress qdisc before we came?
+    latency_s: float = DEFAULT_LATENCY_S  # the queue budget of each shaped direction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +189,12 @@ def decode(data: Any, *, legacy_owners: dict[str, Any] | None = None) -> Experim
         hook = n.get("ingress_hook_before")
         if hook is not None and not isinstance(hook, bool):
             raise RecordError("net.ingress_hook_before is not true, false or null")
+        # Records from before the budget was kept have none: the default is what their shaping got.
+        latency = DEFAULT_LATENCY_S if n.get("latency_s") is None else r.number(n, "net.latency_s")
+        if not MIN_LATENCY_S <= latency <= MAX_LATENCY_S:
+            raise RecordError(f"net.latency_s is {latency!r}, not {MIN_LATENCY_S:g} to {MAX_LATENCY_S:g} seconds")
         net = NetState(host_ifname=_nonempty(r, n, "net.host_ifname"), ifb_key=_nonempty(r, n, "net.ifb_key"),
-                       snapshot=snap, ingress_hook_before=hook)
+                       snapshot=snap, ingress_hook_before=hook, latency_s=latency)
     failure = None
     if data.get("failure") is not None:
         f = r.obj("failure")

@@ -31,6 +31,7 @@ from daemonset.types import (
     ExperimentInfo,
     InvalidRequest,
     Method,
+    QueueResult,
     Refused,
     ResolvedTarget,
     Resource,
@@ -95,6 +96,7 @@ def apply_request_from_pb(req: agent_pb2.ApplyRequest) -> ApplyRequest:
         method=_METHOD_FROM_PB[req.method],
         force=req.force,
         dry_run=req.dry_run,
+        latency_s=req.latency_s if req.HasField("latency_s") else None,
     )
 
 
@@ -126,11 +128,22 @@ def resolved_pb(t: ResolvedTarget) -> agent_pb2.ResolvedTarget:
                                     container_id=t.container_id, pod_uid=t.pod_uid, node_name=t.node_name)
 
 
+def queue_pb(q: QueueResult) -> agent_pb2.Queue:
+    out = agent_pb2.Queue(budget_s=q.budget_s, unknown=q.unknown)
+    for name in ("limit_bytes", "limit_packets", "latency_s"):
+        if getattr(q, name) is not None:
+            setattr(out, name, getattr(q, name))
+    return out
+
+
 def resource_pb(r: ResourceResult) -> agent_pb2.ResourceResult:
-    return agent_pb2.ResourceResult(
+    out = agent_pb2.ResourceResult(
         resource=_RESOURCE_TO_PB[r.resource], original=quantity_pb(r.original), previous=quantity_pb(r.previous),
         requested=quantity_pb(r.requested), in_force=quantity_pb(r.in_force, r.unknown), method=_METHOD_TO_PB[r.method],
     )
+    if r.queue is not None:
+        out.queue.CopyFrom(queue_pb(r.queue))
+    return out
 
 
 def apply_response_pb(res: ApplyResult) -> agent_pb2.ApplyResponse:

@@ -23,6 +23,10 @@ MAX_MEMORY_BYTES = 2**50  # 1 PiB
 MIN_BANDWIDTH_BPS = 8_000  # 1 kB/s
 MAX_BANDWIDTH_BPS = 100 * 10**9  # 100 Gbit/s, as netshape
 MAX_DURATION_S = 30 * 24 * 3600.0
+# The queue of each shaped direction holds this much time at its rate (netshape's bounds: the same
+# numbers, checked by a unit test, kept here so that importing this module stays cheap).
+DEFAULT_LATENCY_S = 0.050
+MIN_LATENCY_S, MAX_LATENCY_S = 0.001, 10.0
 
 # Kubernetes object names: namespace and pod are DNS-1123 (sub)domains, containers DNS-1123 labels.
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -226,10 +230,22 @@ class ApplyRequest:
     dry_run: bool = False
     owner: Owner = NODE_LOCAL
     steps: tuple[StepSpec, ...] = ()  # the rest of a stepped profile, by increasing offset; the agent runs them
+    # The queue budget of the shaped directions; None: the experiment's (DEFAULT_LATENCY_S when new).
+    latency_s: float | None = None
 
     def validate(self) -> None:
         self.target.validate()
         self.changes.validate()
+        if self.latency_s is not None:
+            lat = self.latency_s
+            if isinstance(lat, bool) or not isinstance(lat, (int, float)) or not math.isfinite(lat):
+                raise InvalidRequest(f"latency {lat!r} must be a number of seconds")
+            if not MIN_LATENCY_S <= lat <= MAX_LATENCY_S:
+                raise InvalidRequest(f"latency {lat * 1000:g}ms is out of range; accepted: 1ms to 10s"
+                                     f" ({MIN_LATENCY_S:g}..{MAX_LATENCY_S:g} s)")
+            if self.changes.ingress_bps is None and self.changes.egress_bps is None:
+                raise InvalidRequest("latency bounds the queue of a shaped direction; give it with an ingress or"
+                                     " egress bandwidth")
         if len(self.steps) > MAX_STEPS:
             raise InvalidRequest(f"{len(self.steps)} steps is more than the accepted {MAX_STEPS}")
         last = 0.0
@@ -291,6 +307,22 @@ class ResolvedTarget:
 
 
 @dataclasses.dataclass(frozen=True)
+class QueueResult:
+    """The queue of one shaped direction, as the kernel holds it.
+
+    ``latency_s`` is how long the full queue takes to drain at the rate in force (``limit_bytes`` /
+    rate): the budget, or more where the floor of four full frames is longer than the budget.
+    ``limit_packets`` instead of bytes: the kernel's default leaf (shaping from before queues were
+    sized). ``unknown`` non-empty: nothing could be read, and why."""
+
+    budget_s: float  # what the experiment asked for
+    limit_bytes: int | None = None
+    limit_packets: int | None = None
+    latency_s: float | None = None
+    unknown: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class ResourceResult:
     """One resource of one container: the original, the value before this call, what was asked, what the kernel says."""
 
@@ -302,6 +334,7 @@ class ResourceResult:
     method: Method
     # Non-empty when ``in_force`` could not be read from the kernel: why (``in_force`` is then meaningless).
     unknown: str = ""
+    queue: QueueResult | None = None  # bandwidth: the direction's queue (None: not read, e.g. a revert)
 
 
 @dataclasses.dataclass(frozen=True)

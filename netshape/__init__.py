@@ -10,6 +10,7 @@ from netshape.errors import (
     NetlinkFailed,
     NotVeth,
     OutOfRange,
+    SeveralVeths,
     ShapeError,
     Unrestorable,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "QueueInfo",
     "Rates",
     "SavedQdisc",
+    "SeveralVeths",
     "ShapeError",
     "Snapshot",
     "Unrestorable",

@@ -15,6 +15,10 @@ class NotVeth(ShapeError):
     """The pod's interface is not one end of a veth pair (ipvlan, macvlan, none)."""
 
 
+class SeveralVeths(NotVeth):
+    """The pod has more than one veth (a second network, e.g. Multus): which one to shape is not guessed."""
+
+
 class NamespaceGone(ShapeError):
     """The pod's network namespace (its process) no longer exists."""
 

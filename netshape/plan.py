@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from netshape.errors import OutOfRange
 
@@ -96,6 +96,15 @@ class QueueInfo:
     egress_limit_bytes: int | None = None
     ingress_limit_packets: int | None = None
     egress_limit_packets: int | None = None
+    # The veth's MTU, which the planned limits were sized with; a reading, not part of the queues'
+    # equality.
+    mtu_bytes: int | None = field(default=None, compare=False)
+
+    def planned_limit_bytes(self, rate_bps: int, latency_s: float) -> int | None:
+        """The limit ``shape`` installs for this rate and budget on this veth (None: MTU not read)."""
+        if self.mtu_bytes is None:
+            return None
+        return queue_limit_bytes(rate_bps // 8, latency_s, self.mtu_bytes)
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,7 @@ def read_queue(host_ifname: str, target_key: str, *, netns: str | None = None) -
             egress_limit_bytes=egress_bytes,
             ingress_limit_packets=ingress_packets,
             egress_limit_packets=egress_packets,
+            mtu_bytes=veth.mtu,
         )
 
 

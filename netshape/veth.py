@@ -9,7 +9,7 @@ import struct
 from dataclasses import dataclass
 
 from netshape import _nl
-from netshape.errors import HostNetwork, NamespaceGone, NotVeth
+from netshape.errors import HostNetwork, NamespaceGone, NotVeth, SeveralVeths
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,9 @@ def find_host_veth(
     it), then the host veth whose peer lives there (its IFLA_LINK_NETNSID). No setns, no opening
     ``/proc/PID/ns/net``: the agent needs neither CAP_SYS_ADMIN nor CAP_SYS_PTRACE for it.
 
-    Otherwise (a pod with several veths, ``pod_ifname`` or ``host_netns`` given, a namespace the
+    A pod with several veths (Multus) is refused there with ``SeveralVeths`` naming them.
+
+    Otherwise (``pod_ifname`` or ``host_netns`` given, a namespace the
     kernel has no id for, as the host's own): enters the pod's network namespace through
     ``proc_root/PID/ns/net`` (pyroute2 forks a helper for that; CAP_SYS_ADMIN, and CAP_SYS_PTRACE
     for another user's process), reads the pod interface's peer index and looks it up in the host
@@ -126,7 +128,8 @@ def peer_nsid(pid: int) -> int:
 
 def _from_host_side(pid: int, proc_root: str, netns_path: str) -> HostVeth | None:
     """The host veth whose peer is in ``pid``'s network namespace, found from the host side; None
-    when that cannot tell (no id for the namespace, no veth or several): the caller enters it."""
+    when that cannot tell (no id for the namespace, no veth): the caller enters it. Several veths:
+    SeveralVeths."""
     try:
         nsid = peer_nsid(pid)
     except ProcessLookupError as err:
@@ -142,7 +145,20 @@ def _from_host_side(pid: int, proc_root: str, netns_path: str) -> HostVeth | Non
         info = msg.get_attr("IFLA_LINKINFO")
         if msg.get_attr("IFLA_LINK_NETNSID") == nsid and info is not None and info.get_attr("IFLA_INFO_KIND") == "veth":
             found.append(msg)
-    if len(found) != 1:
+    if len(found) > 1:
+        # A pod with a second network (Multus, a sidecar CNI): which veth carries the traffic the
+        # user means is not ours to guess, and entering the namespace to ask needs CAP_SYS_ADMIN,
+        # which the agent does not have (setns failed with EPERM).
+        pairs = ", ".join(
+            f"{_pod_side_name(proc_root, pid, m.get_attr('IFLA_LINK')) or 'ifindex ' + str(m.get_attr('IFLA_LINK'))}"
+            f" (host side {m.get_attr('IFLA_IFNAME')})"
+            for m in sorted(found, key=lambda m: m["index"])
+        )
+        raise SeveralVeths(
+            f"the pod of pid {pid} has {len(found)} veth interfaces: {pairs}; netshape shapes a pod with exactly "
+            "one veth (pods on several networks, e.g. Multus, are not supported); nothing was changed"
+        )
+    if not found:
         return None
     (msg,) = found
     return HostVeth(ifname=msg.get_attr("IFLA_IFNAME"), ifindex=msg["index"],

@@ -60,7 +60,14 @@ from plugin.backends import (
 from plugin.errors import BackendError, UsageError, one_line
 from plugin.output import format_value
 from plugin.request import Flags, build_connection, build_invocation, check_namespace
-from plugin.units import format_duration, parse_bandwidth, parse_cpu, parse_duration, parse_memory
+from plugin.units import (
+    format_duration,
+    parse_bandwidth,
+    parse_cpu,
+    parse_duration,
+    parse_latency,
+    parse_memory,
+)
 
 __all__ = [
     "DEFAULT_DURATION_S",
@@ -128,6 +135,7 @@ _KEYWORDS = {
     "-l/--selector": "selector", "--selector": "selector", "--agent-address": "agent_address",
     "--kubeconfig": "kubeconfig", "--context": "context", "--timeout": "timeout", "--reset": "reset()",
     "--force": "force", "--dry-run": "dry_run", "POD": "pod", "--over": "over", "--steps": "steps",
+    "--latency": "latency",
 }
 _CLI_NAME = re.compile(r"-l/--selector|--[a-z][a-z-]*|\bPOD\b")
 
@@ -137,7 +145,7 @@ def _api_words(message: str) -> str:
 
 
 _EXAMPLES = {"cpu": '"200m" or "2"', "memory": '"256Mi"', "bandwidth": '"2Mbps"', "duration": '"5m"',
-             "timeout": '"30s"', "interval": '"2s"'}
+             "timeout": '"30s"', "interval": '"2s"', "latency": '"20ms"'}
 
 
 def _is_int(value: object) -> bool:
@@ -184,6 +192,20 @@ def _seconds_text(name: str, value: object) -> str | None:
     return value
 
 
+def _latency_text(value: object) -> str | None:
+    """A queue budget as the CLI reads it: a string with ms or s, or a timedelta."""
+    if value is None:
+        return None
+    if isinstance(value, datetime.timedelta):
+        value = f"{value.total_seconds() * 1000:g}ms"
+    if not isinstance(value, str):
+        hint = f' (write "{value}ms" or "{value}s")' if _is_int(value) or isinstance(value, float) else ""
+        raise UsageError(f"latency: {value!r} is not a string; give a string like {_EXAMPLES['latency']} "
+                         f"or a datetime.timedelta{hint}")
+    parse_latency(value, "latency")
+    return value
+
+
 def _name(name: str, value: object) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -219,11 +241,14 @@ def build_request(
     timeout: str | datetime.timedelta | None = None,
     over: str | datetime.timedelta | None = None,
     steps: int | None = None,
+    latency: str | datetime.timedelta | None = None,
 ) -> tuple[ChaosRequest, Connection]:
     """The validated request and connection these arguments make; raises UsageError, sends nothing.
 
     A range as a quantity (``cpu="1000m..100m"``) with ``over`` (and ``steps``, default 10) is a
-    stepped profile the agent runs (node-local mode, ``agent_address``).
+    stepped profile the agent runs (node-local mode, ``agent_address``). ``latency`` (with
+    ``bandwidth``: ``"20ms"`` or a timedelta, 1ms to 10s, default 50ms) bounds each shaped direction's
+    queue.
 
     Quantities are strings in the CLI's units (``"200m"``, ``"256Mi"``, ``"2Mbps"``, ``"5m"``);
     ``memory`` also takes an int (bytes), ``bandwidth`` an int (bit/s), ``duration``/``timeout`` a
@@ -252,6 +277,7 @@ def build_request(
         context=_name("context", context), timeout=_seconds_text("timeout", timeout),
         over=_seconds_text("over", over),
         steps=None if steps is None else str(steps) if _is_int(steps) else _bad_steps(steps),
+        latency=_latency_text(latency),
     )
     try:
         invocation = build_invocation(flags)
@@ -820,10 +846,12 @@ def limit(
     timeout: str | datetime.timedelta | None = None,
     over: str | datetime.timedelta | None = None,
     steps: int | None = None,
+    latency: str | datetime.timedelta | None = None,
 ) -> Experiment:
     """An experiment to use as ``with limit(...) as exp:`` (or ``exp = limit(...).start()`` ... ``exp.stop()``).
 
     ``cpu="1000m..100m", over="5m", steps=10``: a stepped profile, run by the agent (node-local).
+    ``latency="20ms"`` (with ``bandwidth``): each shaped direction queues at most that long (default 50ms).
 
     Checked now (UsageError, nothing sent); applied when the block is entered; reverted when it is
     left. ``duration`` (default ``DEFAULT_DURATION_S``) is how long the agent keeps the change if
@@ -836,7 +864,7 @@ def limit(
         bandwidth=bandwidth, direction=direction,
         duration=duration if duration is not None else format_duration(DEFAULT_DURATION_S),
         method=method, force=force, agent_address=agent_address, kubeconfig=kubeconfig, context=context,
-        timeout=timeout, over=over, steps=steps)
+        timeout=timeout, over=over, steps=steps, latency=latency)
     return Experiment(req, conn)
 
 
@@ -867,6 +895,7 @@ def apply(
     context: str | None = None,
     timeout: str | datetime.timedelta | None = None,
     open_backend: Opener = backends.open_backend,
+    latency: str | datetime.timedelta | None = None,
 ) -> ApplyResult:
     """``kubectl-chaos --set-...`` as a function: apply and return what was read back; nothing reverts it
     but :func:`reset` or ``duration`` (none by default, as the CLI). Raises :class:`ApplyFailed` (with
@@ -874,7 +903,7 @@ def apply(
     req, conn = build_request(
         pod, namespace=namespace, container=container, selector=selector, cpu=cpu, memory=memory,
         bandwidth=bandwidth, direction=direction, duration=duration, method=method, force=force, dry_run=dry_run,
-        agent_address=agent_address, kubeconfig=kubeconfig, context=context, timeout=timeout)
+        agent_address=agent_address, kubeconfig=kubeconfig, context=context, timeout=timeout, latency=latency)
 
     def send(backend: Backend) -> ApplyResult:
         request = req if req.namespace is not None else dataclasses.replace(req, namespace=backend.default_namespace())

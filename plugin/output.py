@@ -16,12 +16,13 @@ from plugin.backends import (
     RESOURCE_MEMORY,
     ApplyResult,
     ExperimentStatus,
+    QueueReading,
     ResetResult,
     ResourceChange,
     TargetResult,
     TopRow,
 )
-from plugin.units import format_bandwidth, format_cpu, format_memory
+from plugin.units import format_bandwidth, format_cpu, format_latency, format_memory
 
 __all__ = ["FORMATS", "format_value", "format_time", "render_result", "render_status", "render_top", "result_data",
            "status_data", "top_row_data"]
@@ -59,6 +60,32 @@ def _target_name(t: TargetResult | ExperimentStatus) -> str:
     return f"{t.namespace}/{t.pod}" + (f" (container {t.container})" if t.container else "")
 
 
+def format_queue(queue: QueueReading) -> str:
+    """``queue 24.2ms = 6,056 B (budget 20ms)``: the limit read from the kernel, as time at the rate."""
+    if queue.unknown:
+        return f"queue unknown ({queue.unknown})"
+    if queue.limit_bytes is None:
+        return f"queue {queue.limit_packets} packets (the kernel's default, not the {format_latency(queue.budget_s)} budget)"
+    return f"queue {format_latency(queue.latency_s)} = {queue.limit_bytes:,} B (budget {format_latency(queue.budget_s)})"
+
+
+def _queue_cell(queue: QueueReading | None) -> str:
+    if queue is None:
+        return "-"
+    if queue.unknown:
+        return "unknown"
+    if queue.limit_bytes is None:
+        return f"{queue.limit_packets}p"
+    return f"{format_latency(queue.latency_s)}/{queue.limit_bytes}B"
+
+
+def _queue_data(queue: QueueReading | None) -> dict | None:
+    if queue is None:
+        return None
+    return {"budgetSeconds": queue.budget_s, "limitBytes": queue.limit_bytes, "limitPackets": queue.limit_packets,
+            "latencySeconds": queue.latency_s, "unknown": queue.unknown or None}
+
+
 def _change_line(change: ResourceChange, *, kind: str, dry_run: bool, now: datetime) -> str:
     before = format_value(change.resource, change.previous)
     after = format_value(change.resource, change.requested)
@@ -69,7 +96,9 @@ def _change_line(change: ResourceChange, *, kind: str, dry_run: bool, now: datet
         # Never the asked value dressed as a reading: say why there is none.
         line += f" (read back: unknown, {change.unknown}) via {change.method}"
     else:
-        line += f" (read back {format_value(change.resource, change.read_back)}) via {change.method}"
+        line += f" (read back {format_value(change.resource, change.read_back)}"
+        line += f", {format_queue(change.queue)})" if change.queue is not None else ")"
+        line += f" via {change.method}"
         if kind == "reset":
             line += ", restored" if change.read_back == change.requested else ", NOT the original"
         elif change.expires_at is not None:
@@ -101,7 +130,7 @@ def render_result(result: ApplyResult | ResetResult, fmt: str, now: datetime) ->
 
 
 def _change_data(change: ResourceChange) -> dict:
-    return {
+    data = {
         "resource": change.resource,
         "unit": change.unit,
         "previous": change.previous,
@@ -112,6 +141,9 @@ def _change_data(change: ResourceChange) -> dict:
         "message": change.message,
         "readBackUnknown": change.unknown or None,
     }
+    if change.queue is not None:  # a shaped direction
+        data["queue"] = _queue_data(change.queue)
+    return data
 
 
 def result_data(result: ApplyResult | ResetResult) -> dict:
@@ -164,33 +196,38 @@ def render_status(items: Sequence[ExperimentStatus], fmt: str, now: datetime) ->
     """Active experiments: a table (one row per resource) in text, else json/yaml."""
     if fmt != "text":
         return _dump(status_data(items), fmt)
-    rows = [_STATUS_COLUMNS]
+    # A QUEUE column (the queue read back: time at the rate / bytes) when anything is shaped.
+    queues = any(c.queue is not None for s in items for c in s.changes)
+    columns = _STATUS_COLUMNS[:7] + ("QUEUE",) + _STATUS_COLUMNS[7:] if queues else _STATUS_COLUMNS
+    rows = [columns]
     for s in items:
         for c in s.changes or (None,):
             if c is None:
-                rows.append((s.namespace, s.pod, s.container, "-", "-", "-", "-", "-", "-", s.state))
+                rows.append((s.namespace, s.pod, s.container, "-", "-", "-", "-", "-", "-", s.state)
+                            + (("-",) if queues else ()))
                 continue
-            rows.append(
-                (
-                    s.namespace,
-                    s.pod,
-                    s.container,
-                    c.resource,
-                    format_value(c.resource, c.previous),
-                    format_value(c.resource, c.requested),
-                    "unknown" if c.unknown else format_value(c.resource, c.read_back),
-                    c.method,
-                    format_time(c.expires_at, now) if c.expires_at is not None else "never",
-                    s.state,
-                )
+            row = (
+                s.namespace,
+                s.pod,
+                s.container,
+                c.resource,
+                format_value(c.resource, c.previous),
+                format_value(c.resource, c.requested),
+                "unknown" if c.unknown else format_value(c.resource, c.read_back),
+                c.method,
+                format_time(c.expires_at, now) if c.expires_at is not None else "never",
+                s.state,
             )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_STATUS_COLUMNS))]
+            rows.append(row[:7] + (_queue_cell(c.queue),) + row[7:] if queues else row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     table = "".join(
         "   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows
     )
     # What a table cell cannot hold: why a value is unknown, a failing restore, a damaged record.
     notes = [f"{s.namespace}/{s.pod}/{s.container} {c.resource}: unknown ({c.unknown})"
              for s in items for c in s.changes if c.unknown]
+    notes += [f"{s.namespace}/{s.pod}/{s.container} {c.resource}: {format_queue(c.queue)}"
+              for s in items for c in s.changes if c.queue is not None and c.queue.unknown]
     notes += [f"{s.namespace}/{s.pod}/{s.container} ({s.state}): {s.message}" for s in items if s.message]
     return table + "".join(f"  {n}\n" for n in notes)
 

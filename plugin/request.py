@@ -16,10 +16,12 @@ from plugin.units import (
     describe_bandwidth,
     describe_cpu,
     describe_duration,
+    describe_latency,
     describe_memory,
     parse_bandwidth,
     parse_cpu,
     parse_duration,
+    parse_latency,
     parse_memory,
 )
 
@@ -63,6 +65,7 @@ class Flags:
     timeout: str | None = None
     over: str | None = None
     steps: str | None = None
+    latency: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +204,9 @@ def build_invocation(flags: Flags) -> Invocation:
         raise UsageError("--duration applies to a change; --reset ends the experiment now")
     if flags.direction is not None and flags.set_bandwidth is None:
         raise UsageError("--direction applies only to --set-bandwidth")
+    if flags.latency is not None and flags.set_bandwidth is None:
+        raise UsageError(f'--latency "{flags.latency}" bounds the queue of a shaped direction; give it with'
+                         " --set-bandwidth")
     if flags.direction is not None and flags.direction not in DIRECTIONS:
         raise UsageError(f'--direction: "{flags.direction}" is not a direction; use egress, ingress or both')
     if flags.method is not None and flags.method not in METHODS:
@@ -238,6 +244,10 @@ def build_invocation(flags: Flags) -> Invocation:
     if flags.set_bandwidth is not None:
         bandwidth_bps = parse_bandwidth(flags.set_bandwidth)
         readings.append(describe_bandwidth(flags.set_bandwidth, bandwidth_bps, direction))
+    latency_s = None
+    if flags.latency is not None:
+        latency_s = parse_latency(flags.latency)
+        readings.append(describe_latency(flags.latency, latency_s))
     if flags.duration is not None:
         duration_s = parse_duration(flags.duration)
         readings.append(describe_duration(flags.duration, duration_s))
@@ -282,6 +292,7 @@ def build_invocation(flags: Flags) -> Invocation:
         dry_run=flags.dry_run,
         reset=flags.reset,
         steps=profile,
+        latency_s=latency_s,
     )
     return Invocation(request=request, connection=connection, readings=tuple(readings))
 

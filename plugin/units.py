@@ -16,6 +16,7 @@ Readings, documented in ``kubectl-chaos --help``:
   ``2mbps`` is refused: tc reads "mbps" as megabytes/s, people writing it usually mean megabits.
 - Durations need a unit (``30s``, ``5m``, ``1h30m``, ``1.5h``); a bare ``90`` is refused rather
   than guessed.
+- A queue's latency budget (``--latency``): ``ms`` or ``s`` (``50ms``, ``20ms``, ``1s``), 1ms to 10s.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ __all__ = [
     "BANDWIDTH_MAX_BPS",
     "DURATION_MIN_S",
     "DURATION_MAX_S",
+    "LATENCY_DEFAULT_S",
+    "LATENCY_MIN_S",
+    "LATENCY_MAX_S",
+    "parse_latency",
+    "format_latency",
+    "describe_latency",
     "parse_cpu",
     "parse_memory",
     "parse_bandwidth",
@@ -60,6 +67,11 @@ BANDWIDTH_MIN_BPS = 8_000
 BANDWIDTH_MAX_BPS = 100 * 10**9
 DURATION_MIN_S = 1
 DURATION_MAX_S = 366 * 24 * 3600
+# The queue of a shaped direction: netshape's bounds (a TBF limit below 1 ms of the rate is mostly
+# the floor of four frames anyway; above 10 s it is not a slow link but a broken one).
+LATENCY_DEFAULT_S = 0.050
+LATENCY_MIN_S = 0.001
+LATENCY_MAX_S = 10.0
 
 _MAX_INPUT_CHARS = 64
 _MAX_EXPONENT = 40
@@ -404,3 +416,50 @@ def format_duration(seconds: float | None) -> str:
 def describe_duration(text: str, seconds: float) -> str:
     """How a duration was read: ``duration 1h30m = 5,400 s``."""
     return f"duration {text.strip()} = {_group(int(seconds)) if seconds == int(seconds) else seconds} s"
+
+
+# --- Queue latency -----------------------------------------------------------------------------
+
+_LATENCY_ACCEPTS = "use ms or s, like 50ms, 20ms or 1s (1ms to 10s)"
+_LATENCY = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<unit>[A-Za-zµ]*)", re.ASCII)
+_LATENCY_UNIT_S = {"ms": Fraction(1, 1000), "s": Fraction(1)}
+
+
+def parse_latency(text: str, flag: str = "--latency") -> float:
+    """A queue's latency budget with a unit (``50ms``, ``0.5s``), as seconds: 1ms to 10s."""
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError(f"{flag}: empty value; {_LATENCY_ACCEPTS}")
+    stripped = text.strip()
+    shown = _quote(stripped if len(stripped) <= _MAX_INPUT_CHARS else stripped[:20] + "...")
+    if len(stripped) > _MAX_INPUT_CHARS:
+        raise UsageError(f"{flag}: {shown} is too long to be a latency; {_LATENCY_ACCEPTS}")
+    if stripped.startswith("-"):
+        raise UsageError(f"{flag}: {shown} is negative; {_LATENCY_ACCEPTS}")
+    match = _LATENCY.fullmatch(stripped)
+    if match is None:
+        raise UsageError(f"{flag}: {shown} is not a latency; {_LATENCY_ACCEPTS}")
+    number, unit = match["number"], match["unit"]
+    if not unit:
+        raise UsageError(f"{flag}: {shown} has no unit; write {number}ms or {number}s")
+    if unit not in _LATENCY_UNIT_S:
+        raise UsageError(f"{flag}: {shown} has an unknown unit {_quote(unit)}; {_LATENCY_ACCEPTS}")
+    seconds = Fraction(number) * _LATENCY_UNIT_S[unit]
+    if seconds < Fraction(LATENCY_MIN_S).limit_denominator(1000):
+        raise UsageError(f"{flag}: {shown} is {'zero' if seconds == 0 else 'shorter than 1ms'}; accepted: 1ms to 10s")
+    if seconds > LATENCY_MAX_S:
+        raise UsageError(f"{flag}: {shown} is longer than 10s; accepted: 1ms to 10s")
+    return float(seconds)
+
+
+def format_latency(seconds: float | None) -> str:
+    """Seconds as ``50ms``, ``24.2ms``, ``1.5s``; None = unknown."""
+    if seconds is None:
+        return "unknown"
+    if seconds >= 1:
+        return f"{_decimal(Fraction(seconds).limit_denominator(10**6), 3)}s"
+    return f"{_decimal(Fraction(seconds * 1000).limit_denominator(10**6), 1)}ms"
+
+
+def describe_latency(text: str, seconds: float) -> str:
+    """How a budget was read: ``latency 20ms = 0.02 s of queue per shaped direction``."""
+    return f"latency {text.strip()} = {seconds:g} s of queue per shaped direction"

@@ -40,6 +40,7 @@ __all__ = [
     "Connection",
     "ExperimentStatus",
     "ProfileStep",
+    "QueueReading",
     "TopRow",
     "ResetResult",
     "ResourceChange",
@@ -132,6 +133,9 @@ class ChaosRequest:
     reset: bool = False
     # A stepped profile: the fields above are its first step; these follow (the agent runs them).
     steps: tuple[ProfileStep, ...] = ()
+    # The queue budget of the shaped directions (only with bandwidth); None: the experiment's, 50 ms
+    # for a new shaping.
+    latency_s: float | None = None
 
     @property
     def ingress_bps(self) -> int | None:
@@ -150,6 +154,20 @@ class ChaosRequest:
         if self.selector is not None:
             return f"{ns} -l {self.selector}"
         return f"{ns}/{self.pod}" + (f"/{self.container}" if self.container else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueReading:
+    """A shaped direction's queue as the kernel holds it: ``limit_bytes`` (``limit_packets`` for the
+    kernel's default leaf), ``latency_s`` = how long the full queue takes to drain at the rate in force
+    (the budget, or more where four full frames are longer), ``budget_s`` what was asked. ``unknown``:
+    why it could not be read."""
+
+    budget_s: float
+    limit_bytes: int | None = None
+    limit_packets: int | None = None
+    latency_s: float | None = None
+    unknown: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +190,7 @@ class ResourceChange:
     message: str = ""
     # Why ``read_back`` could not be read from the kernel (then None is no reading, not "unlimited").
     unknown: str = ""
+    queue: QueueReading | None = None  # bandwidth: the direction's queue, read back
 
     @property
     def unit(self) -> str:

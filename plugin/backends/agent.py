@@ -24,6 +24,7 @@ from plugin.backends import (
     ChaosRequest,
     Connection,
     ExperimentStatus,
+    QueueReading,
     ResetResult,
     ResourceChange,
     TargetResult,
@@ -45,6 +46,15 @@ _TLS_ENV = ("KUBECTL_CHAOS_TLS_CA", "KUBECTL_CHAOS_TLS_CERT", "KUBECTL_CHAOS_TLS
 
 def connect(conn: Connection) -> AgentBackend:
     return AgentBackend(conn)
+
+
+def _queue(r: Any) -> QueueReading | None:
+    if not r.HasField("queue"):
+        return None
+    q = r.queue
+    return QueueReading(budget_s=q.budget_s, unknown=q.unknown,
+                        **{n: getattr(q, n) if q.HasField(n) else None
+                           for n in ("limit_bytes", "limit_packets", "latency_s")})
 
 
 def _when(ts: float | None) -> datetime | None:
@@ -127,6 +137,7 @@ class AgentBackend:
             method=self._method_names.get(r.method, "auto"),
             expires_at=expires_at,
             unknown="" if dry_run else r.in_force.unknown,
+            queue=None if dry_run else _queue(r),
         )
 
     def _target(self, req: ChaosRequest) -> Any:
@@ -159,6 +170,8 @@ class AgentBackend:
         )
         if req.duration_s is not None:
             request.duration_s = req.duration_s
+        if req.latency_s is not None:
+            request.latency_s = req.latency_s
         for step in req.steps:
             c = pb.Changes()
             if step.cpu_millicpu is not None:
@@ -245,6 +258,7 @@ class AgentBackend:
                     method=self._method_names.get(r.method, "auto"),
                     expires_at=expires,
                     unknown=r.in_force.unknown,
+                    queue=_queue(r),
                 )
                 for r in e.resources
             )

@@ -63,6 +63,8 @@ class FakeWorld:
         self.containers: dict[tuple[str, str, str], FakeContainer] = {}
         self.pod_quota: dict[tuple[str, str], int] = {}
         self.rates: dict[str, tuple[int, int]] = {}
+        self.latency: dict[str, float] = {}  # the queue budget each key was last shaped with
+        self.queue_bytes: dict[str, tuple[int | None, int | None]] = {}  # overrides: someone resized a queue
         self.runtime_refuses = False
         self.runtime_down = False
         self.shape_fails = False
@@ -209,21 +211,36 @@ class FakeNet:
     def __init__(self, world: FakeWorld):
         self.w = world
 
-    def find_host_veth(self, pid):
+    def find_host_veth(self, pid, pod=""):
         return "veth-fake"
 
-    def shape(self, host, key, *, ingress_bps, egress_bps, snapshot=None):
+    def shape(self, host, key, *, ingress_bps, egress_bps, snapshot=None, latency_s=0.05):
         if self.w.shape_fails:
             raise ApplyFailed("shaping veth-fake: netlink says no")
         old = self.w.rates.get(key, (UNLIMITED, UNLIMITED))
         self.w.rates[key] = (ingress_bps or old[0], egress_bps or old[1])
+        self.w.latency[key] = latency_s
+        self.w.queue_bytes.pop(key, None)
         return {"was": "nothing"}
+
+    def read_queues(self, host, key):
+        """What netshape's read_queue would say: the planned limits at MTU 1500 unless overridden."""
+        import netshape
+
+        rates = self.w.rates.get(key)
+        if rates is None:
+            return netshape.QueueInfo(mtu_bytes=1500)
+        planned = tuple(None if r == UNLIMITED else netshape.queue_limit_bytes(r // 8, self.w.latency[key])
+                        for r in rates)
+        got = self.w.queue_bytes.get(key, planned)
+        return netshape.QueueInfo(ingress_limit_bytes=got[0], egress_limit_bytes=got[1], mtu_bytes=1500)
 
     def has_ingress_hook(self, host):
         return False
 
     def unshape(self, host, key, snapshot, *, ingress_hook_ours=False):
         self.w.rates.pop(key, None)
+        self.w.queue_bytes.pop(key, None)
 
     def remove_ifb(self, key):
         return self.w.rates.pop(key, None) is not None

@@ -24,51 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x61\x65monset/api/agent.proto\x12\x16kubectl_chaos.agent.v1\";\n\x06Target\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x11\n\tcontainer\x18\x03 \x01(\t\"\xb3\x01\n\x07\x43hanges\x12\x19\n\x0c\x63pu_millicpu\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0cmemory_bytes\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0bingress_bps\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\negress_bps\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x0f\n\r_cpu_millicpuB\x0f\n\r_memory_bytesB\x0e\n\x0c_ingress_bpsB\r\n\x0b_egress_bps\"\x95\x02\n\x0c\x41pplyRequest\x12.\n\x06target\x18\x01 \x01(\x0b\x32\x1e.kubectl_chaos.agent.v1.Target\x12\x30\n\x07\x63hanges\x18\x02 \x01(\x0b\x32\x1f.kubectl_chaos.agent.v1.Changes\x12\x17\n\nduration_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12.\n\x06method\x18\x04 \x01(\x0e\x32\x1e.kubectl_chaos.agent.v1.Method\x12\r\n\x05\x66orce\x18\x05 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x06 \x01(\x08\x12+\n\x05steps\x18\x07 \x03(\x0b\x32\x1c.kubectl_chaos.agent.v1.StepB\r\n\x0b_duration_s\"J\n\x04Step\x12\x10\n\x08offset_s\x18\x01 \x01(\x01\x12\x30\n\x07\x63hanges\x18\x02 \x01(\x0b\x32\x1f.kubectl_chaos.agent.v1.Changes\"=\n\x08Quantity\x12\x11\n\tunlimited\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x03\x12\x0f\n\x07unknown\x18\x03 \x01(\t\"\xc5\x02\n\x0eResourceResult\x12\x32\n\x08resource\x18\x01 \x01(\x0e\x32 .kubectl_chaos.agent.v1.Resource\x12\x32\n\x08original\x18\x02 \x01(\x0b\x32 .kubectl_chaos.agent.v1.Quantity\x12\x32\n\x08previous\x18\x03 \x01(\x0b\x32 .kubectl_chaos.agent.v1.Quantity\x12\x33\n\trequested\x18\x04 \x01(\x0b\x32 .kubectl_chaos.agent.v1.Quantity\x12\x32\n\x08in_force\x18\x05 \x01(\x0b\x32 .kubectl_chaos.agent.v1.Quantity\x12.\n\x06method\x18\x06 \x01(\x0e\x32\x1e.kubectl_chaos.agent.v1.Method\"}\n\x0eResolvedTarget\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x11\n\tcontainer\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x04 \x01(\t\x12\x0f\n\x07pod_uid\x18\x05 \x01(\t\x12\x11\n\tnode_name\x18\x06 \x01(\t\"\xe0\x01\n\rApplyResponse\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x36\n\x06target\x18\x02 \x01(\x0b\x32&.kubectl_chaos.agent.v1.ResolvedTarget\x12\x39\n\tresources\x18\x03 \x03(\x0b\x32&.kubectl_chaos.agent.v1.ResourceResult\x12\x1e\n\x11\x65xpires_at_unix_s\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x42\x14\n\x12_expires_at_unix_s\"_\n\rRevertRequest\x12.\n\x06target\x18\x01 \x01(\x0b\x32\x1e.kubectl_chaos.agent.v1.Target\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\xbe\x01\n\x0eRevertResponse\x12\x36\n\x06target\x18\x01 \x01(\x0b\x32&.kubectl_chaos.agent.v1.ResolvedTarget\x12\x39\n\tresources\x18\x02 \x03(\x0b\x32&.kubectl_chaos.agent.v1.ResourceResult\x12\x12\n\nwas_active\x18\x03 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\x12\x14\n\x0cnot_restored\x18\x05 \x03(\t\" \n\x0bListRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"\xa3\x04\n\nExperiment\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x36\n\x06target\x18\x02 \x01(\x0b\x32&.kubectl_chaos.agent.v1.ResolvedTarget\x12\x39\n\tresources\x18\x03 \x03(\x0b\x32&.kubectl_chaos.agent.v1.ResourceResult\x12\x19\n\x11started_at_unix_s\x18\x04 \x01(\x01\x12\x1e\n\x11\x65xpires_at_unix_s\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x11\x64rift_corrections\x18\x06 \x01(\x03\x12\r\n\x05phase\x18\x07 \x01(\t\x12\r\n\x05owner\x18\x08 \x01(\t\x12\x0f\n\x07\x66\x61ilure\x18\t \x01(\t\x12!\n\x14next_retry_at_unix_s\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\x03\x12\x13\n\x0bsteps_total\x18\x0c \x01(\x03\x12\x0c\n\x04step\x18\r \x01(\x03\x12 \n\x13next_step_at_unix_s\x18\x0e \x01(\x01H\x02\x88\x01\x01\x12\x32\n\tnext_step\x18\x0f \x01(\x0b\x32\x1f.kubectl_chaos.agent.v1.Changes\x12\x11\n\tstep_note\x18\x10 \x01(\tB\x14\n\x12_expires_at_unix_sB\x17\n\x15_next_retry_at_unix_sB\x16\n\x14_next_step_at_unix_s\"K\n\rDamagedRecord\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0f\n\x07\x63leaned\x18\x04 \x03(\t\"\x7f\n\x0cListResponse\x12\x37\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\".kubectl_chaos.agent.v1.Experiment\x12\x36\n\x07\x64\x61maged\x18\x02 \x03(\x0b\x32%.kubectl_chaos.agent.v1.DamagedRecord\"F\n\x0eObserveRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\ninterval_s\x18\x02 \x01(\x01\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\"\x91\x05\n\x0bObservation\x12\x36\n\nexperiment\x18\x01 \x01(\x0b\x32\".kubectl_chaos.agent.v1.Experiment\x12\x12\n\ninterval_s\x18\x02 \x01(\x01\x12\x16\n\tcpu_cores\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13\x63pu_throttled_share\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12%\n\x18memory_working_set_bytes\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x1f\n\x12memory_limit_bytes\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x16\n\toom_kills\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x18\n\x0bingress_bps\x18\x08 \x01(\x01H\x05\x88\x01\x01\x12\x1a\n\ringress_drops\x18\t \x01(\x03H\x06\x88\x01\x01\x12\"\n\x15ingress_backlog_bytes\x18\n \x01(\x03H\x07\x88\x01\x01\x12\x17\n\negress_bps\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x19\n\x0c\x65gress_drops\x18\x0c \x01(\x03H\t\x88\x01\x01\x12!\n\x14\x65gress_backlog_bytes\x18\r \x01(\x03H\n\x88\x01\x01\x12\x0e\n\x06\x65rrors\x18\x0e \x03(\tB\x0c\n\n_cpu_coresB\x16\n\x14_cpu_throttled_shareB\x1b\n\x19_memory_working_set_bytesB\x15\n\x13_memory_limit_bytesB\x0c\n\n_oom_killsB\x0e\n\x0c_ingress_bpsB\x10\n\x0e_ingress_dropsB\x18\n\x16_ingress_backlog_bytesB\r\n\x0b_egress_bpsB\x0f\n\r_egress_dropsB\x17\n\x15_egress_backlog_bytes\"W\n\x0fObserveResponse\x12\x11\n\tat_unix_s\x18\x01 \x01(\x01\x12\x31\n\x04rows\x18\x02 \x03(\x0b\x32#.kubectl_chaos.agent.v1.Observation*P\n\x06Method\x12\x0f\n\x0bMETHOD_AUTO\x10\x00\x12\x0e\n\nMETHOD_CRI\x10\x01\x12\x11\n\rMETHOD_CGROUP\x10\x02\x12\x12\n\x0eMETHOD_NETLINK\x10\x03*v\n\x08Resource\x12\x18\n\x14RESOURCE_UNSPECIFIED\x10\x00\x12\x10\n\x0cRESOURCE_CPU\x10\x01\x12\x13\n\x0fRESOURCE_MEMORY\x10\x02\x12\x14\n\x10RESOURCE_INGRESS\x10\x03\x12\x13\n\x0fRESOURCE_EGRESS\x10\x04\x32\xe7\x02\n\x05\x41gent\x12T\n\x05\x41pply\x12$.kubectl_chaos.agent.v1.ApplyRequest\x1a%.kubectl_chaos.agent.v1.ApplyResponse\x12W\n\x06Revert\x12%.kubectl_chaos.agent.v1.RevertRequest\x1a&.kubectl_chaos.agent.v1.RevertResponse\x12Q\n\x04List\x12#.kubectl_chaos.agent.v1.ListRequest\x1a$.kubectl_chaos.agent.v1.ListResponse\x12\\\n\x07Observe\x12&.kubectl_chaos.agent.v1.ObserveRequest\x1a\'.kubectl_chaos.agent.v1.ObserveResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x61\x65monset/api/agent.proto\x12\x16kubectl_chaos.agent.v1\";\n\x06Target\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x11\n\tcontainer\x18\x03 \x01(\t\"\xb3\x01\n\x07\x43hanges\x12\x19\n\x0c\x63pu_millicpu\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0cmemory_bytes\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0bingress_bps\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\negress_bps\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x0f\n\r_cpu_millicpuB\x0f\n\r_memory_bytesB\x0e\n\x0c_ingress_bpsB\r\n\x0b_egress_bps\"\xbb\x02\n\x0c\x41pplyRequest\x12.\n\x06target\x18\x01 \x01(\x0b\x32\x1e.kubectl_chaos.agent.v1.Target\x12\x30\n\x07\x63hanges\x18\x02 \x01(\x0b\x32\x1f.kubectl_chaos.agent.v1.Changes\x12\x17\n\nduration_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12.\n\x06method\x18\x04 \x01(\x0e\x32\x1e.kubectl_chaos.agent.v1.Method\x12\r\n\x05\x66orce\x18\x05 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x06 \x01(\x08\x12+\n\x05steps\x18\x07 \x03(\x0b\x32\x1c.kubectl_chaos.agent.v1.Step\x12\x16\n\tlatency_s\x18\x08 \x01(\x01H\x01\x88\x01\x01\x42\r\n\x0b_duration_sB\x0c\n\n_latency_s\"J\n\x04Step\x12\x10\n\x08offset_s\x18\x01 \x01(\x01\x12\x30\n\x07\x63hanges\x18\x02 \x01(\x0b\x32\x1f.kubectl_chaos.agent.v1.Changes\"=\n\x08Quantity\x12\x11\n\tunlimited\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x03\x12\x0f\n\x07unknown\x18\x03 \x01(\t\"\xf3\x02\n\x0eResourceResult\x12\x32\n\x08resource\x18\x01 \x01(\x0e\x32 .kubectl_chaos.agent.v1.Resource\x12\x32\n\x08original\x18\x02 \x01(\x0b\x32 .kubectl_chaos.agent.v1.Quantity\x12\x32\n\x08previous\x18\x03 \x01(\x0b\x32 .kubectl_chaos.agent.v1.Quantity\x12\x33\n\trequested\x18\x04 \x01(\x0b\x32 .kubectl_chaos.agent.v1.Quantity\x12\x32\n\x08in_force\x18\x05 \x01(\x0b\x32 .kubectl_chaos.agent.v1.Quantity\x12.\n\x06method\x18\x06 \x01(\x0e\x32\x1e.kubectl_chaos.agent.v1.Method\x12,\n\x05queue\x18\x07 \x01(\x0b\x32\x1d.kubectl_chaos.agent.v1.Queue\"\xa8\x01\n\x05Queue\x12\x10\n\x08\x62udget_s\x18\x01 \x01(\x01\x12\x18\n\x0blimit_bytes\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rlimit_packets\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\tlatency_s\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x0f\n\x07unknown\x18\x05 \x01(\tB\x0e\n\x0c_limit_bytesB\x10\n\x0e_limit_packetsB\x0c\n\n_latency_s\"}\n\x0eResolvedTarget\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x11\n\tcontainer\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x04 \x01(\t\x12\x0f\n\x07pod_uid\x18\x05 \x01(\t\x12\x11\n\tnode_name\x18\x06 \x01(\t\"\xe0\x01\n\rApplyResponse\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x36\n\x06target\x18\x02 \x01(\x0b\x32&.kubectl_chaos.agent.v1.ResolvedTarget\x12\x39\n\tresources\x18\x03 \x03(\x0b\x32&.kubectl_chaos.agent.v1.ResourceResult\x12\x1e\n\x11\x65xpires_at_unix_s\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x42\x14\n\x12_expires_at_unix_s\"_\n\rRevertRequest\x12.\n\x06target\x18\x01 \x01(\x0b\x32\x1e.kubectl_chaos.agent.v1.Target\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\xbe\x01\n\x0eRevertResponse\x12\x36\n\x06target\x18\x01 \x01(\x0b\x32&.kubectl_chaos.agent.v1.ResolvedTarget\x12\x39\n\tresources\x18\x02 \x03(\x0b\x32&.kubectl_chaos.agent.v1.ResourceResult\x12\x12\n\nwas_active\x18\x03 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\x12\x14\n\x0cnot_restored\x18\x05 \x03(\t\" \n\x0bListRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"\xa3\x04\n\nExperiment\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x36\n\x06target\x18\x02 \x01(\x0b\x32&.kubectl_chaos.agent.v1.ResolvedTarget\x12\x39\n\tresources\x18\x03 \x03(\x0b\x32&.kubectl_chaos.agent.v1.ResourceResult\x12\x19\n\x11started_at_unix_s\x18\x04 \x01(\x01\x12\x1e\n\x11\x65xpires_at_unix_s\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x11\x64rift_corrections\x18\x06 \x01(\x03\x12\r\n\x05phase\x18\x07 \x01(\t\x12\r\n\x05owner\x18\x08 \x01(\t\x12\x0f\n\x07\x66\x61ilure\x18\t \x01(\t\x12!\n\x14next_retry_at_unix_s\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\x03\x12\x13\n\x0bsteps_total\x18\x0c \x01(\x03\x12\x0c\n\x04step\x18\r \x01(\x03\x12 \n\x13next_step_at_unix_s\x18\x0e \x01(\x01H\x02\x88\x01\x01\x12\x32\n\tnext_step\x18\x0f \x01(\x0b\x32\x1f.kubectl_chaos.agent.v1.Changes\x12\x11\n\tstep_note\x18\x10 \x01(\tB\x14\n\x12_expires_at_unix_sB\x17\n\x15_next_retry_at_unix_sB\x16\n\x14_next_step_at_unix_s\"K\n\rDamagedRecord\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0f\n\x07\x63leaned\x18\x04 \x03(\t\"\x7f\n\x0cListResponse\x12\x37\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\".kubectl_chaos.agent.v1.Experiment\x12\x36\n\x07\x64\x61maged\x18\x02 \x03(\x0b\x32%.kubectl_chaos.agent.v1.DamagedRecord\"F\n\x0eObserveRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\ninterval_s\x18\x02 \x01(\x01\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\"\x91\x05\n\x0bObservation\x12\x36\n\nexperiment\x18\x01 \x01(\x0b\x32\".kubectl_chaos.agent.v1.Experiment\x12\x12\n\ninterval_s\x18\x02 \x01(\x01\x12\x16\n\tcpu_cores\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13\x63pu_throttled_share\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12%\n\x18memory_working_set_bytes\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x1f\n\x12memory_limit_bytes\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x16\n\toom_kills\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x18\n\x0bingress_bps\x18\x08 \x01(\x01H\x05\x88\x01\x01\x12\x1a\n\ringress_drops\x18\t \x01(\x03H\x06\x88\x01\x01\x12\"\n\x15ingress_backlog_bytes\x18\n \x01(\x03H\x07\x88\x01\x01\x12\x17\n\negress_bps\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x19\n\x0c\x65gress_drops\x18\x0c \x01(\x03H\t\x88\x01\x01\x12!\n\x14\x65gress_backlog_bytes\x18\r \x01(\x03H\n\x88\x01\x01\x12\x0e\n\x06\x65rrors\x18\x0e \x03(\tB\x0c\n\n_cpu_coresB\x16\n\x14_cpu_throttled_shareB\x1b\n\x19_memory_working_set_bytesB\x15\n\x13_memory_limit_bytesB\x0c\n\n_oom_killsB\x0e\n\x0c_ingress_bpsB\x10\n\x0e_ingress_dropsB\x18\n\x16_ingress_backlog_bytesB\r\n\x0b_egress_bpsB\x0f\n\r_egress_dropsB\x17\n\x15_egress_backlog_bytes\"W\n\x0fObserveResponse\x12\x11\n\tat_unix_s\x18\x01 \x01(\x01\x12\x31\n\x04rows\x18\x02 \x03(\x0b\x32#.kubectl_chaos.agent.v1.Observation*P\n\x06Method\x12\x0f\n\x0bMETHOD_AUTO\x10\x00\x12\x0e\n\nMETHOD_CRI\x10\x01\x12\x11\n\rMETHOD_CGROUP\x10\x02\x12\x12\n\x0eMETHOD_NETLINK\x10\x03*v\n\x08Resource\x12\x18\n\x14RESOURCE_UNSPECIFIED\x10\x00\x12\x10\n\x0cRESOURCE_CPU\x10\x01\x12\x13\n\x0fRESOURCE_MEMORY\x10\x02\x12\x14\n\x10RESOURCE_INGRESS\x10\x03\x12\x13\n\x0fRESOURCE_EGRESS\x10\x04\x32\xe7\x02\n\x05\x41gent\x12T\n\x05\x41pply\x12$.kubectl_chaos.agent.v1.ApplyRequest\x1a%.kubectl_chaos.agent.v1.ApplyResponse\x12W\n\x06Revert\x12%.kubectl_chaos.agent.v1.RevertRequest\x1a&.kubectl_chaos.agent.v1.RevertResponse\x12Q\n\x04List\x12#.kubectl_chaos.agent.v1.ListRequest\x1a$.kubectl_chaos.agent.v1.ListResponse\x12\\\n\x07Observe\x12&.kubectl_chaos.agent.v1.ObserveRequest\x1a\'.kubectl_chaos.agent.v1.ObserveResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'daemonset.api.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_METHOD']._serialized_start=3298
-  _globals['_METHOD']._serialized_end=3378
-  _globals['_RESOURCE']._serialized_start=3380
-  _globals['_RESOURCE']._serialized_end=3498
+  _globals['_METHOD']._serialized_start=3553
+  _globals['_METHOD']._serialized_end=3633
+  _globals['_RESOURCE']._serialized_start=3635
+  _globals['_RESOURCE']._serialized_end=3753
   _globals['_TARGET']._serialized_start=53
   _globals['_TARGET']._serialized_end=112
   _globals['_CHANGES']._serialized_start=115
   _globals['_CHANGES']._serialized_end=294
   _globals['_APPLYREQUEST']._serialized_start=297
-  _globals['_APPLYREQUEST']._serialized_end=574
-  _globals['_STEP']._serialized_start=576
-  _globals['_STEP']._serialized_end=650
-  _globals['_QUANTITY']._serialized_start=652
-  _globals['_QUANTITY']._serialized_end=713
-  _globals['_RESOURCERESULT']._serialized_start=716
-  _globals['_RESOURCERESULT']._serialized_end=1041
-  _globals['_RESOLVEDTARGET']._serialized_start=1043
-  _globals['_RESOLVEDTARGET']._serialized_end=1168
-  _globals['_APPLYRESPONSE']._serialized_start=1171
-  _globals['_APPLYRESPONSE']._serialized_end=1395
-  _globals['_REVERTREQUEST']._serialized_start=1397
-  _globals['_REVERTREQUEST']._serialized_end=1492
-  _globals['_REVERTRESPONSE']._serialized_start=1495
-  _globals['_REVERTRESPONSE']._serialized_end=1685
-  _globals['_LISTREQUEST']._serialized_start=1687
-  _globals['_LISTREQUEST']._serialized_end=1719
-  _globals['_EXPERIMENT']._serialized_start=1722
-  _globals['_EXPERIMENT']._serialized_end=2269
-  _globals['_DAMAGEDRECORD']._serialized_start=2271
-  _globals['_DAMAGEDRECORD']._serialized_end=2346
-  _globals['_LISTRESPONSE']._serialized_start=2348
-  _globals['_LISTRESPONSE']._serialized_end=2475
-  _globals['_OBSERVEREQUEST']._serialized_start=2477
-  _globals['_OBSERVEREQUEST']._serialized_end=2547
-  _globals['_OBSERVATION']._serialized_start=2550
-  _globals['_OBSERVATION']._serialized_end=3207
-  _globals['_OBSERVERESPONSE']._serialized_start=3209
-  _globals['_OBSERVERESPONSE']._serialized_end=3296
-  _globals['_AGENT']._serialized_start=3501
-  _globals['_AGENT']._serialized_end=3860
+  _globals['_APPLYREQUEST']._serialized_end=612
+  _globals['_STEP']._serialized_start=614
+  _globals['_STEP']._serialized_end=688
+  _globals['_QUANTITY']._serialized_start=690
+  _globals['_QUANTITY']._serialized_end=751
+  _globals['_RESOURCERESULT']._serialized_start=754
+  _globals['_RESOURCERESULT']._serialized_end=1125
+  _globals['_QUEUE']._serialized_start=1128
+  _globals['_QUEUE']._serialized_end=1296
+  _globals['_RESOLVEDTARGET']._serialized_start=1298
+  _globals['_RESOLVEDTARGET']._serialized_end=1423
+  _globals['_APPLYRESPONSE']._serialized_start=1426
+  _globals['_APPLYRESPONSE']._serialized_end=1650
+  _globals['_REVERTREQUEST']._serialized_start=1652
+  _globals['_REVERTREQUEST']._serialized_end=1747
+  _globals['_REVERTRESPONSE']._serialized_start=1750
+  _globals['_REVERTRESPONSE']._serialized_end=1940
+  _globals['_LISTREQUEST']._serialized_start=1942
+  _globals['_LISTREQUEST']._serialized_end=1974
+  _globals['_EXPERIMENT']._serialized_start=1977
+  _globals['_EXPERIMENT']._serialized_end=2524
+  _globals['_DAMAGEDRECORD']._serialized_start=2526
+  _globals['_DAMAGEDRECORD']._serialized_end=2601
+  _globals['_LISTRESPONSE']._serialized_start=2603
+  _globals['_LISTRESPONSE']._serialized_end=2730
+  _globals['_OBSERVEREQUEST']._serialized_start=2732
+  _globals['_OBSERVEREQUEST']._serialized_end=2802
+  _globals['_OBSERVATION']._serialized_start=2805
+  _globals['_OBSERVATION']._serialized_end=3462
+  _globals['_OBSERVERESPONSE']._serialized_start=3464
+  _globals['_OBSERVERESPONSE']._serialized_end=3551
+  _globals['_AGENT']._serialized_start=3756
+  _globals['_AGENT']._serialized_end=4115
 # @@protoc_insertion_point(module_scope)

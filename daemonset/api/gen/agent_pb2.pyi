@@ -167,6 +167,7 @@ class ApplyRequest(_message.Message):
     FORCE_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    LATENCY_S_FIELD_NUMBER: _builtins.int
     duration_s: _builtins.float
     """Revert on its own after this many seconds (also across agent restarts). Absent: until reverted."""
     method: Global___Method.ValueType
@@ -174,6 +175,11 @@ class ApplyRequest(_message.Message):
     """Allow changes the planner would refuse as unsafe (e.g. memory close to usage)."""
     dry_run: _builtins.bool
     """Plan, validate and report; change nothing."""
+    latency_s: _builtins.float
+    """With a bandwidth change: each shaped direction's queue holds at most this long at its rate
+    (accepted 0.001 to 10; never fewer than four full frames). Absent: the experiment's budget
+    (0.05 for a new shaping).
+    """
     @_builtins.property
     def target(self) -> Global___Target: ...
     @_builtins.property
@@ -194,14 +200,20 @@ class ApplyRequest(_message.Message):
         force: _builtins.bool = ...,
         dry_run: _builtins.bool = ...,
         steps: _abc.Iterable[Global___Step] | None = ...,
+        latency_s: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_duration_s", b"_duration_s", "changes", b"changes", "duration_s", b"duration_s", "target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_duration_s", b"_duration_s", "_latency_s", b"_latency_s", "changes", b"changes", "duration_s", b"duration_s", "latency_s", b"latency_s", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_duration_s", b"_duration_s", "changes", b"changes", "dry_run", b"dry_run", "duration_s", b"duration_s", "force", b"force", "method", b"method", "steps", b"steps", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_duration_s", b"_duration_s", "_latency_s", b"_latency_s", "changes", b"changes", "dry_run", b"dry_run", "duration_s", b"duration_s", "force", b"force", "latency_s", b"latency_s", "method", b"method", "steps", b"steps", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__duration_s: _TypeAlias = _typing.Literal["duration_s"]  # noqa: Y015
     _WhichOneofArgType__duration_s: _TypeAlias = _typing.Literal["_duration_s", b"_duration_s"]  # noqa: Y015
+    _WhichOneofReturnType__latency_s: _TypeAlias = _typing.Literal["latency_s"]  # noqa: Y015
+    _WhichOneofArgType__latency_s: _TypeAlias = _typing.Literal["_latency_s", b"_latency_s"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__duration_s) -> _WhichOneofReturnType__duration_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_s) -> _WhichOneofReturnType__latency_s | None: ...
 
 Global___ApplyRequest: _TypeAlias = ApplyRequest  # noqa: Y015
 
@@ -266,6 +278,7 @@ class ResourceResult(_message.Message):
     REQUESTED_FIELD_NUMBER: _builtins.int
     IN_FORCE_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
     resource: Global___Resource.ValueType
     method: Global___Method.ValueType
     @_builtins.property
@@ -284,6 +297,10 @@ class ResourceResult(_message.Message):
     def in_force(self) -> Global___Quantity:
         """Read back from the kernel after the change (dry run: what would be in force)."""
 
+    @_builtins.property
+    def queue(self) -> Global___Queue:
+        """Bandwidth: the direction's queue as the kernel holds it (absent: not read, e.g. a revert)."""
+
     def __init__(
         self,
         *,
@@ -293,14 +310,65 @@ class ResourceResult(_message.Message):
         requested: Global___Quantity | None = ...,
         in_force: Global___Quantity | None = ...,
         method: Global___Method.ValueType = ...,
+        queue: Global___Queue | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["in_force", b"in_force", "original", b"original", "previous", b"previous", "requested", b"requested"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["in_force", b"in_force", "original", b"original", "previous", b"previous", "queue", b"queue", "requested", b"requested"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_force", b"in_force", "method", b"method", "original", b"original", "previous", b"previous", "requested", b"requested", "resource", b"resource"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_force", b"in_force", "method", b"method", "original", b"original", "previous", b"previous", "queue", b"queue", "requested", b"requested", "resource", b"resource"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResourceResult: _TypeAlias = ResourceResult  # noqa: Y015
+
+@_typing.final
+class Queue(_message.Message):
+    """The queue of one shaped direction, read from the kernel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_S_FIELD_NUMBER: _builtins.int
+    LIMIT_BYTES_FIELD_NUMBER: _builtins.int
+    LIMIT_PACKETS_FIELD_NUMBER: _builtins.int
+    LATENCY_S_FIELD_NUMBER: _builtins.int
+    UNKNOWN_FIELD_NUMBER: _builtins.int
+    budget_s: _builtins.float
+    """The latency budget the experiment asked for."""
+    limit_bytes: _builtins.int
+    """The queue's limit; limit_packets instead where the queue counts packets (the kernel's default
+    leaf, from shaping made before queues were sized).
+    """
+    limit_packets: _builtins.int
+    latency_s: _builtins.float
+    """How long the full queue takes to drain at the rate in force (limit_bytes / rate)."""
+    unknown: _builtins.str
+    """Set when the queue could not be read: why."""
+    def __init__(
+        self,
+        *,
+        budget_s: _builtins.float = ...,
+        limit_bytes: _builtins.int | None = ...,
+        limit_packets: _builtins.int | None = ...,
+        latency_s: _builtins.float | None = ...,
+        unknown: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_latency_s", b"_latency_s", "_limit_bytes", b"_limit_bytes", "_limit_packets", b"_limit_packets", "latency_s", b"latency_s", "limit_bytes", b"limit_bytes", "limit_packets", b"limit_packets"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_latency_s", b"_latency_s", "_limit_bytes", b"_limit_bytes", "_limit_packets", b"_limit_packets", "budget_s", b"budget_s", "latency_s", b"latency_s", "limit_bytes", b"limit_bytes", "limit_packets", b"limit_packets", "unknown", b"unknown"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__latency_s: _TypeAlias = _typing.Literal["latency_s"]  # noqa: Y015
+    _WhichOneofArgType__latency_s: _TypeAlias = _typing.Literal["_latency_s", b"_latency_s"]  # noqa: Y015
+    _WhichOneofReturnType__limit_bytes: _TypeAlias = _typing.Literal["limit_bytes"]  # noqa: Y015
+    _WhichOneofArgType__limit_bytes: _TypeAlias = _typing.Literal["_limit_bytes", b"_limit_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__limit_packets: _TypeAlias = _typing.Literal["limit_packets"]  # noqa: Y015
+    _WhichOneofArgType__limit_packets: _TypeAlias = _typing.Literal["_limit_packets", b"_limit_packets"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_s) -> _WhichOneofReturnType__latency_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__limit_bytes) -> _WhichOneofReturnType__limit_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__limit_packets) -> _WhichOneofReturnType__limit_packets | None: ...
+
+Global___Queue: _TypeAlias = Queue  # noqa: Y015
 
 @_typing.final
 class ResolvedTarget(_message.Message):
