@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from daemonset import crd
+from daemonset import crd, observe, watch
 from daemonset import reconcile as rc
 from daemonset.informer import Informer, WatchExpired, WatchFailed, WorkQueue
 from daemonset.policy import DEFAULT_AGENT_NAMESPACE, Policy
@@ -126,7 +126,7 @@ class Controller:
                  agent_namespace: str = DEFAULT_AGENT_NAMESPACE,
                  resync_s: float = RESYNC_S, watch_timeout_s: int = WATCH_TIMEOUT_S,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 rand: Callable[[], float] = random.random):
+                 rand: Callable[[], float] = random.random, observe_interval_s: float = watch.OBSERVE_INTERVAL_S):
         from kubernetes import client as k8s
 
         del state_dir  # accepted for older callers: ownership lives in the engine's records now
@@ -160,7 +160,16 @@ class Controller:
         self.field_manager = FIELD_MANAGER.format(node=node_name)[:128]
         self.status_writes = 0  # server-side applies of the status sent
         self.status_conflicts = 0  # of them answered 409 (another manager owned a field) and sent again forced
+        self.status_pruned = 0  # entries of gone pods this node stopped writing
         self._baselines: dict[Key, rc.Baselines] = {}  # spec resources when applied, for in-place resize
+        # kubectl chaos top: the objects someone watches (daemonset.watch), the last counters of each
+        # experiment sampled for them, and the objects this node has published figures on.
+        self.observe_interval_s = observe_interval_s
+        self.observe_manager = watch.OBSERVE_MANAGER.format(node=node_name)[:128]
+        self._watches: dict[Key, watch.Watch] = {}
+        self._samples: dict[str, tuple[Key, observe.Counters]] = {}  # by experiment id
+        self._observed: dict[Key, float] = {}  # key -> when its next sample is due (epoch seconds)
+        self.observe_writes = 0  # status.observed applies sent
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._next_resync = 0.0
@@ -189,7 +198,7 @@ class Controller:
             return
         for name, target, args in (("namespaces", self.namespaces.run, (ns_rv,)), ("node", self.nodes.run, (node_rv,)),
                                    ("pods", self.pods.run, (pods_rv,)), ("rc", self.rcs.run, (rcs_rv,)),
-                                   ("worker", self._work, ())):
+                                   ("worker", self._work, ()), ("observe", self._observe_loop, ())):
             t = threading.Thread(target=target, args=args, name=f"controller-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -283,6 +292,91 @@ class Controller:
 
     def _on_rc_change(self, key: Key, old: dict | None, new: dict | None) -> None:
         self.queue.add(key)
+
+    # -- kubectl chaos top: figures in status while someone watches ---------------------------------
+
+    def _observe_loop(self) -> None:
+        while not self._stop.wait(min(0.5, self.observe_interval_s / 4)):
+            try:
+                self.observe_once()
+            except Exception as e:  # figures are a courtesy: never stop the loop for them
+                log.warning("publishing figures for top failed: %s", e)
+
+    def observe_once(self) -> int:
+        """Sample and publish the figures of every watched object that is due; one last empty apply
+        for an object whose watch has ended. Returns the number of status writes made."""
+        if not hasattr(self.engine, "sample"):
+            return 0
+        now = self.wall()
+        # From the cache each time (a mark may arrive in an object our own write stored, whose watch
+        # event is then skipped): a few dict lookups per object.
+        watches = {}
+        for key, obj in self.rcs.items():
+            seen = watch.watch_of(self._watches.get(key), obj, now)
+            if seen is not None:
+                watches[key] = seen
+        self._watches = watches
+        writes = 0
+        for key in sorted(set(watches) | set(self._observed)):
+            seen = watches.get(key)
+            obj = self.rcs.get(key)
+            if seen is None or seen.until <= now or obj is None:
+                if self._observed.pop(key, None) is not None and obj is not None:
+                    writes += self._publish(key, obj, [])  # the watch ended: our entries go
+                continue
+            if now < self._observed.get(key, 0.0):
+                continue
+            self._observed[key] = now + self.observe_interval_s
+            uid = obj["metadata"].get("uid")
+            entries = []
+            ours = set()
+            try:
+                sampled = self.engine.sample(key[0])
+            except Exception as e:
+                log.warning("sampling for top of ResourceChaos %s/%s failed: %s", key[0], key[1], e)
+                continue
+            for info, counters, oom_kills_at_start in sampled:
+                if not rc.owned_by(info, key) or info.owner.uid != uid or info.phase not in rc.LIVE:
+                    continue
+                ours.add(info.experiment_id)
+                before = self._samples.get(info.experiment_id, (key, None))[1]
+                self._samples[info.experiment_id] = (key, counters)
+                if before is not None:
+                    figures = observe.figures(before, counters, oom_kills_at_start=oom_kills_at_start)
+                    entry = watch.observed_entry(info.target.pod, info.target.container, self.node, now, seen.mark,
+                                                 figures)
+                    if entry.get("errors"):
+                        entry["errors"] = [self._scrub(e, key[0]) for e in entry["errors"]]
+                    entries.append(entry)
+            for experiment_id in [i for i, (k, _) in self._samples.items() if k == key and i not in ours]:
+                del self._samples[experiment_id]  # ended
+            if entries:
+                writes += self._publish(key, obj, entries)
+        for experiment_id in [i for i, (k, _) in self._samples.items() if k not in self._observed]:
+            del self._samples[experiment_id]  # its object is no longer watched (or the experiment ended)
+        return writes
+
+    def _publish(self, key: Key, obj: dict, entries: list[dict]) -> int:
+        """Server-side apply of this node's ``status.observed`` entries (all of them: one left out is
+        removed), as its own field manager, so the target entries' writes never touch them."""
+        from kubernetes.client.exceptions import ApiException
+
+        body = {"apiVersion": crd.API_VERSION, "kind": crd.KIND,
+                "metadata": {"name": key[1], "namespace": key[0]},
+                "status": {"observed": sorted(entries, key=lambda e: e["pod"])}}
+        self.observe_writes += 1
+        try:
+            stored = self.custom.patch_namespaced_custom_object_status(
+                crd.GROUP, crd.VERSION, key[0], crd.PLURAL, key[1], body, field_manager=self.observe_manager,
+                force=True, _content_type=APPLY_PATCH)
+        except ApiException as e:
+            if e.status != 404:
+                log.warning("ResourceChaos %s/%s: figures for top not written: %s %s", key[0], key[1], e.status,
+                            e.reason)
+            return 1
+        if (stored.get("metadata") or {}).get("uid") == obj["metadata"].get("uid"):
+            self.rcs.store(stored)
+        return 1
 
     def _on_pod_change(self, pod_key: Key, old: dict | None, new: dict | None) -> None:
         """Queue the objects that target this pod, before or after the change (labels move pods in
@@ -415,6 +509,7 @@ class Controller:
                         run.entries.setdefault(entry["pod"], entry)  # an engine result of this run wins
                     if action.node is not None:
                         run.node_entry = action.node
+                    run.drops.update(action.drop)
                 elif isinstance(action, rc.Remember):
                     with self._lock:
                         if action.baselines:
@@ -428,8 +523,9 @@ class Controller:
                 del run.entries[pod]  # already says so (the same Pending answer on every retry, say)
             with self._lock:
                 owed = bool(self._unwritten.get(key))
-            if obj is not None and (run.entries or owed or run.node_entry is not None):
-                self._write_status(key, obj, run.entries, run.node_entry)
+            run.drops -= set(run.entries)
+            if obj is not None and (run.entries or owed or run.node_entry is not None or run.drops):
+                self._write_status(key, obj, run.entries, run.node_entry, drop=run.drops)
             if release and obj is not None and not run.transient:  # kept while an apply is being retried
                 self._release_finalizer(key, obj)
         finally:
@@ -467,7 +563,10 @@ class Controller:
             run.events.append(rc.Event(pod, "Failed", message, warning=True))
             return
         entry = rc.applied_entry(pod, container, action.generation, self.node, run.now, result.resources,
-                                 result.expires_at, result.experiment_id)
+                                 result.expires_at, result.experiment_id,
+                                 profile=rc.profile_status(getattr(result, "steps_total", 0), getattr(result, "step", 0),
+                                                           getattr(result, "next_step_at", None),
+                                                           getattr(result, "next_step", {})))
         run.entries[target.pod] = entry
         run.events.append(rc.Event(pod, "Applied", rc.applied_text(run.key[1], entry)))
         log.info("applied ResourceChaos %s/%s to %s: %s", run.key[0], run.key[1], target.describe(),
@@ -537,7 +636,8 @@ class Controller:
 
     # -- API writes --------------------------------------------------------------------------------
 
-    def _write_status(self, key: Key, obj: dict, entries: dict[str, dict], node_entry: dict | None = None) -> None:
+    def _write_status(self, key: Key, obj: dict, entries: dict[str, dict], node_entry: dict | None = None, *,
+                      drop: set[str] | frozenset[str] = frozenset()) -> None:
         """Server-side apply of this node's part of the status: all its ``status.targets`` entries
         (``entries`` put in place by pod), its ``status.nodes`` entry (``node_entry`` when it refuses
         the object as a whole, else a summary of its targets) and the target summary, as field
@@ -560,7 +660,9 @@ class Controller:
         if mine is None or known_uid != uid:  # first write since start: what the API holds of ours
             mine = {e["pod"]: e for e in (cached.get("status") or {}).get("targets") or []
                     if e.get("node") == self.node}
-        targets = {**mine, **owed}
+        targets = {pod: e for pod, e in {**mine, **owed}.items() if pod not in drop}
+        if drop:
+            self.status_pruned += len(drop & set(mine))
         ordered = [targets[pod] for pod in sorted(targets)]
         node = dict(node_entry, message=self._scrub(node_entry.get("message", ""), namespace)) \
             if node_entry is not None else crd.node_summary(cached, self.node, ordered)
@@ -683,6 +785,7 @@ class _Run:
         self.blocked: set[tuple[str, str | None]] = set()  # (pod, container) whose revert has not finished
         self.transient = False
         self.node_entry: dict | None = None  # this node's status.nodes entry, when it refuses the object
+        self.drops: set[str] = set()  # pods whose entries this node stops writing
 
 
 class _Stream:

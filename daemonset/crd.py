@@ -50,6 +50,28 @@ class SpecError(ValueError):
     """A ResourceChaos spec or selector that cannot be used; the message names the field and value."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ProfileRow:
+    """One later step of a stepped profile (``spec.profile[]``): these values go in force
+    ``after_s`` seconds after the agent applied the request; None leaves a resource at the step
+    before. The spec's own values are the first step (at 0 s)."""
+
+    after_s: float
+    cpu_millicpu: int | None = None
+    memory_bytes: int | None = None
+    bandwidth_bps: int | None = None  # in the spec's bandwidth direction
+
+    def to_dict(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"afterSeconds": self.after_s}
+        if self.cpu_millicpu is not None:
+            row["cpuMillicores"] = self.cpu_millicpu
+        if self.memory_bytes is not None:
+            row["memoryBytes"] = self.memory_bytes
+        if self.bandwidth_bps is not None:
+            row["bitsPerSecond"] = self.bandwidth_bps
+        return row
+
+
 # ---------------------------------------------------------------------------------------------
 # Spec
 
@@ -71,6 +93,8 @@ class ChaosSpec:
     # New on every kubectl-chaos command, so the same spec sent again is a new generation that
     # every agent answers afresh (a Failed target is retried, an expired one applied again).
     request_id: str | None = None
+    # A stepped profile: the values above are its first step, these rows follow (the agent runs them).
+    profile: tuple[ProfileRow, ...] = ()
 
     @property
     def ingress_bps(self) -> int | None:
@@ -101,6 +125,8 @@ class ChaosSpec:
             spec["durationSeconds"] = self.duration_s
         if self.request_id:
             spec["requestId"] = self.request_id
+        if self.profile:
+            spec["profile"] = [row.to_dict() for row in self.profile]
         return spec
 
     @classmethod
@@ -154,7 +180,62 @@ class ChaosSpec:
                      direction=direction, duration_s=duration, method=method, force=force, request_id=request_id)
         if not result.requested():
             raise SpecError("spec: nothing to change; set cpuMillicores, memoryBytes or bandwidth")
-        return result
+        profile = _profile(spec.get("profile"), result)
+        return dataclasses.replace(result, profile=profile) if profile else result
+
+
+def _profile(rows: Any, first: ChaosSpec) -> tuple[ProfileRow, ...]:
+    """``spec.profile`` checked row by row (as the CRD's schema, and what it cannot say: offsets
+    rising, only resources the first step sets); SpecError names the row, the field and what is
+    accepted."""
+    if rows is None:
+        return ()
+    if not isinstance(rows, list):
+        raise SpecError(f"spec.profile must be a list of steps, got {_show(rows)}")
+    if len(rows) > MAX_PROFILE_ROWS:
+        raise SpecError(f"spec.profile has {len(rows)} steps; accepted: at most {MAX_PROFILE_ROWS}")
+    out: list[ProfileRow] = []
+    last = 0.0
+    for i, row in enumerate(rows):
+        where = f"spec.profile[{i}]"
+        if not isinstance(row, dict):
+            raise SpecError(f"{where} must be an object, got {_show(row)}")
+        unknown = sorted(set(row) - {"afterSeconds", *_ROW_FIELDS})
+        if unknown:
+            raise SpecError(f"{where}: unknown field {_show(unknown[0])}; accepted: afterSeconds,"
+                            f" {', '.join(_ROW_FIELDS)}")
+        after = row.get("afterSeconds")
+        if isinstance(after, bool) or not isinstance(after, int | float) or not math.isfinite(after) \
+                or not 0 < after <= MAX_DURATION_S:
+            raise SpecError(f"{where}.afterSeconds {_show(after)} is out of range; accepted: more than 0, at most"
+                            f" {MAX_DURATION_S} (30 days)")
+        if after <= last:
+            raise SpecError(f"{where}.afterSeconds {after:g} is not after the step before ({last:g}); the rows go"
+                            " in time order, each later than the one before")
+        values = {name: _integer(row, name, *LIMITS[limit], field=f"{where}.{name}")
+                  for name, limit in _ROW_FIELDS.items()}
+        if not any(v is not None for v in values.values()):
+            raise SpecError(f"{where} changes nothing; set cpuMillicores, memoryBytes or bitsPerSecond")
+        for name, value in values.items():
+            if value is not None and getattr(first, _ROW_FIELDS_FIRST[name]) is None:
+                raise SpecError(f"{where}.{name}: the first step (the spec's own values) sets no"
+                                f" {_ROW_NAMES[name]}; a profile steps only the resources it starts with")
+        out.append(ProfileRow(after_s=after, cpu_millicpu=values["cpuMillicores"],
+                              memory_bytes=values["memoryBytes"], bandwidth_bps=values["bitsPerSecond"]))
+        last = after
+    if first.duration_s is not None and out and out[-1].after_s > first.duration_s:
+        late = next(i for i, r in enumerate(out) if r.after_s > first.duration_s)
+        raise SpecError(f"spec.profile[{late}].afterSeconds {out[late].after_s:g} is after spec.durationSeconds"
+                        f" {first.duration_s:g}: the experiment ends before that step; accepted: at most the duration")
+    return tuple(out)
+
+
+# A profile row's value fields -> the bounds in LIMITS, the ChaosSpec field of the first step, a name.
+_ROW_FIELDS = {"cpuMillicores": "cpuMillicores", "memoryBytes": "memoryBytes",
+               "bitsPerSecond": "bandwidth.bitsPerSecond"}
+_ROW_FIELDS_FIRST = {"cpuMillicores": "cpu_millicpu", "memoryBytes": "memory_bytes",
+                     "bitsPerSecond": "bandwidth_bps"}
+_ROW_NAMES = {"cpuMillicores": "cpu", "memoryBytes": "memory", "bitsPerSecond": "bandwidth"}
 
 
 def spec_of(obj: dict) -> ChaosSpec:
@@ -166,6 +247,8 @@ def spec_of(obj: dict) -> ChaosSpec:
 LIMITS = {"cpuMillicores": (1, 1_000_000), "memoryBytes": (4 * 2**20, 2**50),
           "bandwidth.bitsPerSecond": (8_000, 100 * 10**9)}
 MAX_DURATION_S = 30 * 24 * 3600
+# Steps of a profile after the first (status shows the step in force and the next one).
+MAX_PROFILE_ROWS = 999
 # At most this many pods per ResourceChaos (status.targets has maxItems of this): beyond it, a
 # selector must be narrowed or split. Keeps the object far below the API's ~1.5 MiB size limit.
 MAX_TARGETS = 500

@@ -494,7 +494,7 @@ class Engine:
         if any(r in changes for r in BANDWIDTH):
             self._check_bandwidth_owner(exp)
         if req.dry_run:
-            return self._result(exp, set(changes), previous, None, dry_run=True)
+            return self._result(exp, set(changes), previous, None, dry_run=True, created=base is None)
 
         payload = self._cri_payload(exp, info, before) if needs_view else None
         payload_dict = payload.to_dict() if payload is not None else None  # once: asdict is not cheap
@@ -555,7 +555,7 @@ class Engine:
             log.info("applied %s on %s: %s -> %s (read back) via %s%s", r.value, target.describe(),
                      fmt(r, previous[r]), fmt(r, in_force[r]), made.methods[r].value,
                      f", expires at {_iso(made.expires_at)}" if made.expires_at else "")
-        result = self._result(made, set(changes), previous, in_force, dry_run=False,
+        result = self._result(made, set(changes), previous, in_force, dry_run=False, created=base is None,
                               queues=queues)
         self._emit(EventKind.APPLIED, made, resources=result.resources)
         return result
@@ -1018,7 +1018,7 @@ class Engine:
         return values, unknown
 
     def _result(self, exp: Experiment, changed: set[Resource], previous: dict[Resource, int],
-                in_force: dict[Resource, int] | None, *, dry_run: bool,
+                in_force: dict[Resource, int] | None, *, dry_run: bool, created: bool = False,
                 queues: dict[Resource, QueueResult] | None = None) -> ApplyResult:
         """The resources this request changed (others of the experiment stay as they were)."""
         queues = queues or {}
@@ -1030,7 +1030,10 @@ class Engine:
                            queue=queues.get(r))
             for r in sorted(changed, key=lambda r: r.value))
         return ApplyResult(experiment_id=exp.experiment_id, target=exp.target, resources=resources,
-                           expires_at=exp.expires_at, dry_run=dry_run)
+                           expires_at=exp.expires_at, dry_run=dry_run, created=created,
+                           steps_total=exp.steps_total, step=exp.step,
+                           next_step_at=exp.steps[0].at if exp.steps else None,
+                           next_step=dict(exp.steps[0].values) if exp.steps else {})
 
     def _revert_results(self, exp: Experiment, previous: dict[Resource, int], prev_unknown: dict[Resource, str],
                         after: dict[Resource, int] | None, after_unknown: dict[Resource, str]) -> tuple[ResourceResult, ...]:

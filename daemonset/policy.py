@@ -67,11 +67,17 @@ def refusal(policy: Policy, spec: crd.ChaosSpec, pod: dict, container: str) -> s
     if denied:
         return denied
     reasons = []
-    for resource, asked in (("cpu", spec.cpu_millicpu), ("memory", spec.memory_bytes)):
-        if asked is not None:
-            why = raise_refusal(resource, asked, spec_limit(pod, container, resource), policy, name, container)
-            if why:
-                reasons.append(why)
+    for resource, field in (("cpu", "cpu_millicpu"), ("memory", "memory_bytes")):
+        # Every step of a profile is checked (a ramp up may end above the spec limit), the highest
+        # first: it is the one a grant must cover, and the message names its step.
+        asked = [(value, step) for step, value in enumerate(
+            [getattr(spec, field)] + [getattr(row, field) for row in spec.profile], 1) if value is not None]
+        if not asked:
+            continue
+        value, step = max(asked, key=lambda pair: (pair[0], -pair[1]))
+        why = raise_refusal(resource, value, spec_limit(pod, container, resource), policy, name, container)
+        if why:
+            reasons.append(f"step {step} of the profile: {why}" if spec.profile and step > 1 else why)
     return "; ".join(reasons)
 
 

@@ -39,6 +39,7 @@ from daemonset.types import (
     OwnerKind,
     Phase,
     ResourceResult,
+    StepSpec,
     Target,
 )
 
@@ -59,6 +60,11 @@ REASON_DISABLED = "the namespace is no longer enabled for kubectl-chaos"
 
 # An experiment that ended while no event reached the controller (an agent restart in between).
 UNKNOWN_END = "ended on the node while the agent was not watching; the values it restored were not reported"
+
+# An entry of a pod that is gone, whose experiment has ended (Reverted or Failed), stays this long so
+# people can read why, then this node stops writing it: status.targets does not grow with every pod
+# a selector experiment ever matched (it is capped at crd.MAX_TARGETS).
+PRUNE_AFTER_S = 300.0
 
 LIVE = (Phase.ACTIVE, Phase.APPLYING)  # in force: the controller may revert, supersede or change it
 FAILING = (Phase.REVERT_FAILING, Phase.ROLLBACK_FAILED)  # the engine retries by itself
@@ -110,6 +116,8 @@ class WriteStatus:
 
     entries: tuple[dict, ...]
     node: dict | None = None
+    # Pods whose entries this node stops writing (the API server removes them): gone pods, long ended.
+    drop: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +161,7 @@ def owned_by(info: ExperimentInfo, key: Key) -> bool:
 
 def reconcile(key: Key, obj: dict | None, pods: Mapping[str, dict], experiments: Iterable[ExperimentInfo],
               node: str, *, ended: Iterable[EngineEvent] = (), baselines: Baselines | None = None,
-              now: float = 0.0, policy: Policy | None = None) -> list[Action]:
+              now: float = 0.0, policy: Policy | None = None, prune_after_s: float = PRUNE_AFTER_S) -> list[Action]:
     """The actions that bring this node in line with the object ``key`` (``obj`` None: deleted).
 
     ``pods``: this node's pods in the object's namespace, by name. ``experiments``: the engine's in
@@ -161,6 +169,7 @@ def reconcile(key: Key, obj: dict | None, pods: Mapping[str, dict], experiments:
     ``baselines``: what ``Remember`` last said. ``now``: epoch seconds, for timestamps.
     ``policy``: the namespace opt-in and raise policy (daemonset.policy) every apply is checked
     against; the controller always gives one. None applies no policy (as node-local mode).
+    ``prune_after_s``: how long an ended entry of a pod that is gone stays in the status.
     """
     namespace, name = key
     ended_by_id = {e.experiment_id: e for e in ended if e.owner.kind == OwnerKind.RESOURCE_CHAOS}
@@ -270,6 +279,10 @@ def reconcile(key: Key, obj: dict | None, pods: Mapping[str, dict], experiments:
                 # Answered: in force (the engine corrects drift and ends it on time), or a further
                 # change that failed and left the earlier one in force.
                 remembered[(pod_uid, container)] = baselines.get((pod_uid, container), spec_now)
+                if phase == crd.APPLIED and previous is not None:
+                    stepped = stepped_entry(previous, found, now)
+                    if stepped is not None:
+                        plan.write(stepped)  # the engine took a step of the profile (or holds one)
                 continue
             # Not answered for this generation: a further change (status Applied for an older
             # generation: its own duration counts from now, none keeps the end time in force), or
@@ -330,6 +343,14 @@ def reconcile(key: Key, obj: dict | None, pods: Mapping[str, dict], experiments:
         plan.reverts.append(Revert(_target(e), e.owner, reason, e.experiment_id, pod=same, previous=previous,
                                    write_status=previous is not None or same is not None))
 
+    held_pods = {e.target.pod for e in mine}
+    for pod_name, entry in sorted(plan.entries.items()):
+        if entry.get("node") == node and pod_name not in pods and pod_name not in held_pods \
+                and pod_name not in plan.writes and entry.get("phase") in (crd.REVERTED, crd.FAILED):
+            since = _parse_time(entry.get("lastTransitionTime"))
+            if since is None or now - since >= prune_after_s:
+                plan.drops.append(pod_name)
+
     if remembered != dict(baselines):
         plan.remember = Remember(remembered)
     kept = any(e.phase not in LIVE or not plan.ends(e) for e in mine)
@@ -349,6 +370,7 @@ class _Plan:
         self.supersedes: list[Supersede] = []
         self.applies: list[Apply] = []
         self.writes: dict[str, dict] = {}
+        self.drops: list[str] = []  # pods whose entries this node stops writing
         self.events: list[Event] = []
         self.remember: Remember | None = None
         self.node_entry: dict | None = None  # this node's status.nodes entry as the object has it
@@ -449,8 +471,9 @@ class _Plan:
         if self.applies:
             out.append(SetFinalizer(True))
             out.extend(self.applies)
-        if self.writes or self.refusal_changed:
-            out.append(WriteStatus(tuple(self.writes[p] for p in sorted(self.writes)), node=self.refusal))
+        if self.writes or self.refusal_changed or self.drops:
+            out.append(WriteStatus(tuple(self.writes[p] for p in sorted(self.writes)), node=self.refusal,
+                                   drop=tuple(self.drops)))
         if self.remember is not None:
             out.append(self.remember)
         if release and (finalizer_held or self.applies) or (finalizer_held and (self.reverts or self.supersedes)):
@@ -480,8 +503,46 @@ def new_entry(pod: dict, container: str, phase: str, generation: int, node: str,
     return entry
 
 
+def profile_status(steps_total: int, step: int, next_step_at: float | None, next_step: Mapping[Any, int],
+                   note: str = "") -> dict | None:
+    """A target entry's ``profile``: the step in force and the next one (None without a profile)."""
+    if not steps_total:
+        return None
+    out: dict[str, Any] = {"step": step, "steps": steps_total}
+    if next_step_at is not None:
+        out["nextStepAt"] = crd.rfc3339(next_step_at)
+        out["next"] = {RESOURCE_NAMES[getattr(r, "value", r)]: _value(v) for r, v in sorted(
+            next_step.items(), key=lambda kv: getattr(kv[0], "value", kv[0]))}
+    if note:
+        out["note"] = note[:1024]
+    return out
+
+
+def stepped_entry(previous: dict, e: ExperimentInfo, now: float) -> dict | None:
+    """``previous`` (Applied) with the profile's progress as the engine reports it and the values
+    of the step in force read back; None when nothing changed (no profile, or the same step)."""
+    progress = profile_status(e.steps_total, e.step, e.next_step_at, e.next_step, e.step_note)
+    if progress == previous.get("profile"):
+        return None
+    entry = dict(previous, lastTransitionTime=crd.rfc3339(now))
+    if progress is None:
+        entry.pop("profile", None)
+    else:
+        entry["profile"] = progress
+    read = {RESOURCE_NAMES[r.resource.value]: r for r in e.resources}
+    changes = []
+    for change in previous.get("changes") or []:
+        r = read.get(change["resource"])
+        change = dict(change)
+        if r is not None and not r.unknown:
+            change["applied"] = _value(r.in_force)
+        changes.append(change)
+    entry["changes"] = changes
+    return entry
+
+
 def applied_entry(pod: dict, container: str, generation: int, node: str, now: float, resources,
-                  expires_at: float | None, experiment_id: str) -> dict:
+                  expires_at: float | None, experiment_id: str, profile: dict | None = None) -> dict:
     changes, unknown = [], []
     for r in resources:
         resource = RESOURCE_NAMES[r.resource.value]
@@ -492,9 +553,12 @@ def applied_entry(pod: dict, container: str, generation: int, node: str, now: fl
         else:
             change["applied"] = _value(r.in_force)
         changes.append(change)
-    return new_entry(pod, container, crd.APPLIED, generation, node, now, message="; ".join(unknown),
-                     changes=changes, method=",".join(sorted({r.method.value for r in resources})),
-                     expires_at=expires_at, experiment_id=experiment_id)
+    entry = new_entry(pod, container, crd.APPLIED, generation, node, now, message="; ".join(unknown),
+                      changes=changes, method=",".join(sorted({r.method.value for r in resources})),
+                      expires_at=expires_at, experiment_id=experiment_id)
+    if profile is not None:
+        entry["profile"] = profile
+    return entry
 
 
 def reverted_entry(previous: dict | None, pod: dict | None, pod_name: str, container: str, node: str, now: float,
@@ -760,7 +824,20 @@ def _request(spec: crd.ChaosSpec, namespace: str, pod: str, container: str, dura
         changes=Changes(cpu_millicpu=spec.cpu_millicpu, memory_bytes=spec.memory_bytes,
                         ingress_bps=spec.ingress_bps, egress_bps=spec.egress_bps),
         duration_s=duration_s, method=Method(spec.method), force=spec.force,
-        owner=Owner(OwnerKind.RESOURCE_CHAOS, meta["namespace"], meta["name"], meta.get("uid", "")))
+        owner=Owner(OwnerKind.RESOURCE_CHAOS, meta["namespace"], meta["name"], meta.get("uid", "")),
+        steps=tuple(steps(spec)))
+
+
+def steps(spec: crd.ChaosSpec) -> list[StepSpec]:
+    """The spec's profile rows as the engine's steps (bandwidth in the spec's direction)."""
+    out = []
+    for row in spec.profile:
+        bps = row.bandwidth_bps
+        out.append(StepSpec(offset_s=float(row.after_s), changes=Changes(
+            cpu_millicpu=row.cpu_millicpu, memory_bytes=row.memory_bytes,
+            ingress_bps=bps if bps is not None and spec.direction in ("ingress", "both") else None,
+            egress_bps=bps if bps is not None and spec.direction in ("egress", "both") else None)))
+    return out
 
 
 def _parse_time(text: str | None) -> float | None:

@@ -148,7 +148,8 @@ def resource_pb(r: ResourceResult) -> agent_pb2.ResourceResult:
 
 def apply_response_pb(res: ApplyResult) -> agent_pb2.ApplyResponse:
     out = agent_pb2.ApplyResponse(experiment_id=res.experiment_id, target=resolved_pb(res.target),
-                                  resources=[resource_pb(r) for r in res.resources], dry_run=res.dry_run)
+                                  resources=[resource_pb(r) for r in res.resources], dry_run=res.dry_run,
+                                  created=res.created)
     if res.expires_at is not None:
         out.expires_at_unix_s = res.expires_at
     return out

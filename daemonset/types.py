@@ -344,6 +344,12 @@ class ApplyResult:
     resources: tuple[ResourceResult, ...]
     expires_at: float | None  # seconds since the epoch
     dry_run: bool = False
+    created: bool = False  # this request started the experiment (False: it changed one in force)
+    # A stepped profile's progress, as ExperimentInfo has it (steps_total 0: no profile).
+    steps_total: int = 0
+    step: int = 0
+    next_step_at: float | None = None
+    next_step: dict[Resource, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

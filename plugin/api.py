@@ -519,6 +519,14 @@ class Experiment:
         return self._result.targets if self._result is not None else ()
 
     @property
+    def created(self) -> bool | None:
+        """Whether the last apply started the experiment (True) or changed one in force (False), on
+        every target; None when the backend does not say (a selector's targets may differ: see
+        ``targets[i].created``)."""
+        found = {t.created for t in self.targets}
+        return found.pop() if len(found) == 1 else None
+
+    @property
     def expires_at(self) -> datetime.datetime | None:
         """When the agent reverts by itself (UTC), from the last apply."""
         moments = [c.expires_at for t in self.targets for c in t.changes if c.expires_at is not None]

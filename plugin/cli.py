@@ -379,8 +379,6 @@ def make_cli(open_backend: BackendOpener = backends.open_backend, clock: Clock =
         if not 0.2 <= interval_s <= 60:
             raise UsageError(f'--interval: "{interval}" is out of range; give 0.2s to 60s')
         connection = build_connection(agent_address, kubeconfig, context, timeout)
-        if connection.agent_address is None:
-            raise UsageError("top needs --agent-address in this version (the figures come from the node's agent)")
         in_place = output == "text" and watch and sys.stdout.isatty()
 
         def show(backend: Backend) -> int:

@@ -159,6 +159,7 @@ def result_data(result: ApplyResult | ResetResult) -> dict:
                 "container": t.container,
                 "node": t.node,
                 "experimentId": t.experiment_id,
+                "created": t.created,
                 "error": t.error,
                 "changes": [_change_data(c) for c in t.changes],
             }

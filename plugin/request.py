@@ -257,9 +257,6 @@ def build_invocation(flags: Flags) -> Invocation:
         if flags.over is None:
             raise UsageError(f"{ranges[0][0]} {ranges[0][1]}..{ranges[0][2]}: a range needs --over (how long the"
                              " ramp takes, e.g. --over 5m)")
-        if connection.agent_address is None:
-            raise UsageError("stepped profiles (a range with --over) need --agent-address in this version;"
-                             " in cluster mode set each value with its own command")
         over_s = parse_duration(flags.over)
         count = _parse_steps(flags.steps)
         ends = {}

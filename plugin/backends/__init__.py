@@ -208,6 +208,8 @@ class TargetResult:
     node: str | None = None
     experiment_id: str | None = None
     error: str | None = None
+    # True: this request started the experiment; False: it changed one in force; None: not known.
+    created: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)

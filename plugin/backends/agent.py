@@ -193,6 +193,7 @@ class AgentBackend:
                 experiment_id=resp.experiment_id or None,
                 changes=tuple(self._change(r, expires_at=expires, dry_run=resp.dry_run)
                               for r in resp.resources),
+                created=resp.created,
             ),),
             dry_run=resp.dry_run,
         )

@@ -13,12 +13,13 @@ this command does. It is imported only for a kubeconfig the small client does no
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from daemonset import crd
@@ -31,6 +32,7 @@ from plugin.backends import (
     ResetResult,
     ResourceChange,
     TargetResult,
+    TopRow,
     kubeclient,
 )
 
@@ -94,7 +96,11 @@ class ClusterBackend:
                 container=containers[req.pod] if req.pod else req.container,
                 cpu_millicpu=req.cpu_millicpu, memory_bytes=req.memory_bytes, bandwidth_bps=req.bandwidth_bps,
                 direction=req.direction, duration_s=req.duration_s, method=req.method, force=req.force,
-                request_id=os.urandom(8).hex())
+                request_id=os.urandom(8).hex(), profile=_profile(req))
+            try:
+                crd.ChaosSpec.from_dict(spec.to_dict())  # the agents' own checks, before anything is sent
+            except crd.SpecError as e:
+                raise BackendError(str(e)) from None
             existing = self._find(namespace, req, spec.container)
             if existing is not None and crd.is_deleting(existing):
                 raise BackendError(f"ResourceChaos {namespace}/{existing['metadata']['name']} is being reset; "
@@ -137,7 +143,11 @@ class ClusterBackend:
                                                 error=_no_answer(pod, entry, self.timeout_s)))
                     continue
                 before = crd.target_entry((existing or {}).get("status"), pod_name) if existing else None
-                results.append(_target_result(namespace, name, entry, crd.spec_of(final or obj), before))
+                result = _target_result(namespace, name, entry, crd.spec_of(final or obj), before)
+                # Changed one in force: this pod's entry showed the same experiment of the engine in force.
+                changed = before is not None and before.get("phase") in (crd.APPLIED, crd.REVERTING) \
+                    and before.get("experimentId") == entry.get("experimentId") and not created
+                results.append(dataclasses.replace(result, created=None if result.error else not changed))
             if req.pod is not None:
                 result = results[0]
                 if result.error:
@@ -200,17 +210,89 @@ class ClusterBackend:
                                                 message="no chaos-agent has answered yet"))
                 continue
             for entry in entries:
-                changes = tuple(
-                    ResourceChange(c["resource"], c.get("original"), requested.get(c["resource"]), c.get("applied"),
-                                   c.get("method", ""), _parse_time(entry.get("expiresAt")))
-                    for c in entry.get("changes") or [])
-                state = entry["phase"].lower()
-                if crd.is_deleting(obj) and state == "applied":
-                    state = "reverting"
-                out.append(ExperimentStatus(ns, entry["pod"], entry.get("container", ""), changes=changes,
-                                            node=entry.get("node"), experiment_id=f"{ns}/{name}", started_at=started,
-                                            state=state, message=entry.get("message", "")))
+                out.append(_entry_status(obj, entry, requested))
         return out
+
+    def top(self, namespace: str | None, interval_s: float, count: int) -> Iterator[list[TopRow]]:
+        """``kubectl chaos top`` through the API: mark the objects shown as watched (the
+        kubectl-chaos.io/watch-until annotation, refreshed while this runs), and read the figures
+        their agents publish into ``status.observed`` until that time (daemonset.watch). One list of
+        rows per ``interval_s`` (``count`` of them; 0 = until interrupted); the mark is taken off at
+        the end, so the agents stop writing at once."""
+        marks: dict[tuple[str, str], str] = {}  # the marks this command wrote, by object
+        try:
+            shown = 0
+            while True:
+                with _api_errors(self):
+                    objects = self._mark_active(namespace, marks)
+                    if shown == 0 and objects:
+                        # The agents need two samples for a rate: wait for their first figures.
+                        wait_s = self.timeout_s if count == 1 else min(self.timeout_s, 10.0)
+                        objects = self._wait_figures(namespace, objects, marks, wait_s)
+                yield [row for obj in objects for row in _top_rows(obj, marks.get(_key(obj), ""))]
+                shown += 1
+                if count and shown >= count:
+                    return
+                time.sleep(interval_s)
+        finally:
+            self._unmark(marks)
+
+    def _mark_active(self, namespace: str | None, marks: dict[tuple[str, str], str]) -> list[dict]:
+        """The objects with a target in force, each marked watched for the next WATCH_WINDOW_S (a
+        mark with more than half its window left is kept: one patch per object every ~15 s)."""
+        from daemonset import watch
+
+        now = time.time()
+        objects = []
+        for obj in self.api.request("GET", _chaos_path(namespace))["items"]:
+            if not any(e.get("phase") in (crd.APPLIED, crd.REVERTING) for e in
+                       (obj.get("status") or {}).get("targets") or []) or crd.is_deleting(obj):
+                continue
+            mark = watch.mark_of(obj)
+            until = watch.mark_until(mark) if mark else None
+            if until is None or until < now + WATCH_WINDOW_S / 2:
+                mark = crd.rfc3339(now + WATCH_WINDOW_S)
+                meta = obj["metadata"]
+                try:
+                    obj = self.api.request("PATCH", _chaos_path(meta["namespace"], meta["name"]),
+                                           body={"metadata": {"annotations": {watch.WATCH_ANNOTATION: mark}}},
+                                           content_type="application/merge-patch+json")
+                except ApiError as e:
+                    if e.status == 404:
+                        continue
+                    raise
+            marks.setdefault(_key(obj), mark)  # the first mark: figures answering it or a later one count
+            objects.append(obj)
+        return objects
+
+    def _wait_figures(self, namespace: str | None, objects: list[dict], marks: dict[tuple[str, str], str],
+                      wait_s: float) -> list[dict]:
+        deadline = time.monotonic() + wait_s
+        while True:
+            if all(row.errors == () or not row.errors[0].startswith(_NO_FIGURES)
+                   for obj in objects for row in _top_rows(obj, marks.get(_key(obj), ""))):
+                return objects
+            if time.monotonic() >= deadline:
+                return objects
+            time.sleep(0.5)
+            fresh = {_key(o): o for o in self.api.request("GET", _chaos_path(namespace))["items"]}
+            objects = [fresh[_key(o)] for o in objects if _key(o) in fresh]
+
+    def _unmark(self, marks: dict[tuple[str, str], str]) -> None:
+        """Take our marks off (unless someone else's newer one replaced it); best effort."""
+        from daemonset import watch
+
+        for (namespace, name), _ in marks.items():
+            try:
+                obj = self.api.request("GET", _chaos_path(namespace, name))
+                if watch.mark_until(watch.mark_of(obj)) is None or \
+                        watch.mark_of(obj) > crd.rfc3339(time.time() + WATCH_WINDOW_S):
+                    continue  # someone else's mark, further ahead than any of ours
+                self.api.request("PATCH", _chaos_path(namespace, name), body={"metadata": {
+                    "resourceVersion": obj["metadata"]["resourceVersion"],
+                    "annotations": {watch.WATCH_ANNOTATION: None}}}, content_type="application/merge-patch+json")
+            except Exception:  # noqa: BLE001 - the mark runs out by itself within WATCH_WINDOW_S
+                pass
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -410,6 +492,83 @@ class _Urllib3Stream:
         self.resp.release_conn()
 
 
+# How far ahead top marks what it shows as watched; refreshed when half of it is left.
+WATCH_WINDOW_S = 30.0
+_NO_FIGURES = "no figures yet"
+
+
+def _key(obj: dict) -> tuple[str, str]:
+    return obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
+
+
+def _step_text(entry: dict) -> str:
+    """A target's profile progress as node-local status says it: ``step 3/10, next cpu 700m at 12:00:30Z``."""
+    profile = entry.get("profile") or {}
+    if not profile.get("steps"):
+        return ""
+    text = f"step {profile.get('step', '?')}/{profile['steps']}"
+    if profile.get("nextStepAt"):
+        when = _parse_time(profile["nextStepAt"])
+        values = ", ".join(f"{resource} {_plain(resource, value)}" for resource, value in
+                           (profile.get("next") or {}).items())
+        text += f", next {values} at {when:%H:%M:%SZ}" if when else ""
+    if profile.get("note"):
+        text += f"; {profile['note']}"
+    return text
+
+
+def _plain(resource: str, value: int | None) -> str:
+    if value is None:
+        return "unlimited"
+    return f"{value}m" if resource == "cpu" else str(value)
+
+
+def _entry_status(obj: dict, entry: dict, requested: dict[str, int]) -> ExperimentStatus:
+    ns, name = _key(obj)
+    changes = tuple(
+        ResourceChange(c["resource"], c.get("original"), requested.get(c["resource"]), c.get("applied"),
+                       c.get("method", ""), _parse_time(entry.get("expiresAt")))
+        for c in entry.get("changes") or [])
+    state = entry["phase"].lower()
+    if crd.is_deleting(obj) and state == "applied":
+        state = "reverting"
+    message = "; ".join(m for m in (_step_text(entry), entry.get("message", "")) if m)
+    return ExperimentStatus(ns, entry["pod"], entry.get("container", ""), changes=changes, node=entry.get("node"),
+                            experiment_id=f"{ns}/{name}",
+                            started_at=_parse_time(obj["metadata"].get("creationTimestamp")), state=state,
+                            message=message)
+
+
+def _top_rows(obj: dict, mark: str) -> list[TopRow]:
+    """One row per target in force, with the figures its agent published for a mark at least as
+    late as ``mark`` (earlier ones are an older watch's)."""
+    try:
+        requested = crd.spec_of(obj).requested()
+    except crd.SpecError:
+        return []
+    status = obj.get("status") or {}
+    observed = {e.get("pod"): e for e in status.get("observed") or []}
+    rows = []
+    for entry in status.get("targets") or []:
+        if entry.get("phase") not in (crd.APPLIED, crd.REVERTING):
+            continue
+        figures = observed.get(entry["pod"])
+        if figures is None or (figures.get("watchUntil") or "") < mark:
+            rows.append(TopRow(status=_entry_status(obj, entry, requested), interval_s=0.0,
+                               errors=(f"{_NO_FIGURES} from the chaos-agent on node {entry.get('node', '?')}",)))
+            continue
+        rows.append(TopRow(
+            status=_entry_status(obj, entry, requested), interval_s=figures.get("intervalSeconds") or 0.0,
+            cpu_cores=figures.get("cpuCores"), cpu_throttled_share=figures.get("cpuThrottledShare"),
+            memory_working_set_bytes=figures.get("memoryWorkingSetBytes"),
+            memory_limit_bytes=figures.get("memoryLimitBytes"), oom_kills=figures.get("oomKills"),
+            ingress_bps=figures.get("ingressBitsPerSecond"), ingress_drops=figures.get("ingressDrops"),
+            ingress_backlog_bytes=figures.get("ingressBacklogBytes"),
+            egress_bps=figures.get("egressBitsPerSecond"), egress_drops=figures.get("egressDrops"),
+            egress_backlog_bytes=figures.get("egressBacklogBytes"), errors=tuple(figures.get("errors") or ())))
+    return rows
+
+
 def _chaos_path(namespace: str | None, name: str | None = None) -> str:
     base = f"/apis/{crd.GROUP}/{crd.VERSION}"
     path = f"{base}/namespaces/{namespace}/{crd.PLURAL}" if namespace else f"{base}/{crd.PLURAL}"
@@ -456,7 +615,16 @@ def _spec_patch(spec: crd.ChaosSpec) -> dict:
     patch.pop("target", None)
     if spec.duration_s is None:
         patch["durationSeconds"] = None
+    if not spec.profile:
+        patch["profile"] = None  # a change without a range ends the profile in force
     return patch
+
+
+def _profile(req: ChaosRequest) -> tuple[crd.ProfileRow, ...]:
+    """The request's later steps as ``spec.profile`` rows (offsets rounded to milliseconds)."""
+    return tuple(crd.ProfileRow(after_s=round(step.offset_s, 3), cpu_millicpu=step.cpu_millicpu,
+                                memory_bytes=step.memory_bytes, bandwidth_bps=step.bandwidth_bps)
+                 for step in req.steps)
 
 
 def _answered(entry: dict | None, generation: int) -> bool:

@@ -412,6 +412,7 @@ def test_apply_json_keeps_stdout_machine_readable(harness):
                 "container": "app",
                 "node": "node-1",
                 "experimentId": "exp-web",
+                "created": None,
                 "error": None,
                 "changes": [
                     {

@@ -104,7 +104,7 @@ def test_text_shows_a_message_and_an_empty_match():
     assert render_result(ApplyResult(targets=()), "text", now) == "no pods matched\n"
 
 
-def test_profile_ranges_plan_even_steps_and_need_over_and_an_agent():
+def test_profile_ranges_plan_even_steps_and_need_over():
     from plugin.request import Flags, build_invocation, plan_profile
 
     first = plan_profile({"--set-cpu": (1000, 100)}, 300.0, 10)[:3]
@@ -119,9 +119,11 @@ def test_profile_ranges_plan_even_steps_and_need_over_and_an_agent():
     assert [(s.offset_s, s.cpu_millicpu, s.memory_bytes) for s in req.steps] == [
         (100.0, 700, None), (200.0, 400, None), (300.0, 100, None)]
     assert any("in 4 steps over 300s" in line for line in inv.readings)
+    # Cluster mode too (#13): the same steps, which the cluster backend writes as spec.profile rows.
+    cluster = build_invocation(Flags(pod="web", set_cpu="1000m..100m", over="5m", steps="4"))
+    assert cluster.connection.mode == "cluster" and cluster.request.steps == req.steps
     for flags, words in [
         (Flags(pod="web", set_cpu="1000m..100m", agent_address="unix:///a"), "a range needs --over"),
-        (Flags(pod="web", set_cpu="1000m..100m", over="5m"), "need --agent-address"),
         (Flags(pod="web", set_cpu="1000m..", over="5m", agent_address="unix:///a"), "is not a range"),
         (Flags(pod="web", set_cpu="1000m..100m", over="5m", steps="1", agent_address="unix:///a"), "from 2 to 1000"),
         (Flags(pod="web", set_cpu="500m", over="5m", agent_address="unix:///a"), "go with a range"),

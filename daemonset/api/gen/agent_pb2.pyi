@@ -413,10 +413,13 @@ class ApplyResponse(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_UNIX_S_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     expires_at_unix_s: _builtins.float
     """Absolute expiry, seconds since the Unix epoch; absent when there is no duration."""
     dry_run: _builtins.bool
+    created: _builtins.bool
+    """This request started the experiment; false: it changed one already in force."""
     @_builtins.property
     def target(self) -> Global___ResolvedTarget: ...
     @_builtins.property
@@ -429,10 +432,11 @@ class ApplyResponse(_message.Message):
         resources: _abc.Iterable[Global___ResourceResult] | None = ...,
         expires_at_unix_s: _builtins.float | None = ...,
         dry_run: _builtins.bool = ...,
+        created: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expires_at_unix_s", b"_expires_at_unix_s", "expires_at_unix_s", b"expires_at_unix_s", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expires_at_unix_s", b"_expires_at_unix_s", "dry_run", b"dry_run", "experiment_id", b"experiment_id", "expires_at_unix_s", b"expires_at_unix_s", "resources", b"resources", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expires_at_unix_s", b"_expires_at_unix_s", "created", b"created", "dry_run", b"dry_run", "experiment_id", b"experiment_id", "expires_at_unix_s", b"expires_at_unix_s", "resources", b"resources", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expires_at_unix_s: _TypeAlias = _typing.Literal["expires_at_unix_s"]  # noqa: Y015
     _WhichOneofArgType__expires_at_unix_s: _TypeAlias = _typing.Literal["_expires_at_unix_s", b"_expires_at_unix_s"]  # noqa: Y015
