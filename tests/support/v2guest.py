@@ -317,7 +317,7 @@ def op_cpu_used(cgroup_dir: str, seconds: float = 3.0) -> dict:
     return {"cpus": (_usage_us(cgroup_dir) - u0) / 1e6 / (time.monotonic() - t0)}
 
 
-def op_agent_start(drift_interval_s: float = 0.5, timeout_s: float = 60.0) -> dict:
+def op_agent_start(drift_interval_s: float = 0.5, timeout_s: float = 60.0, log_level: str | None = None) -> dict:
     """Start ``chaos-agent`` (the project as on the project disk) and wait for its socket."""
     t0 = time.monotonic()
     AGENT_STATE.mkdir(parents=True, exist_ok=True)
@@ -325,6 +325,8 @@ def op_agent_start(drift_interval_s: float = 0.5, timeout_s: float = 60.0) -> di
     argv = [sys.executable, "-m", "daemonset.agent", "--cri-endpoint", CONTAINERD_SOCK,
             "--listen", f"unix://{AGENT_SOCK}", "--state-dir", str(AGENT_STATE), "--node-name", "kcx-v2",
             "--drift-interval", str(drift_interval_s), "--log-format", "json"]
+    if log_level is not None:
+        argv += ["--log-level", log_level]
     with open(AGENT_LOG, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -376,6 +378,52 @@ def op_agent_log(lines: int = 40) -> dict:
     except OSError:
         text = ""
     return {"tail": "\n".join(text.splitlines()[-lines:])}
+
+
+def op_agent_rss() -> dict:
+    """The running agent's resident memory (VmRSS), MiB."""
+    proc = _agent["proc"]
+    for line in pathlib.Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return {"rss_mib": int(line.split()[1]) / 1024}
+    raise RuntimeError(f"no VmRSS for the agent (pid {proc.pid})")
+
+
+def op_bench_agent_latency(samples: int, runtime: str = "") -> dict:
+    """bench/bench_agent.py's latency series on this node: the agent's Apply (CRI and cgroup method)
+    through its unix socket, each interleaved with the bare CRI call and the bare cpu.max write on a
+    pod of its own; seconds per call, by series name."""
+    from bench import bench_agent
+
+    spec = {"name": "app", "cpu_millicpu": 500, "memory_bytes": 64 * 2**20}
+    pod = op_run_pod("lat", "bench", [spec], runtime)
+    bare = op_run_pod("bare", "bench", [spec], runtime)
+    agent = bench_agent.AgentClient(f"unix://{AGENT_SOCK}")
+    try:
+        return bench_agent.latency_series(samples, cri(), bare["containers"]["app"],
+                                          f"{bare['cgroups']['app']['container']}/cpu.max", agent, "lat")
+    finally:
+        agent.close()
+        op_delete_pod(pod["sandbox_id"])
+        op_delete_pod(bare["sandbox_id"])
+
+
+def op_goodput(netns: str, pod_ip: str, into_pod: bool, duration_s: float = 3.0, omit_s: float = 1.0) -> dict:
+    """TCP goodput node -> pod (``into_pod``) or pod -> node in bit/s, as bench_bandwidth measures it on
+    the host node (tests/support/netns.py: the receiver's TCP byte count over ``duration_s``, after
+    ``omit_s``). The node's end is the pod's gateway (the CNI bridge)."""
+    from tests.support.netns import iperf3_goodput_bps
+
+    enter = ["nsenter", f"--net={netns}"]
+    route = sh(f"nsenter --net={netns} ip -4 route show default")["stdout"].split()
+    gateway = route[route.index("via") + 1]
+    if into_pod:
+        bps = iperf3_goodput_bps(server_ns=None, client_ns=None, server_addr=pod_ip, duration_s=duration_s,
+                                 omit_s=omit_s, server_argv_prefix=enter)
+    else:
+        bps = iperf3_goodput_bps(server_ns=None, client_ns=None, server_addr=gateway, duration_s=duration_s,
+                                 omit_s=omit_s, client_argv_prefix=enter)
+    return {"bps": bps}
 
 
 def op_records() -> dict:

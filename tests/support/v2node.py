@@ -111,8 +111,10 @@ def _project_disk(path: pathlib.Path, site: pathlib.Path) -> None:
         for pkg in PROJECT_PACKAGES:
             shutil.copytree(REPO / pkg, src / pkg, ignore=ignore)
         (src / "tests" / "support").mkdir(parents=True)
+        (src / "bench").mkdir()
+        # netns.py and bench_agent.py: the benchmarks' measurements, run inside the VM (their --node v2).
         for name in ("tests/__init__.py", "tests/support/__init__.py", "tests/support/v2guest.py",
-                     "tests/support/images.py"):
+                     "tests/support/images.py", "tests/support/netns.py", "bench/bench_agent.py"):
             shutil.copy2(REPO / name, src / name)
         shutil.copytree(site, root / "site", ignore=ignore)
         (root / "images").mkdir()
