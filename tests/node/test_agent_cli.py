@@ -136,3 +136,95 @@ def test_node_local_path_is_light_and_quick(agent, web):  # noqa: F811
     assert cpu_files(web)[0] == "25000"
     assert elapsed < 3.0  # generous on a shared machine; bench/bench_agent.py measures p50
     chaos(agent.address, "--reset", "web")
+
+
+# --- the queue budget (--latency) and pods netshape refuses --------------------------------------
+
+
+def _host_veth(agent, pod) -> tuple[str, str]:  # noqa: F811 - the fixture's name
+    import netshape
+
+    pid = agent.node.client.container_info(pod.container_id()).pid
+    return netshape.find_host_veth(pid).ifname, netshape.ifb_name(pod.sandbox_id)
+
+
+def _leaf(dev: str) -> str:
+    """The queue under our HTB class (parent 6b63:1) as pyroute2 decodes the kernel's dump, not
+    netshape: ``tbf 6b64: limit 6056`` (tc prints a TBF's limit as a latency at its own rate, 0us
+    for our splitter), ``pfifo`` for another kind, '' when there is none."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        [index] = ipr.link_lookup(ifname=dev)
+        for q in ipr.get_qdiscs(index):
+            if q["parent"] == 0x6B630001:
+                kind = q.get_attr("TCA_KIND")
+                if kind != "tbf":
+                    return kind
+                limit = q.get_attr("TCA_OPTIONS").get_attr("TCA_TBF_PARMS")["limit"]
+                return f"tbf {q['handle'] >> 16:x}: limit {limit}"
+    return ""
+
+
+def test_latency_is_applied_read_back_kept_by_drift_and_reset(agent, web):  # noqa: F811
+    veth, ifb = _host_veth(agent, web)
+    res = chaos(agent.address, "--set-bandwidth=2Mbps", "--latency", "20ms", "web", "-o", "json")
+    assert res.returncode == 0, res.stderr
+    [target] = json.loads(res.stdout)["targets"]
+    # 20 ms of 2 Mbit/s is 5,000 bytes, under the floor of four full frames (4 x 1,514): the floor.
+    for change in target["changes"]:
+        q = change["queue"]
+        assert (q["budgetSeconds"], q["limitBytes"], q["unknown"]) == (0.02, 6056, None), change
+        assert q["latencySeconds"] == pytest.approx(6056 * 8 / 2_000_000)
+    for dev in (veth, ifb):  # into the pod on the veth, out of it on our IFB: tc agrees
+        assert _leaf(dev) == "tbf 6b64: limit 6056", dev
+
+    res = chaos(agent.address, "--set-bandwidth=20Mbps", "web")  # a later change keeps the budget
+    assert res.returncode == 0, res.stderr
+    assert "queue 20ms = 50,000 B (budget 20ms)" in res.stdout, res.stdout
+    res = chaos(agent.address, "status")
+    assert res.returncode == 0 and "QUEUE" in res.stdout and "20ms/50000B" in res.stdout, res.stdout
+
+    # Someone puts the kernel's default queue back under our class: drift shapes it again.
+    subprocess.run(["tc", "qdisc", "replace", "dev", veth, "parent", "6b63:1", "handle", "6b65:", "pfifo",
+                    "limit", "1000"], check=True)
+    assert _leaf(veth) == "pfifo"
+    assert wait_until(lambda: _leaf(veth) == "tbf 6b64: limit 50000", 5), _leaf(veth)
+    [exp] = agent.list()
+    assert exp.drift_corrections >= 1
+
+    res = chaos(agent.address, "--reset", "web")
+    assert res.returncode == 0 and "restored" in res.stdout, res.stdout + res.stderr
+    assert _leaf(veth) == "" and not pathlib.Path("/sys/class/net", ifb).exists() and agent.list() == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set-cpu=100m", "--latency=20ms"], "give it with --set-bandwidth"),
+    (["--set-bandwidth=2Mbps", "--latency=0.5ms"], '"0.5ms" is shorter than 1ms; accepted: 1ms to 10s'),
+    (["--set-bandwidth=2Mbps", "--latency=20"], '"20" has no unit'),
+])  # fmt: skip
+def test_bad_latency_exits_2_nothing_changed(agent, web, args, message):  # noqa: F811
+    res = chaos(agent.address, *args, "web")
+    assert res.returncode == 2 and message in one_error_line(res), res.stderr
+    veth, ifb = _host_veth(agent, web)
+    assert _leaf(veth) == "" and not pathlib.Path("/sys/class/net", ifb).exists() and agent.list() == []
+
+
+def test_pod_with_two_veths_is_refused_before_anything_changes(agent, pods):  # noqa: F811
+    pod = pods.run("multi", containers=[ContainerSpec("app", cpu_millicpu=500)])
+    # A second network as Multus would attach it: another veth pair into the pod's namespace.
+    second = f"kcxm{pod.sandbox_id[:8]}"
+    subprocess.run(["ip", "link", "add", second, "type", "veth", "peer", "name", "net1", "netns", pod.netns_path],
+                   check=True)
+    try:
+        before = subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True, check=True).stdout
+        res = chaos(agent.address, "--set-bandwidth=2Mbps", "multi")
+        assert res.returncode == 1, res.stdout + res.stderr
+        line = one_error_line(res)
+        assert "pod default/multi" in line and "has 2 veth interfaces: eth0 (host side veth" in line, line
+        assert f"net1 (host side {second})" in line and "nothing was changed" in line, line
+        assert "EPERM" not in line and "Traceback" not in res.stderr
+        assert subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True).stdout == before
+        assert agent.list() == []
+    finally:
+        subprocess.run(["ip", "link", "del", second], check=False)
