@@ -126,7 +126,8 @@ class Controller:
                  agent_namespace: str = DEFAULT_AGENT_NAMESPACE,
                  resync_s: float = RESYNC_S, watch_timeout_s: int = WATCH_TIMEOUT_S,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 rand: Callable[[], float] = random.random, observe_interval_s: float = watch.OBSERVE_INTERVAL_S):
+                 rand: Callable[[], float] = random.random, observe_interval_s: float = watch.OBSERVE_INTERVAL_S,
+                 prune_after_s: float = rc.PRUNE_AFTER_S):
         from kubernetes import client as k8s
 
         del state_dir  # accepted for older callers: ownership lives in the engine's records now
@@ -164,7 +165,9 @@ class Controller:
         self._baselines: dict[Key, rc.Baselines] = {}  # spec resources when applied, for in-place resize
         # kubectl chaos top: the objects someone watches (daemonset.watch), the last counters of each
         # experiment sampled for them, and the objects this node has published figures on.
+        self.prune_after_s = prune_after_s
         self.observe_interval_s = observe_interval_s
+        self._observe_lock = threading.Lock()  # observe_once: the loop's thread, or a test's
         self.observe_manager = watch.OBSERVE_MANAGER.format(node=node_name)[:128]
         self._watches: dict[Key, watch.Watch] = {}
         self._samples: dict[str, tuple[Key, observe.Counters]] = {}  # by experiment id
@@ -307,6 +310,10 @@ class Controller:
         for an object whose watch has ended. Returns the number of status writes made."""
         if not hasattr(self.engine, "sample"):
             return 0
+        with self._observe_lock:
+            return self._observe_once()
+
+    def _observe_once(self) -> int:
         now = self.wall()
         # From the cache each time (a mark may arrive in an object our own write stored, whose watch
         # event is then skipped): a few dict lookups per object.
@@ -464,7 +471,7 @@ class Controller:
         if obj is not None and unwritten:
             obj = dict(obj, status=crd.with_targets(obj, list(unwritten.values())))
         actions = rc.reconcile(key, obj, pods, experiments, self.node, ended=ended, baselines=baselines,
-                               now=self.wall(), policy=self.policy(namespace))
+                               now=self.wall(), policy=self.policy(namespace), prune_after_s=self.prune_after_s)
         try:
             transient = self._execute(key, obj, actions)
         finally:

@@ -528,3 +528,71 @@ def test_an_hour_of_resyncs_keeps_the_scheduled_entries_bounded(fakeapi, engine,
     assert [c for c, _ in engine.calls].count("apply") == 100  # the Applied ones never again
     assert api_requests == 0  # nothing changed: nothing written (the same Pending answer is not written again)
     controller.stop()
+
+
+# -- #11 leftover: entries of gone pods pruned; #13: figures for top only while watched --------------
+
+
+def test_entries_of_deleted_pods_are_pruned_from_the_status(fakeapi, engine, start):
+    controller = start(prune_after_s=0.0)
+    for name in ("a", "b"):
+        add_pod(fakeapi, name, labels={"app": "web"})
+    add_chaos(fakeapi, "sel", crd.ChaosSpec(selector={"matchLabels": {"app": "web"}}, container="app",
+                                            cpu_millicpu=500))
+    wait_for(lambda: {e["pod"]: e["phase"] for e in (get(fakeapi, "sel").get("status") or {}).get("targets") or []}
+             == {"a": "Applied", "b": "Applied"}, what="both Applied")
+    fakeapi.delete(fakeapi.resource_type("", "pods"), "shop", "a")
+    wait_for(lambda: ("revert", "a") in engine.calls, what="the revert of the deleted pod")
+    for _ in range(50):  # the Reverted entry is written, then (older than prune_after_s) no longer
+        controller.resync()
+        if [e["pod"] for e in get(fakeapi, "sel")["status"]["targets"]] == ["b"]:
+            break
+        time.sleep(0.1)
+    status = get(fakeapi, "sel")["status"]
+    assert [e["pod"] for e in status["targets"]] == ["b"] and status["targets"][0]["phase"] == "Applied"
+    assert controller.status_pruned == 1
+    assert crd.node_entry(status, NODE)["targets"] == 1
+
+
+def test_figures_for_top_are_written_only_while_someone_watches(fakeapi, engine, start):
+    """The API writes top costs, counted at the server: none unwatched; one per interval per node
+    watched (the first interval only samples); one last apply that takes the figures off."""
+    from daemonset import observe, watch
+
+    used_ns = [0]
+
+    def sample(namespace=None):
+        used_ns[0] += 300_000_000  # 0.3 cores over each 1 s step of the fake monotonic clock below
+        counters = observe.Counters(at_s=used_ns[0] / 300_000_000, cpu_usage_ns=used_ns[0], nr_periods=10 * used_ns[0]
+                                    // 300_000_000, nr_throttled=5 * used_ns[0] // 300_000_000,
+                                    memory_working_set_bytes=2**20, memory_limit_bytes=None, oom_kills=0)
+        return [(i, counters, 0) for i in engine.list(namespace)]
+
+    engine.sample = sample
+    controller = start(observe_interval_s=0.2)
+    add_pod(fakeapi, "web")
+    add_chaos(fakeapi, "web")
+    wait_for(lambda: entry(fakeapi, "web").get("phase") == "Applied", what="Applied")
+
+    def observe_writes() -> int:
+        return sum(1 for r in fakeapi.requests if r.user == AGENT and r.path.split("?")[0].endswith("/status")
+                   and "observe" in r.path)
+
+    time.sleep(1.0)
+    assert observe_writes() == 0 and controller.observe_writes == 0  # nobody watches: nothing written
+    mark = crd.rfc3339(time.time() + 2)
+    fakeapi.patch(rtype(fakeapi), "shop", "web", {"metadata": {"annotations": {watch.WATCH_ANNOTATION: mark}}},
+                  "application/merge-patch+json")
+    observed = wait_for(lambda: (get(fakeapi, "web").get("status") or {}).get("observed"), what="figures")
+    (figures,) = observed
+    assert figures["pod"] == "web" and figures["node"] == NODE and figures["watchUntil"] == mark
+    assert figures["cpuCores"] == pytest.approx(0.3) and figures["cpuThrottledShare"] == pytest.approx(0.5)
+    # The mark runs out (at most 2 s here): one last apply takes this node's figures off, then nothing.
+    wait_for(lambda: not (get(fakeapi, "web").get("status") or {}).get("observed"), timeout_s=6,
+             what="the figures taken off")
+    written = observe_writes()
+    time.sleep(1.0)
+    assert observe_writes() == written == controller.observe_writes
+    # 2 s watched at a 0.2 s interval: ~9 writes with figures (the first interval only samples), 1 clearing.
+    assert 5 <= written <= 12, written
+    print(f"\n[top writes] watched ~2 s at a 0.2 s interval: {written} status writes; unwatched 1 s: 0")
