@@ -4,7 +4,7 @@ VENV    ?= .venv
 PYTEST  ?= $(VENV)/bin/pytest
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup setup-node setup-venv test test-unit test-v2 v2-image demo gen lint bench clean
+.PHONY: setup setup-node setup-venv test test-unit test-v2 v2-image agent-image demo gen lint bench clean
 
 setup: setup-node setup-venv
 
@@ -43,6 +43,11 @@ test-v2: setup
 # Build (or find, cached by its recipe) the v2 node's disk image: prints its directory.
 v2-image:
 	scripts/build-v2-image.sh
+
+# Build (or find, cached by its inputs) the chaos-agent image, an OCI image layout: prints its
+# directory (agent.oci.tar for `ctr -n k8s.io images import`, image.env with its name and digests).
+agent-image: setup-venv
+	scripts/build-agent-image.sh
 
 demo: setup
 	$(VENV)/bin/python -m scripts.demo

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that the node, kernel and VM tests and the demo need.
+# Installs the Debian packages that the node, kernel and VM tests and the demo need (mmdebstrap and
+# cpio also build the agent image, scripts/build-agent-image.sh, which the node tests run).
 # Idempotent; safe to run on every `make test`. Waits for the dpkg/apt locks (another apt run,
 # unattended-upgrades) instead of failing.
 set -euo pipefail
