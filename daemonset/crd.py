@@ -87,6 +87,9 @@ class ChaosSpec:
     memory_bytes: int | None = None
     bandwidth_bps: int | None = None
     direction: str = "both"
+    # The queue budget of the shaped directions (spec.bandwidth.latencyMilliseconds); None: the
+    # experiment's, 50 ms for a new shaping.
+    latency_s: float | None = None
     duration_s: float | None = None
     method: str = "auto"
     force: bool = False
@@ -121,6 +124,8 @@ class ChaosSpec:
             spec["memoryBytes"] = self.memory_bytes
         if self.bandwidth_bps is not None:
             spec["bandwidth"] = {"bitsPerSecond": self.bandwidth_bps, "direction": self.direction}
+            if self.latency_s is not None:
+                spec["bandwidth"]["latencyMilliseconds"] = round(self.latency_s * 1000)
         if self.duration_s is not None:
             spec["durationSeconds"] = self.duration_s
         if self.request_id:
@@ -158,6 +163,8 @@ class ChaosSpec:
         direction = bandwidth.get("direction", "both")
         if direction not in ("ingress", "egress", "both"):
             raise SpecError(f"spec.bandwidth.direction {_show(direction)} is not one of ingress, egress, both")
+        latency_ms = _integer(bandwidth, "latencyMilliseconds", *LIMITS["bandwidth.latencyMilliseconds"],
+                              field="spec.bandwidth.latencyMilliseconds")
         method = spec.get("method", "auto")
         if method not in ("auto", "cri", "cgroup"):
             raise SpecError(f"spec.method {_show(method)} is not one of auto, cri, cgroup")
@@ -177,7 +184,8 @@ class ChaosSpec:
                      memory_bytes=_integer(spec, "memoryBytes", *LIMITS["memoryBytes"]),
                      bandwidth_bps=_integer(bandwidth, "bitsPerSecond", *LIMITS["bandwidth.bitsPerSecond"],
                                             field="spec.bandwidth.bitsPerSecond"),
-                     direction=direction, duration_s=duration, method=method, force=force, request_id=request_id)
+                     direction=direction, duration_s=duration, method=method, force=force, request_id=request_id,
+                     latency_s=None if latency_ms is None else latency_ms / 1000)
         if not result.requested():
             raise SpecError("spec: nothing to change; set cpuMillicores, memoryBytes or bandwidth")
         profile = _profile(spec.get("profile"), result)
@@ -245,7 +253,7 @@ def spec_of(obj: dict) -> ChaosSpec:
 # The bounds the CRD's schema declares (daemonset/manifests/crd.yaml; tests/unit/test_manifests_crd.py
 # checks they agree): (minimum, maximum) of each integer field.
 LIMITS = {"cpuMillicores": (1, 1_000_000), "memoryBytes": (4 * 2**20, 2**50),
-          "bandwidth.bitsPerSecond": (8_000, 100 * 10**9)}
+          "bandwidth.bitsPerSecond": (8_000, 100 * 10**9), "bandwidth.latencyMilliseconds": (1, 10_000)}
 MAX_DURATION_S = 30 * 24 * 3600
 # Steps of a profile after the first (status shows the step in force and the next one).
 MAX_PROFILE_ROWS = 999

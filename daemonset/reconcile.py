@@ -38,6 +38,7 @@ from daemonset.types import (
     Owner,
     OwnerKind,
     Phase,
+    QueueResult,
     ResourceResult,
     StepSpec,
     Target,
@@ -541,6 +542,12 @@ def stepped_entry(previous: dict, e: ExperimentInfo, now: float) -> dict | None:
     return entry
 
 
+def queue_status(q: QueueResult) -> dict:
+    """A shaped direction's queue as status carries it (the same keys as ``kubectl chaos -o json``)."""
+    return {"budgetSeconds": q.budget_s, "limitBytes": q.limit_bytes, "limitPackets": q.limit_packets,
+            "latencySeconds": q.latency_s, "unknown": q.unknown or None}
+
+
 def applied_entry(pod: dict, container: str, generation: int, node: str, now: float, resources,
                   expires_at: float | None, experiment_id: str, profile: dict | None = None) -> dict:
     changes, unknown = [], []
@@ -552,6 +559,8 @@ def applied_entry(pod: dict, container: str, generation: int, node: str, now: fl
             unknown.append(f"{resource} not read back ({r.unknown})")
         else:
             change["applied"] = _value(r.in_force)
+        if r.queue is not None:
+            change["queue"] = queue_status(r.queue)
         changes.append(change)
     entry = new_entry(pod, container, crd.APPLIED, generation, node, now, message="; ".join(unknown),
                       changes=changes, method=",".join(sorted({r.method.value for r in resources})),
@@ -823,6 +832,7 @@ def _request(spec: crd.ChaosSpec, namespace: str, pod: str, container: str, dura
         target=Target(namespace, pod, container),
         changes=Changes(cpu_millicpu=spec.cpu_millicpu, memory_bytes=spec.memory_bytes,
                         ingress_bps=spec.ingress_bps, egress_bps=spec.egress_bps),
+        latency_s=spec.latency_s,
         duration_s=duration_s, method=Method(spec.method), force=spec.force,
         owner=Owner(OwnerKind.RESOURCE_CHAOS, meta["namespace"], meta["name"], meta.get("uid", "")),
         steps=tuple(steps(spec)))

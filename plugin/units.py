@@ -448,6 +448,9 @@ def parse_latency(text: str, flag: str = "--latency") -> float:
         raise UsageError(f"{flag}: {shown} is {'zero' if seconds == 0 else 'shorter than 1ms'}; accepted: 1ms to 10s")
     if seconds > LATENCY_MAX_S:
         raise UsageError(f"{flag}: {shown} is longer than 10s; accepted: 1ms to 10s")
+    if (seconds * 1000).denominator != 1:
+        # The ResourceChaos spec holds whole milliseconds; a queue is not finer than that anyway.
+        raise UsageError(f"{flag}: {shown} is not a whole number of milliseconds; {_LATENCY_ACCEPTS}")
     return float(seconds)
 
 

@@ -29,6 +29,7 @@ from plugin.backends import (
     ChaosRequest,
     Connection,
     ExperimentStatus,
+    QueueReading,
     ResetResult,
     ResourceChange,
     TargetResult,
@@ -96,7 +97,7 @@ class ClusterBackend:
                 container=containers[req.pod] if req.pod else req.container,
                 cpu_millicpu=req.cpu_millicpu, memory_bytes=req.memory_bytes, bandwidth_bps=req.bandwidth_bps,
                 direction=req.direction, duration_s=req.duration_s, method=req.method, force=req.force,
-                request_id=os.urandom(8).hex(), profile=_profile(req))
+                request_id=os.urandom(8).hex(), profile=_profile(req), latency_s=req.latency_s)
             try:
                 crd.ChaosSpec.from_dict(spec.to_dict())  # the agents' own checks, before anything is sent
             except crd.SpecError as e:
@@ -523,11 +524,20 @@ def _plain(resource: str, value: int | None) -> str:
     return f"{value}m" if resource == "cpu" else str(value)
 
 
+def _queue(status: Any) -> QueueReading | None:
+    """A status change's ``queue`` (written by the agent from the kernel's reading); None without one."""
+    if not isinstance(status, dict) or not isinstance(status.get("budgetSeconds"), int | float):
+        return None
+    return QueueReading(budget_s=status["budgetSeconds"], limit_bytes=status.get("limitBytes"),
+                        limit_packets=status.get("limitPackets"), latency_s=status.get("latencySeconds"),
+                        unknown=status.get("unknown") or "")
+
+
 def _entry_status(obj: dict, entry: dict, requested: dict[str, int]) -> ExperimentStatus:
     ns, name = _key(obj)
     changes = tuple(
         ResourceChange(c["resource"], c.get("original"), requested.get(c["resource"]), c.get("applied"),
-                       c.get("method", ""), _parse_time(entry.get("expiresAt")))
+                       c.get("method", ""), _parse_time(entry.get("expiresAt")), queue=_queue(c.get("queue")))
         for c in entry.get("changes") or [])
     state = entry["phase"].lower()
     if crd.is_deleting(obj) and state == "applied":
@@ -679,7 +689,8 @@ def _target_result(namespace: str, name: str, entry: dict, spec: crd.ChaosSpec, 
     was = {c["resource"]: c.get("applied") for c in (before or {}).get("changes") or []
            if (before or {}).get("phase") == crd.APPLIED}
     changes = tuple(ResourceChange(c["resource"], was.get(c["resource"], c.get("original")),
-                                   requested.get(c["resource"]), c.get("applied"), c.get("method", ""), expires)
+                                   requested.get(c["resource"]), c.get("applied"), c.get("method", ""), expires,
+                                   queue=_queue(c.get("queue")))
                     for c in entry.get("changes") or [])
     # Reverted as the answer to this request: the experiment had ended (expired) before it arrived.
     error = (entry.get("message") or entry["phase"].lower()) if entry["phase"] in (crd.FAILED, crd.REVERTED) \

@@ -160,7 +160,8 @@ def test_parse_and_format_latency():
     for text, message in [("0.5ms", '"0.5ms" is shorter than 1ms; accepted: 1ms to 10s'),
                           ("11s", '"11s" is longer than 10s; accepted: 1ms to 10s'),
                           ("0ms", '"0ms" is zero'), ("20", '"20" has no unit; write 20ms or 20s'),
-                          ("5m", 'unknown unit "m"'), ("-5ms", "is negative"), ("fast", "is not a latency")]:
+                          ("5m", 'unknown unit "m"'), ("-5ms", "is negative"), ("fast", "is not a latency"),
+                          ("1.5ms", '"1.5ms" is not a whole number of milliseconds')]:
         with pytest.raises(UsageError, match=message):
             parse_latency(text)
 
@@ -218,3 +219,43 @@ def test_output_shows_the_queue_read_back():
                                              "QUEUE", "METHOD", "EXPIRES", "STATE"]
     assert "24.2ms/6056B" in table
     assert "bandwidth-egress: queue unknown (cannot read the qdiscs: EPERM)" in table
+
+
+# --- cluster mode: spec.bandwidth.latencyMilliseconds and the queue in status ------------------------
+
+
+def test_spec_field_schema_reconcile_and_status():
+    from daemonset import crd
+    from daemonset.reconcile import _request, applied_entry
+    from daemonset.types import Method, ResourceResult
+    from plugin.backends.cluster import _entry_status
+    from tests.unit.test_manifests_crd import POD, admitted
+
+    spec = crd.ChaosSpec(pod="web-1", container="app", bandwidth_bps=2_000_000, latency_s=0.02)
+    obj = crd.build("shop", spec, name=crd.object_name("web-1", "app"), owners=[POD])
+    assert obj["spec"]["bandwidth"] == {"bitsPerSecond": 2_000_000, "direction": "both", "latencyMilliseconds": 20}
+    assert admitted(obj) == [] and crd.ChaosSpec.from_dict(obj["spec"]) == spec
+    assert "latencyMilliseconds" not in crd.ChaosSpec(pod="web-1", bandwidth_bps=8000).to_dict()["bandwidth"]
+    for bad in (0, 10_001, "20ms", 2.5):
+        body = dict(obj, spec=dict(obj["spec"], bandwidth={"bitsPerSecond": 2_000_000, "latencyMilliseconds": bad}))
+        assert any(path.startswith("spec.bandwidth.latencyMilliseconds") for path, _ in admitted(body)), bad
+        with pytest.raises(crd.SpecError, match="spec.bandwidth.latencyMilliseconds"):
+            crd.ChaosSpec.from_dict(body["spec"])
+
+    obj["metadata"].update(uid="rc-1", generation=1)
+    req = _request(spec, "shop", "web-1", "app", None, obj)
+    assert req.latency_s == 0.02 and req.changes.ingress_bps == req.changes.egress_bps == 2_000_000
+    req.validate()
+
+    q = QueueResult(budget_s=0.02, limit_bytes=6056, latency_s=0.024224)
+    results = [ResourceResult(resource=r, original=UNLIMITED, previous=UNLIMITED, requested=2_000_000,
+                              in_force=2_000_000, method=Method.NETLINK, queue=q)
+               for r in (Resource.INGRESS, Resource.EGRESS)]
+    entry = applied_entry(POD, "app", 1, "n1", 1.9e9, results, None, "e1")
+    assert entry["changes"][0]["queue"] == {"budgetSeconds": 0.02, "limitBytes": 6056, "limitPackets": None,
+                                            "latencySeconds": 0.024224, "unknown": None}
+    obj["status"] = crd.with_targets(obj, [entry])
+    assert admitted(obj) == []
+    status = _entry_status(obj, obj["status"]["targets"][0], spec.requested())
+    assert [c.queue.limit_bytes for c in status.changes] == [6056, 6056]
+    assert status.changes[0].queue.latency_s == 0.024224
