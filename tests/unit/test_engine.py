@@ -305,8 +305,9 @@ def test_apply_reports_previous_and_read_back(world, clock, tmp_path):
 
 def test_second_change_keeps_first_snapshot(world, clock, tmp_path):
     e = make_engine(world, clock, tmp_path)
-    apply(e, cpu_millicpu=200)
+    assert apply(e, cpu_millicpu=200).created is True
     res = apply(e, cpu_millicpu=300)
+    assert res.created is False  # a further change of the experiment in force
     cpu = res.resources[0]
     assert (cpu.original, cpu.previous, cpu.in_force) == (500, 200, 300)
     back = e.revert(RevertRequest(Target("default", "web")))

@@ -224,3 +224,17 @@ def test_the_watch_mark_counts_at_most_a_minute_from_when_the_agent_saw_it():
     deleting = marked(crd.rfc3339(NOW + 30))
     deleting["metadata"]["deletionTimestamp"] = crd.rfc3339(NOW)
     assert watch.watch_of(w, deleting, NOW) is None
+
+
+def test_the_schema_bounds_of_rows_are_the_agents():
+    spec_schema = SCHEMA["properties"]["spec"]["properties"]
+    row = spec_schema["profile"]["items"]["properties"]
+    for field, limit in crd._ROW_FIELDS.items():
+        low, high = crd.LIMITS[limit]
+        assert (row[field]["minimum"], row[field]["maximum"]) == (low, high), field
+    top = {"cpuMillicores": spec_schema["cpuMillicores"], "memoryBytes": spec_schema["memoryBytes"],
+           "bandwidth.bitsPerSecond": spec_schema["bandwidth"]["properties"]["bitsPerSecond"]}
+    for limit, schema in top.items():
+        assert (schema["minimum"], schema["maximum"]) == crd.LIMITS[limit], limit
+    assert spec_schema["profile"]["maxItems"] == crd.MAX_PROFILE_ROWS
+    assert row["afterSeconds"]["maximum"] == crd.MAX_DURATION_S
