@@ -252,14 +252,24 @@ def test_bandwidth_both_ways_through_the_api(cluster, pods):
     fakeapi, agent, run = cluster
     pod = pods.run("net", "shop", [ContainerSpec(cpu_millicpu=1000)])
     mirror(fakeapi, pod)
-    out = run("--set-bandwidth=10Mbit", "net", "-o", "json")
+    out = run("--set-bandwidth=10Mbit", "--latency=20ms", "net", "-o", "json")
     assert out.returncode == 0, out.stderr
     (obj,) = chaos_objects(fakeapi)
+    assert obj["spec"]["bandwidth"]["latencyMilliseconds"] == 20
     changes = {c["resource"]: c for c in obj["status"]["targets"][0]["changes"]}
     assert set(changes) == {"bandwidth-ingress", "bandwidth-egress"}
     for change in changes.values():
         assert change["original"] is None  # no limit before
         assert abs(change["applied"] - 10_000_000) <= 100_000  # read back from the kernel (HTB rounds)
+        # The queue: 20 ms of 1,250,000 bytes/s, as the agent read it back.
+        assert (change["queue"]["budgetSeconds"], change["queue"]["limitBytes"]) == (0.02, 25_000), change
+    [target] = json.loads(out.stdout)["targets"]
+    assert {c["queue"]["limitBytes"] for c in target["changes"]} == {25_000}
+    import netshape  # and the kernel holds it on the pod's veth and our IFB
+
+    veth = netshape.find_host_veth(agent.node.client.container_info(pod.container_id()).pid).ifname
+    queue = netshape.read_queue(veth, pod.sandbox_id)
+    assert (queue.ingress_limit_bytes, queue.egress_limit_bytes) == (25_000, 25_000)
     out = run("--reset", "net")
     assert out.returncode == 0, out.stderr
     assert agent.experiments("shop") == []
