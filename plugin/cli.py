@@ -70,7 +70,7 @@ Units:
              2MBps = 2MB/s = 16,000,000 bit/s; 2Mi = 2*2^20 bit/s; a plain number is bit/s;
              8kbit to 100Gbit. "2mbps" is refused as ambiguous: tc reads it as megabytes/s.
   durations  30s, 5m, 1h30m, 1.5h; a unit is required ("90" is refused, write 90s)
-  latency    ms or s: 50ms (the default), 20ms, 1s; 1ms to 10s
+  latency    ms or s: 50ms (the default), 20ms, 1s; 1ms to 10s in whole milliseconds
   ingress is traffic into the pod, egress traffic out of it (as the Kubernetes annotations).
 
 \b
@@ -287,7 +287,7 @@ def make_cli(open_backend: BackendOpener = backends.open_backend, clock: Clock =
     )
     @click.option("--latency", metavar="DURATION",
                   help="With --set-bandwidth: each shaped direction queues at most this long at the rate "
-                  "(never fewer than 4 full frames): 20ms, 1s; 1ms to 10s.  [default: 50ms]")
+                  "(never fewer than 4 full frames): 20ms, 1s; 1ms to 10s, whole ms.  [default: 50ms]")
     @click.option("--duration", metavar="DURATION", help="Restore the originals after this long: 30s, 5m, 1h30m.")
     @click.option("--over", metavar="DURATION",
                   help="With a range (--set-cpu 1000m..100m): how long the ramp from start to end takes.")

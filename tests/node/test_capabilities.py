@@ -9,8 +9,8 @@ a bounding set cut down as the DaemonSet's ``capabilities`` cut it:
   ``/proc/PID/ns/net``, so neither SYS_ADMIN nor SYS_PTRACE;
 - no capability at all: CPU and memory still work, bandwidth is refused (netlink EPERM) and leaves
   nothing behind;
-- entering the pod's network namespace (the fallback for pods with several veths) is what needed
-  SYS_ADMIN: refused with NET_ADMIN alone.
+- entering the pod's network namespace (the fallback when the kernel has no id for it; a pod with
+  several veths is refused before that) is what needed SYS_ADMIN: refused with NET_ADMIN alone.
 """
 
 from __future__ import annotations
