@@ -52,6 +52,12 @@ agent-image: setup-venv
 demo: setup
 	$(VENV)/bin/python -m scripts.demo
 
+# The same demo on the cgroup v2 worker node VM (systemd, containerd 2.x; QEMU TCG, about a minute to
+# boot). DEMO_RUNTIME=crun for crun's layout.
+.PHONY: demo-v2
+demo-v2: setup
+	$(VENV)/bin/python -m scripts.demo --node v2 --runtime $(or $(DEMO_RUNTIME),runc)
+
 bench: setup
 	fail=0; for b in bench/bench_*.py; do $(VENV)/bin/python $$b || fail=1; done; exit $$fail
 

@@ -4,10 +4,18 @@ measured CPU use, the limits in force and the measured throughput before and aft
 
 Everything it starts is torn down at the end (also on Ctrl-C): pods, containerd, the agent, the
 network devices and cgroups it made.
+
+``--node v1`` (``make demo``, the default): the node is a private containerd on this machine
+(cgroup v1, runc), ready in seconds. ``--node v2`` (``make demo-v2``): the cgroup v2 worker node VM
+of the tests (tests/support/v2node.py: systemd, containerd 2.x, runc or crun, QEMU TCG; about a
+minute to boot); the agent runs inside it, kubectl-chaos runs here and reaches it through a unix
+socket relayed to the VM's agent socket, and the pod's figures are measured inside the VM.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -17,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -25,6 +34,10 @@ POD = "shop"
 CONTAINER = "app"
 MiB = 2**20
 MEASURE_S = 2
+# One busy thread, 1 CPU and 128Mi allowed, 48Mi of it in use (tmpfs, not reclaimable).
+POD_ARGV = ("sh", "-c", "head -c 50331648 /dev/zero > /dev/shm/ballast; while :; do :; done")
+POD_MILLICPU = 1000
+POD_MEMORY_BYTES = 128 * MiB
 
 
 def say(text: str = "") -> None:
@@ -46,7 +59,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Demo:
+def iperf3_bps(server_prefix: list[str], ip: str, into_pod: bool) -> float:
+    """iperf3's received rate, node -> pod (``into_pod``) or pod -> node (``-R``), server in the pod."""
+    port = free_port()
+    server = subprocess.Popen([*server_prefix, "iperf3", "-s", "-1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        argv = ["iperf3", "-c", ip, "-p", str(port), "-t", str(MEASURE_S), "-J"] + ([] if into_pod else ["-R"])
+        for _ in range(25):
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            try:
+                received = json.loads(res.stdout).get("end", {}).get("sum_received")
+            except ValueError:
+                received = None
+            if res.returncode == 0 and received:
+                return received["bits_per_second"]
+            time.sleep(0.2)
+        return float("nan")
+    finally:
+        server.kill()
+        server.wait()
+
+
+class HostNode:
+    """A private containerd on this machine (cgroup v1, runc) with the agent as a local process."""
+
     def __init__(self) -> None:
         self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="kcx-demo-", dir="/tmp"))
         self.node = None
@@ -54,17 +91,13 @@ class Demo:
         self.agent: subprocess.Popen | None = None
         self.address = f"unix://{self.workdir}/agent.sock"
 
-    # -- set-up --
-
     def start(self) -> None:
         from tests.support.node import ContainerSpec, TestNode
 
         step("Starting a throwaway containerd node and a demo pod")
         self.node = TestNode(self.workdir / "node").start()
-        # One busy thread, 1 CPU and 128Mi allowed, 48Mi of it in use (tmpfs, not reclaimable).
-        argv = ("sh", "-c", "head -c 50331648 /dev/zero > /dev/shm/ballast; while :; do :; done")
-        self.pod = self.node.run_pod(POD, NAMESPACE, [ContainerSpec(CONTAINER, argv=argv, cpu_millicpu=1000,
-                                                                    memory_bytes=128 * MiB)])
+        self.pod = self.node.run_pod(POD, NAMESPACE, [ContainerSpec(CONTAINER, argv=POD_ARGV, cpu_millicpu=POD_MILLICPU,
+                                                                    memory_bytes=POD_MEMORY_BYTES)])
         say(f"pod {NAMESPACE}/{POD} (container {CONTAINER}) runs at {self.pod.ip}; limits cpu 1000m, memory 128Mi")
 
         step("Starting chaos-agent")
@@ -95,8 +128,6 @@ class Demo:
                 say(f"clean-up left: {problems}")
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    # -- observing --
-
     def cpu_used(self) -> float:
         f = self.pod.container_cgroup_dir("cpuacct") / "cpuacct.usage"
         t0, u0 = time.monotonic(), int(read(f))
@@ -112,32 +143,120 @@ class Demo:
         return f"limit in force: cpu {cpu_text}, memory {limit / MiB:.0f}Mi (using {usage / MiB:.0f}Mi)"
 
     def throughput_bps(self, into_pod: bool) -> float:
-        port = free_port()
-        server = subprocess.Popen(["nsenter", f"--net={self.pod.netns_path}", "iperf3", "-s", "-1", "-p", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            argv = ["iperf3", "-c", self.pod.ip, "-p", str(port), "-t", str(MEASURE_S), "-J"] + ([] if into_pod else ["-R"])
-            for _ in range(25):
-                res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-                try:
-                    received = json.loads(res.stdout).get("end", {}).get("sum_received")
-                except ValueError:
-                    received = None
-                if res.returncode == 0 and received:
-                    return received["bits_per_second"]
-                time.sleep(0.2)
-            return float("nan")
-        finally:
-            server.kill()
-            server.wait()
+        return iperf3_bps(["nsenter", f"--net={self.pod.netns_path}"], self.pod.ip, into_pod)
+
+
+class UnixRelay:
+    """A unix socket here (0600) whose connections are relayed to ``host:port`` (the VM's agent socket)."""
+
+    def __init__(self, path: pathlib.Path, host: str, port: int):
+        self.path, self.target = path, (host, port)
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(path))
+        os.chmod(path, 0o600)
+        self.server.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+                upstream.settimeout(None)
+            except OSError:
+                conn.close()
+                continue
+            for src, dst in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class V2VmNode:
+    """The cgroup v2 worker node VM (systemd, containerd 2.x), the agent inside, reached through a relay."""
+
+    def __init__(self, runtime: str = "runc") -> None:
+        self.runtime = runtime
+        self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="kcx-demo-v2-", dir="/tmp"))
+        self.address = f"unix://{self.workdir}/agent.sock"
+        self.vm = None
+        self.pod: dict = {}
+        self.relay: UnixRelay | None = None
+
+    def start(self) -> None:
+        from tests.support.v2node import V2Node
+
+        step("Booting the cgroup v2 worker node VM (QEMU TCG: about a minute)")
+        self.vm = V2Node()
+        self.vm.boot()
+        say("node: " + "; ".join(self.vm.versions))
+        self.pod = self.vm.call("run_pod", name=POD, namespace=NAMESPACE, runtime="" if self.runtime == "runc" else self.runtime,
+                                containers=[{"name": CONTAINER, "argv": list(POD_ARGV), "cpu_millicpu": POD_MILLICPU,
+                                             "memory_bytes": POD_MEMORY_BYTES}])
+        say(f"pod {NAMESPACE}/{POD} (container {CONTAINER}, {self.runtime}) runs at {self.pod['ip']}; "
+            f"limits cpu 1000m, memory 128Mi; pod slice {self.pod['slice']}")
+
+        step("Starting chaos-agent on the node")
+        started = self.vm.call("agent_start", wait_s=240, timeout_s=180, drift_interval_s=3.0)
+        host, port = self.vm.agent_address.rsplit(":", 1)
+        self.relay = UnixRelay(self.workdir / "agent.sock", host, int(port))
+        say(f"chaos-agent serves unix:///run/kcx/agent.sock in the VM (started in {started['start_s']:.0f} s); "
+            f"relayed here as {self.address}")
+
+    def stop(self) -> None:
+        if self.relay is not None:
+            self.relay.close()
+        if self.vm is not None:
+            with contextlib.suppress(Exception):
+                self.vm.call("delete_all")
+            self.vm.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @property
+    def _scope(self) -> str:
+        return self.pod["cgroups"][CONTAINER]["container"]
+
+    def cpu_used(self) -> float:
+        return self.vm.call("cpu_used", cgroup_dir=self._scope, seconds=MEASURE_S)["cpus"]
+
+    def limits(self) -> str:
+        names = ("cpu.max", "memory.max", "memory.current")
+        got = self.vm.read(*(f"{self._scope}/{n}" for n in names))
+        cpu_max, limit, usage = (got[f"{self._scope}/{n}"] for n in names)
+        quota, period = cpu_max.split()
+        cpu_text = "unlimited" if quota == "max" else f"{int(quota) * 1000 // int(period)}m (cpu.max={cpu_max})"
+        mem_text = "unlimited" if limit == "max" else f"{int(limit) / MiB:.0f}Mi"
+        return f"limit in force: cpu {cpu_text}, memory {mem_text} (using {int(usage) / MiB:.0f}Mi)"
+
+    def throughput_bps(self, into_pod: bool) -> float:
+        return self.vm.call("iperf", netns=self.pod["netns"], ip=self.pod["ip"], into_pod=into_pod,
+                            seconds=MEASURE_S)["bps"]
+
+
+class Demo:
+    def __init__(self, node: HostNode | V2VmNode) -> None:
+        self.node = node
+        self.address = node.address
 
     def measure(self, *, cpu: bool = True, net: bool = False) -> None:
         parts = []
         if cpu:
-            parts.append(f"measured CPU use {self.cpu_used():.2f} CPU")
-        say("   " + "; ".join(parts + [self.limits()]))
+            parts.append(f"measured CPU use {self.node.cpu_used():.2f} CPU")
+        say("   " + "; ".join(parts + [self.node.limits()]))
         if net:
-            into, out = self.throughput_bps(True), self.throughput_bps(False)
+            into, out = self.node.throughput_bps(True), self.node.throughput_bps(False)
             say(f"   measured throughput: into the pod {into / 1e6:.1f} Mbit/s, out of the pod {out / 1e6:.1f} Mbit/s")
 
     # -- acting --
@@ -175,19 +294,32 @@ class Demo:
         self.measure(net=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--node", choices=("v1", "v2"), default="v1",
+                        help="v1: a containerd node on this machine (default); v2: the cgroup v2 worker node VM")
+    parser.add_argument("--runtime", choices=("runc", "crun"), default="runc", help="v2 only: the pod's runtime handler")
+    args = parser.parse_args(argv)
     if os.geteuid() != 0:
         say("the demo runs containerd, cgroups and network namespaces: run it as root (sudo make demo)")
         return 1
-    for binary in ("containerd", "runc", "iperf3", "nsenter"):
+    for binary in ("containerd", "runc", "iperf3", "nsenter") if args.node == "v1" else ():
         if shutil.which(binary) is None:
             say(f"{binary} is missing: run `make setup` first (make demo does)")
             return 1
-    sys.path.insert(0, str(REPO))  # tests.support.node provides the throwaway node
-    demo = Demo()
+    sys.path.insert(0, str(REPO))  # tests.support provides the throwaway nodes
+    if args.node == "v2":
+        from tests.support.v2node import missing_prerequisites
+
+        missing = missing_prerequisites()
+        if missing:
+            say(f"missing for the v2 node: {'; '.join(missing)}: run `make setup` first (make demo-v2 does)")
+            return 1
+    node = HostNode() if args.node == "v1" else V2VmNode(args.runtime)
+    demo = Demo(node)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        demo.start()
+        node.start()
         demo.run()
         say()
         say("Done. Cleaning up.")
@@ -196,7 +328,7 @@ def main() -> int:
         say("interrupted; cleaning up")
         return 130
     finally:
-        demo.stop()
+        node.stop()
 
 
 if __name__ == "__main__":
