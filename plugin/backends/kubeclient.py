@@ -345,10 +345,21 @@ class Client:
                 if reused and attempt == 0:
                     continue  # the server closed the idle kept-alive connection: once more on a new one
                 raise
+            except BaseException:
+                # Anything else mid-exchange (a timeout, Ctrl-C): the answer's rest may still come on
+                # this connection, and the next request would read it as its own. Never reuse it.
+                conn.close()
+                self._conn = None
+                raise
             if stream and 200 <= status <= 299:
                 self._conn = None  # the watch owns it now
                 return Stream(conn, headers)
-            payload = b"".join(conn.chunks(headers))
+            try:
+                payload = b"".join(conn.chunks(headers))
+            except BaseException:
+                conn.close()
+                self._conn = None
+                raise
             if not conn.open or headers.get("connection", "").lower() == "close":
                 conn.close()
                 self._conn = None

@@ -120,12 +120,21 @@ def test_top_through_the_api_writes_only_while_watched(cluster, pods):
     # Watched for ~6 s with top -w: one figure write per 2 s on this node, the mark's own writes,
     # then nothing once top is gone.
     writes, marks = _observe_writes(fakeapi), _mark_writes(fakeapi)
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "KUBECONFIG": run.kubeconfig}
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "KUBECONFIG": run.kubeconfig,
+           "PYTHONFAULTHANDLER": "1"}
+    # Ctrl-C as in a terminal: a test run started in the background (``cmd &`` in a script) has
+    # SIGINT ignored, children inherit that, and Python then installs no KeyboardInterrupt handler.
     top = subprocess.Popen([KUBECTL_CHAOS, "top", "-w", "-o", "json"], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(6)
     top.send_signal(signal.SIGINT)
-    stdout, stderr = top.communicate(timeout=15)
+    try:
+        stdout, stderr = top.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        top.send_signal(signal.SIGABRT)
+        stdout, stderr = top.communicate(timeout=10)
+        raise AssertionError(f"top -w did not end on SIGINT: {stderr}") from None
     assert top.returncode == 0, stderr
     rows = [json.loads(line) for line in stdout.splitlines()]
     assert len(rows) >= 2 and all(0.2 <= r["cpu"]["usedCores"] <= 0.4 for r in rows), rows
