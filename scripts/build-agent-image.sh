@@ -59,6 +59,14 @@ if [ -f "$dest/.complete" ]; then
     exit 0
 fi
 mkdir -p "$cache_dir"
+# One build at a time per cache: a second session waits, then finds the first one's result.
+exec 9>"$cache_dir/.lock"
+flock 9
+if [ -f "$dest/.complete" ]; then
+    ln -sfn "$recipe_hash" "$cache_dir/current"
+    echo "$dest"
+    exit 0
+fi
 work=$(mktemp -d "$cache_dir/.build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 t0=$SECONDS
@@ -139,7 +147,7 @@ mkdir -p "$stage"
     --json >"$work/layout.json"
 t_layout=$((SECONDS - t0 - t_base - t_app))
 "$python" - "$work/layout.json" "$image_name" "$stage/image.env" "$SOURCE_DATE_EPOCH" "$root" \
-    "$t_base" "$t_app" "$t_layout" <<'EOF'
+    "$t_base" "$t_app" "$t_layout" "$((SECONDS - t0))" <<'EOF'
 import json, pathlib, sys
 doc = json.loads(pathlib.Path(sys.argv[1]).read_text())
 root = pathlib.Path(sys.argv[5])
@@ -156,6 +164,7 @@ lines = {
     "BUILD_BASE_S": sys.argv[6],
     "BUILD_APP_S": sys.argv[7],
     "BUILD_LAYOUT_S": sys.argv[8],
+    "BUILD_TOTAL_S": sys.argv[9],
 }
 pathlib.Path(sys.argv[3]).write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
 EOF

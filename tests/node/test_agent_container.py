@@ -72,18 +72,44 @@ def agent_image(node) -> AgentImage:
     return image
 
 
-@dataclasses.dataclass
 class ContainerisedAgent:
-    pod: podspec.RunningPod
-    client: Agent  # the gRPC helper of test_agent.py, pointed at the hostPath socket
-    pod_dir: pathlib.Path
-    template: podspec.PodTemplate
+    """The DaemonSet's pod on the test node; ``replace_pod()`` does what a rolling update does."""
+
+    def __init__(self, node, image: AgentImage, pod_dir: pathlib.Path):
+        self.node = node
+        self.image = image
+        self.pod_dir = pod_dir
+        self.template = podspec.read_daemonset(podspec.DAEMONSET_MANIFEST.read_text())
+        self.host_paths = podspec.host_paths_on_test_node(str(node.socket), str(pod_dir))
+        # The gRPC helper of test_agent.py, pointed at the socket in the hostPath directory.
+        self.client = Agent(node, pathlib.Path(self.host_paths["/run/kubectl-chaos"]))
+        self.client.state_dir = pathlib.Path(self.host_paths["/var/lib/kubectl-chaos"])
+        self.pod: podspec.RunningPod | None = None
 
     @property
     def address(self) -> str:
         return self.client.address
 
+    def start_pod(self) -> float:
+        """A new pod of the DaemonSet (new UID, new sandbox) on this node; seconds until it serves."""
+        identity = podspec.new_identity(self.node, self.template, str(self.pod_dir))
+        plan = podspec.plan_pod(self.template, identity, image=self.image.name, host_paths=self.host_paths,
+                                volume_dir=f"{self.pod_dir}/pods/{identity.uid}/volumes")  # fmt: skip
+        t0 = time.monotonic()
+        self.pod = podspec.RunningPod(self.node, plan).start()
+        self.wait_serving()
+        return time.monotonic() - t0
+
+    def delete_pod(self, grace_s: int = 30) -> None:
+        """As the kubelet deletes the pod: SIGTERM, SIGKILL after the grace period; then the sandbox."""
+        self.client._drop_channel()
+        if self.pod is not None:
+            problems = self.pod.delete(grace_s=grace_s)
+            self.pod = None
+            assert not problems, problems
+
     def wait_serving(self, timeout_s: float = 30.0) -> None:
+        assert self.pod is not None
         deadline = time.monotonic() + timeout_s
         while not (self.client.socket.exists() and self.client.serving()):
             if self.pod.state() == 2:  # CONTAINER_EXITED
@@ -93,30 +119,20 @@ class ContainerisedAgent:
             time.sleep(0.05)
 
     def probe(self, kind: str):
+        assert self.pod is not None
         (probe,) = [p for p in self.template.containers[0].probes if p.kind == kind]
         return self.pod.exec_probe(probe)
 
 
 @pytest.fixture(scope="module")
 def agent_pod(node, agent_image):
-    template = podspec.read_daemonset(podspec.DAEMONSET_MANIFEST.read_text())
-    pod_dir = node.workdir / f"agentpod-{os.getpid()}"  # short: the socket path must stay under 108 bytes
-    identity = podspec.new_identity(node, template, str(pod_dir))
-    plan = podspec.plan_pod(template, identity, image=agent_image.name, volume_dir=f"{pod_dir}/volumes",
-                            host_paths=podspec.host_paths_on_test_node(str(node.socket), str(pod_dir)))  # fmt: skip
-    client = Agent(node, pod_dir / "run")
-    client.state_dir = pod_dir / "state"
-    t0 = time.monotonic()
-    running = podspec.RunningPod(node, plan).start()
-    agent = ContainerisedAgent(running, client, pod_dir, template)
+    # Short: the socket path below it must stay under 108 bytes.
+    agent = ContainerisedAgent(node, agent_image, node.workdir / f"agentpod-{os.getpid()}")
     try:
-        agent.wait_serving()
-        print(f"\nagent container serving {time.monotonic() - t0:.2f} s after RunPodSandbox")
+        print(f"\nagent container serving {agent.start_pod():.2f} s after RunPodSandbox")
         yield agent
     finally:
-        client._drop_channel()
-        problems = running.delete()
-        assert not problems, problems
+        agent.delete_pod(grace_s=10)
 
 
 @pytest.fixture
@@ -230,6 +246,18 @@ def test_sigkill_and_the_kubelets_restart_recover_the_experiments(agent_pod, pod
     client.revert("shop", "kept")
     assert cpu_files(kept) == ("50000", "50000") and mem_files(kept)[0] == str(64 * MiB)
     print(f"\nagent container: SIGKILL -> new attempt serving in {restart_s:.2f} s")
+
+
+def test_a_rolling_update_hands_the_experiments_to_the_new_pod(agent_pod, web):
+    """The old pod is deleted (SIGTERM: the agent stops, experiments stay), a new one (new UID) takes over."""
+    agent_pod.client.apply("shop", "web", duration_s=600, cpu_millicpu=300)
+    agent_pod.delete_pod(grace_s=30)
+    assert cpu_files(web)[0] == "30000"  # stopping the agent is not a reset
+    start_s = agent_pod.start_pod()
+    assert [e.target.pod for e in agent_pod.client.list()] == ["web"]
+    agent_pod.client.revert("shop", "web")
+    assert cpu_files(web) == ("50000", "50000")
+    print(f"\nrolling update: the new agent pod serving in {start_s:.2f} s")
 
 
 def test_bandwidth_on_the_host_veth(agent_pod, web):

@@ -25,6 +25,7 @@ import dataclasses
 import os
 import pathlib
 import re
+import stat
 import subprocess
 import time
 import uuid
@@ -217,7 +218,7 @@ def _container(c: Mapping[str, Any]) -> ContainerTemplate:
     security = SecurityContext(
         run_as_user=sc.get("runAsUser"),
         privileged=bool(sc.get("privileged", False)),
-        # The API's default: true unless privileged is false and ... it is set; unset means allowed.
+        # Unset means allowed (the API's default for a container that is not privileged either).
         allow_privilege_escalation=bool(sc.get("allowPrivilegeEscalation", True)),
         read_only_root_fs=bool(sc.get("readOnlyRootFilesystem", False)),
         capabilities_add=tuple(sc.get("capabilities", {}).get("add", ())),
@@ -617,8 +618,6 @@ class RunningPod:
 
 
 def stat_is_socket(path: str) -> bool:
-    import stat
-
     return stat.S_ISSOCK(os.stat(path).st_mode)
 
 
@@ -631,5 +630,5 @@ def new_identity(node: Any, template: PodTemplate, pod_dir: str) -> PodIdentity:
         uid=uid,
         node_name=NODE_NAME,
         cgroup_parent=f"{node.cgroup_base}/kubepods/burstable/pod{uid}",
-        log_directory=f"{pod_dir}/logs",
+        log_directory=f"{pod_dir}/pods/{uid}/logs",  # per pod, as the kubelet's /var/log/pods/<ns>_<name>_<uid>
     )
