@@ -13,6 +13,11 @@
 #   layout  one tar+gzip layer written by scripts/oci_layout.py: sorted entries, one mtime
 #           (SOURCE_DATE_EPOCH), numeric owners, so the same rootfs always gives the same digest.
 #
+# It runs as root (no USER): the files the agent writes (cpu.cfs_quota_us, memory.limit_in_bytes,
+# cpu.max, memory.max) are root's, mode 0644, and so is the runtime's socket (0660). A non-root agent
+# would need CAP_DAC_OVERRIDE, which lets it write every host file it can see: more power than uid 0
+# owning those files, not less; and its NET_ADMIN would have to be an ambient capability.
+#
 # Cached by the hash of the recipe (this script, oci_layout.py), the source (the packages that go
 # into the wheel, pyproject.toml, README.md) and the pinned dependency versions: a second run with
 # the same inputs only prints the directory.

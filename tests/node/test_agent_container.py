@@ -260,6 +260,13 @@ def test_a_rolling_update_hands_the_experiments_to_the_new_pod(agent_pod, web):
     print(f"\nrolling update: the new agent pod serving in {start_s:.2f} s")
 
 
+def qdisc_kinds(ifindex: int) -> set[str]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return {q.get_attr("TCA_KIND") for q in ipr.get_qdiscs(index=ifindex)}
+
+
 def test_bandwidth_on_the_host_veth(agent_pod, web):
     import netshape
 
@@ -271,11 +278,13 @@ def test_bandwidth_on_the_host_veth(agent_pod, web):
     veth = netshape.find_host_veth(pid)
     rates = netshape.read_rates(veth.ifname, web.sandbox_id)  # read back from the kernel over netlink
     assert (rates.ingress_bps, rates.egress_bps) == (netshape.kernel_bps(ingress_bps), netshape.kernel_bps(egress_bps))
+    assert {"htb", "ingress"} <= qdisc_kinds(veth.ifindex)  # and with pyroute2 alone, as `tc qdisc show` would
     measured_bps = iperf_bps(web, into_pod=True, seconds=1)
     assert 0.5 * ingress_bps < measured_bps < 1.1 * ingress_bps, measured_bps
     agent_pod.client.revert("shop", "web")
     rates = netshape.read_rates(veth.ifname, web.sandbox_id)
     assert (rates.ingress_bps, rates.egress_bps) == (None, None)
+    assert not {"htb", "ingress"} & qdisc_kinds(veth.ifindex)
     assert not os.path.exists(f"/sys/class/net/{netshape.ifb_name(web.sandbox_id)}")
 
 
