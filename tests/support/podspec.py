@@ -4,13 +4,13 @@
 what it cannot honour (a volume kind, a field that would change what the container gets) rather
 than ignoring it. ``plan_pod`` turns that template into the kubelet's CRI requests
 (RunPodSandbox, CreateContainer) plus the host preparations (directories, a tmpfs) without
-touching anything; ``AgentPod`` carries them out on a ``TestNode`` and restarts the container as
+touching anything; ``RunningPod`` carries them out on a ``TestNode`` and restarts the container as
 the kubelet does (a new attempt in the same sandbox).
 
 What differs from the manifest is explicit, in one place each:
 - the image: the locally imported one (``image`` argument);
 - host paths: every hostPath the manifest mounts must appear in the ``host_paths`` mapping given
-  to ``plan_pod`` (see ``test_node_host_paths``); an unmapped one is an error;
+  to ``plan_pod`` (see ``host_paths_on_test_node``); an unmapped one is an error;
 - args: ``ARG_OVERRIDES`` (and nothing else).
 
 What the kubelet adds that is not here: the service-account token and /etc/hosts mounts, the
@@ -56,7 +56,7 @@ DEFAULT_READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/p
 CFS_PERIOD_US = 100_000
 _MIN_CPU_SHARES = 2
 _FIELD_REFS = ("spec.nodeName", "metadata.namespace", "metadata.name", "metadata.uid")
-_HOST_PATH_TYPES = ("", "Directory", "DirectoryOrCreate", "Socket", "File", "FileOrCreate")
+_HOST_PATH_TYPES = ("", "Directory", "DirectoryOrCreate", "Socket", "File")
 
 
 class PodSpecError(ValueError):
@@ -70,7 +70,7 @@ class PodSpecError(ValueError):
 class HostPathVolume:
     name: str
     path: str
-    type: str  # "" (no check), Directory, DirectoryOrCreate, Socket, File, FileOrCreate
+    type: str  # "" (no check), Directory, DirectoryOrCreate, Socket, File
 
 
 @dataclasses.dataclass(frozen=True)
