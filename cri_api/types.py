@@ -53,10 +53,15 @@ class LinuxResources:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable form (``from_dict`` reads it back)."""
-        out = dataclasses.asdict(self)
-        out["hugepage_limits"] = [dataclasses.asdict(h) for h in self.hugepage_limits]
-        out["unified"] = dict(self.unified)
-        return out
+        # Field by field rather than dataclasses.asdict, whose recursive deep copy is most of an
+        # apply's conversion time on the agent's hot path.
+        return {"cpu_period_us": self.cpu_period_us, "cpu_quota_us": self.cpu_quota_us,
+                "cpu_shares": self.cpu_shares, "memory_limit_bytes": self.memory_limit_bytes,
+                "memory_swap_limit_bytes": self.memory_swap_limit_bytes, "oom_score_adj": self.oom_score_adj,
+                "cpuset_cpus": self.cpuset_cpus, "cpuset_mems": self.cpuset_mems,
+                "hugepage_limits": [{"page_size": h.page_size, "limit_bytes": h.limit_bytes}
+                                    for h in self.hugepage_limits],
+                "unified": dict(self.unified)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LinuxResources:

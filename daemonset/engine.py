@@ -28,6 +28,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import os
 import pathlib
 import random
 import threading
@@ -345,11 +346,17 @@ class Engine:
         return fresh if fresh.running else None
 
     def _alive(self, info: Any) -> bool:
+        """Whether the container's process still runs in the container (its cgroup path names the id)."""
         try:
-            with open(f"{self.proc_root}/{info.pid}/cgroup") as f:
-                return info.id in f.read()
+            fd = os.open(f"{self.proc_root}/{info.pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
         except (OSError, TypeError):
             return False
+        try:
+            return info.id.encode() in os.read(fd, 65536)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def _sandbox_ready(self, sandbox_id: str) -> bool:
         """Whether the pod's sandbox still runs (a container that exited in it is being restarted)."""
@@ -546,15 +553,19 @@ class Engine:
                 if made.cri_sent is not None and made.cri_sent is not exp.cri_sent:
                     from cri_api.types import LinuxResources
 
-                    info = dataclasses.replace(info, resources=LinuxResources.from_dict(made.cri_sent))
+                    # The payload itself when that is what was sent (saves rebuilding it from the record).
+                    sent = payload if payload is not None and made.cri_sent is payload_dict \
+                        else LinuxResources.from_dict(made.cri_sent)
+                    info = dataclasses.replace(info, resources=sent)
                     self._view_at[info.id] = time.monotonic()
             self._known[info.id] = info
         self._schedule_next(made)
         for r in changes:
             self.metrics.applies.labels(r.value, made.methods[r].value).inc()
-            log.info("applied %s on %s: %s -> %s (read back) via %s%s", r.value, target.describe(),
-                     fmt(r, previous[r]), fmt(r, in_force[r]), made.methods[r].value,
-                     f", expires at {_iso(made.expires_at)}" if made.expires_at else "")
+            if log.isEnabledFor(logging.INFO):  # (its arguments are formatted before logging looks)
+                log.info("applied %s on %s: %s -> %s (read back) via %s%s", r.value, target.describe(),
+                         fmt(r, previous[r]), fmt(r, in_force[r]), made.methods[r].value,
+                         f", expires at {_iso(made.expires_at)}" if made.expires_at else "")
         result = self._result(made, set(changes), previous, in_force, dry_run=False, created=base is None,
                               queues=queues)
         self._emit(EventKind.APPLIED, made, resources=result.resources)
@@ -573,6 +584,8 @@ class Engine:
                            " reset that one first")
 
     def _refuse_damaged(self, target: ResolvedTarget) -> None:
+        if not self._damaged:  # (read without the guard: a dict's truth is one atomic look)
+            return
         stem = state_mod.record_name(target.key)
         with self._guard:
             bad = next((d for d in self._damaged.values() if pathlib.Path(d.file).stem == stem or d.key == target.key),

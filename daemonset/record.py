@@ -113,7 +113,19 @@ class Experiment:
         return out
 
     def replace(self, **changes: Any) -> Experiment:
-        return dataclasses.replace(self, **changes)
+        # A copy of the instance dict rather than dataclasses.replace, which runs __init__ over all 25
+        # fields: an apply makes half a dozen of these on the agent's hot path. Same semantics (the
+        # class has no __post_init__ and no defaults computed at construction); unknown names raise.
+        unknown = changes.keys() - _EXPERIMENT_FIELDS
+        if unknown:
+            raise TypeError(f"Experiment has no field(s) {sorted(unknown)}")
+        new = object.__new__(Experiment)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
+
+
+_EXPERIMENT_FIELDS = frozenset(f.name for f in dataclasses.fields(Experiment))
 
 
 # --- JSON -------------------------------------------------------------------------------------

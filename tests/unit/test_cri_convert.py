@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from cri_api import HugepageLimit, LinuxResources
@@ -110,3 +111,14 @@ def test_missing_or_broken_info_gives_none_not_an_exception():
     assert parse_status_info({"info": "[1, 2]"}) == {}
     exited = container_info_from_status(_status({"pid": 0}, with_resources=False, state=api_pb2.CONTAINER_EXITED))
     assert (exited.pid, exited.state, exited.running) == (None, "exited", False)
+
+
+def test_linux_resources_to_dict_covers_every_field_and_round_trips():
+    # to_dict is written out field by field (asdict is slow on the agent's hot path): a new field
+    # must not be dropped silently.
+    res = LinuxResources(cpu_period_us=100000, cpu_quota_us=50000, cpu_shares=512, memory_limit_bytes=2**27,
+                         memory_swap_limit_bytes=2**27, oom_score_adj=-997, cpuset_cpus="0-1", cpuset_mems="0",
+                         hugepage_limits=(HugepageLimit("2MB", 2**21),), unified={"memory.high": "max"})
+    out = res.to_dict()
+    assert set(out) == {f.name for f in dataclasses.fields(LinuxResources)}
+    assert LinuxResources.from_dict(out) == res

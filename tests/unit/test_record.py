@@ -165,3 +165,15 @@ def test_schedule_holds_one_moment_per_key():
     sup.schedule("a/b/c", 10.0)
     sup.cancel("a/b/c")
     assert sup.pending() == 0 and sup.due_at("a/b/c") is None
+
+
+def test_replace_is_dataclasses_replace():
+    import dataclasses
+
+    exp = experiment()
+    changes = {"phase": Phase.REVERTING, "drift_corrections": 3, "end_reason": "expired"}
+    fast, slow = exp.replace(**changes), dataclasses.replace(exp, **changes)
+    assert fast == slow and type(fast) is Experiment
+    assert exp.phase is not Phase.REVERTING  # the original is untouched
+    with pytest.raises(TypeError, match="no_such_field"):
+        exp.replace(no_such_field=1)
