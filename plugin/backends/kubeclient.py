@@ -60,20 +60,19 @@ def kubeconfig_paths(explicit: str | None) -> list[str]:
 def load_kubeconfig(explicit: str | None) -> dict:
     """The merged kubeconfig (named entries: the first file that has a name wins), with every file
     path made absolute relative to the file it came from."""
-    import yaml
-
     merged: dict[str, Any] = {"clusters": {}, "users": {}, "contexts": {}, "current-context": None}
     found = False
     for path in kubeconfig_paths(explicit):
         try:
             with open(path) as f:
-                data = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+                text = f.read()
         except FileNotFoundError:
             if explicit:
                 raise ConfigError(f"{path} does not exist") from None
             continue
-        except (OSError, yaml.YAMLError) as e:
+        except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read {path}: {e}") from None
+        data = _parse_kubeconfig(path, text)
         if not isinstance(data, dict):
             raise ConfigError(f"{path} is not a kubeconfig")
         found = True
@@ -88,6 +87,22 @@ def load_kubeconfig(explicit: str | None) -> dict:
     if not found:
         raise ConfigError(f"no kubeconfig found (looked at {', '.join(kubeconfig_paths(explicit))})")
     return merged
+
+
+def _parse_kubeconfig(path: str, text: str) -> Any:
+    """The file's YAML: kubectl's block style without PyYAML (see kubeyaml), anything else with it."""
+    from plugin.backends import kubeyaml
+
+    try:
+        return kubeyaml.load(text) or {}
+    except kubeyaml.Unsupported:
+        pass
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
 
 
 _PATH_KEYS = ("certificate-authority", "client-certificate", "client-key", "tokenFile")
