@@ -50,8 +50,9 @@ FRAME_BYTES = MTU_BYTES + ETH_HEADER_BYTES
 PROBE_FRAME_BYTES = 98  # 56 bytes of payload, as ping's
 
 
-def _plan(rate_bps: int, qdisc: str, legacy: bool):
-    return lambda mtu: plan_rates(ingress_bps=rate_bps, egress_bps=rate_bps, qdisc=qdisc, mtu_bytes=mtu, legacy=legacy)
+def _plan(rate_bps: int, qdisc: str, legacy: bool, latency_s: float | None = None):
+    return lambda mtu: plan_rates(ingress_bps=rate_bps, egress_bps=rate_bps, qdisc=qdisc, mtu_bytes=mtu, legacy=legacy,
+                                  latency_s=latency_s)
 
 
 def _queue_s(vp, rate_bps: int, direction: str) -> float:
@@ -133,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cc", default="cubic", help="the TCP congestion control of the bulk flows (default cubic)")
     parser.add_argument("--no-windows", action="store_true", help="skip the 100 ms window measurement")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--latency-ms", type=int, metavar="MS",
+                        help="the queue budget of the new rows (what --latency sets; default netshape's, 50)")
+    parser.add_argument("--rates", metavar="BPS,...", help="bit/s to measure (default 1e6,1e7,1e8,1e9)")
     args = parser.parse_args(argv)
+    latency_s = None if args.latency_ms is None else args.latency_ms / 1000
+    rates = RATES_BPS if args.rates is None else tuple(int(float(r)) for r in args.rates.split(","))
     if os.geteuid() != 0:
         print("bench_latency: needs root (network namespaces, tc)", file=sys.stderr)
         return 2
@@ -141,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     rows, windows = [], []
     started = time.monotonic()
     with veth_pair("kl", remote=True) as vp:
-        for rate in RATES_BPS:
+        for rate in rates:
             for direction in ("ingress", "egress"):
                 for mode in ("new", "old"):
                     # Shaped afresh for each run: unshaping drops what a run left queued (the
                     # old queue holds up to 12 s at 1 Mbit/s after its flow has ended).
-                    snap = shaper._shape(vp.host_ifname, TARGET_KEY, _plan(rate, args.qdisc, mode == "old"),
+                    snap = shaper._shape(vp.host_ifname, TARGET_KEY, _plan(rate, args.qdisc, mode == "old", latency_s),
                                          snapshot=None, netns=vp.host_ns)  # fmt: skip
                     try:
                         queue_s = _queue_s(vp, rate, direction)
@@ -161,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             for rate in WINDOW_RATES_BPS:
                 for direction in ("ingress", "egress"):
                     for mode in ("new", "old"):
-                        snap = shaper._shape(vp.host_ifname, TARGET_KEY, _plan(rate, args.qdisc, mode == "old"),
+                        snap = shaper._shape(vp.host_ifname, TARGET_KEY, _plan(rate, args.qdisc, mode == "old", latency_s),
                                              snapshot=None, netns=vp.host_ns)  # fmt: skip
                         try:
                             result = {"rate_bps": rate, "mode": mode, "direction": direction}
