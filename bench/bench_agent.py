@@ -57,6 +57,8 @@ BARE_CRI = "bare CRI UpdateContainerResources"
 AGENT_CRI = "agent Apply, CPU via CRI"
 BARE_CGROUP = "bare cgroup write"
 AGENT_CGROUP = "agent Apply, CPU via cgroup"
+BARE_CRI_BESIDE_ENGINE = "bare CRI call (beside the engine)"
+ENGINE_CRI = "Engine.apply in this process, CPU via CRI"
 # The two quotas alternated (millicpu) on a 500m container: never above it, so no pod-level raise.
 VALUES_MILLICPU = (200, 300)
 
@@ -186,6 +188,37 @@ def latency(node: TestNode, agent: AgentProcess, samples: int) -> list[dict]:
     return [summary(k, v) for k, v in series.items()]
 
 
+def engine_series(node: TestNode, samples: int) -> list[dict]:
+    """Not a goal, the split of the own share: the engine without the gRPC server and its threads,
+    ``Engine.apply`` called in this process, interleaved with the bare call as above."""
+    from daemonset.engine import Engine
+    from daemonset.metrics import Metrics
+    from daemonset.types import ApplyRequest, Changes, Method, RevertRequest, Target
+    from tests.support.node import ContainerSpec
+
+    pod = node.run_pod("eng", "bench", [ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
+    bare = node.run_pod("bare2", "bench", [ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
+    state = tempfile.mkdtemp(prefix="kcx-bench-engine-", dir="/tmp")
+    engine = Engine(node.client, state_dir=state, metrics=Metrics(), sweep_orphan_ifbs=False)
+    engine.start()
+    target = Target(namespace="bench", pod="eng")
+    current = node.client.container_info(bare.container_id()).resources
+    try:
+        series = interleaved(
+            samples,
+            (BARE_CRI_BESIDE_ENGINE, lambda i: node.client.update_container_resources(
+                bare.container_id(), merge_resources(current, cpu_quota_us=VALUES_MILLICPU[i % 2] * 100))),
+            (ENGINE_CRI, lambda i: engine.apply(ApplyRequest(target=target, method=Method.CRI, changes=Changes(
+                cpu_millicpu=VALUES_MILLICPU[i % 2] + 50)))))
+        engine.revert(RevertRequest(target=target))
+    finally:
+        engine.close()
+        shutil.rmtree(state, ignore_errors=True)
+        node.delete_pod(pod)
+        node.delete_pod(bare)
+    return [summary(k, v) for k, v in series.items()]
+
+
 def latency_goals(lat: list[dict]) -> list[tuple[str, bool, str]]:
     by = {r["name"]: r for r in lat}
     ratio = by[AGENT_CRI]["p50_ms"] / by[BARE_CRI]["p50_ms"]
@@ -267,6 +300,7 @@ def run_v1(args: argparse.Namespace) -> tuple[dict, list[tuple[str, bool, str]]]
     try:
         agent = AgentProcess(node, workdir)
         lat = latency(node, agent, args.samples)
+        split = engine_series(node, args.samples)
         cli = plugin_e2e(node, agent, args.cli_samples)
         fan = fan_out(node, agent, args.containers)
     finally:
@@ -282,8 +316,11 @@ def run_v1(args: argparse.Namespace) -> tuple[dict, list[tuple[str, bool, str]]]
         ("agent RSS < 80 MiB idle and with 100 active", max(fan["rss_idle_mib"], fan["rss_100_active_mib"]) < 80,
          f"{fan['rss_idle_mib']:.0f} / {fan['rss_100_active_mib']:.0f} MiB"),
     ]
-    print_series([*lat, cli, fan["per_call"]])
-    return {"node": "v1", "latency": lat, "plugin": cli, "fan_out": fan}, goals
+    print_series([*lat, *split, cli, fan["per_call"]])
+    by = {r["name"]: r for r in split}
+    print(f"(the split, not a goal: the engine's own share without gRPC, in this process:"
+          f" {by[ENGINE_CRI]['p50_ms'] - by[BARE_CRI_BESIDE_ENGINE]['p50_ms']:.2f} ms)")
+    return {"node": "v1", "latency": lat, "engine": split, "plugin": cli, "fan_out": fan}, goals
 
 
 def run_v2(args: argparse.Namespace) -> tuple[dict, list[tuple[str, bool, str]]]:

@@ -1011,7 +1011,7 @@ class Engine:
         unknown: dict[Resource, str] = {}
         cpu_mem = [r for r in CPU_MEM if r in exp.desired]
         if loc is not None and loc.gone:
-            return {}, {r: f"the pod is gone ({loc.gone})" for r in exp.desired}
+            return {}, {r: f"the pod is gone: {loc.gone}" for r in exp.desired}
         if cpu_mem:
             try:
                 cg = loc.cg if loc is not None and loc.cg is not None else self._snapshot_cgroups(exp)

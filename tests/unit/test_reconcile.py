@@ -391,7 +391,7 @@ def test_quantities():
 
 
 def test_reverted_entry_says_once_why_nothing_could_be_read_back():
-    gone = "the pod is gone (pod deleted)"
+    gone = "the pod is gone: pod deleted"
     resources = [dataclasses.replace(cpu(), unknown=gone),
                  ResourceResult(Resource.MEMORY, 2**28, 2**27, 2**27, -1, Method.CRI, unknown=gone)]
     entry = rc.reverted_entry(applied(), None, "web-1", "app", NODE, NOW, "reverted: pod deleted", resources)
