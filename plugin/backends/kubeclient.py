@@ -4,8 +4,8 @@ Why not the ``kubernetes`` package: importing it and loading a kubeconfig with i
 0.2-0.3 s on the development machine, about twice everything else ``kubectl chaos --set-cpu``
 does (Python start, the command line, five API round trips and the agent's work), and it was
 the whole difference to ``kubectl patch``. This module uses the standard library only (``socket``,
-``ssl``, ``json``; the kubeconfig is read with PyYAML) and speaks HTTP/1.1 itself: a few ms of
-imports.
+``ssl``, ``json``; a kubeconfig in kubectl's block style is read by ``kubeyaml``, anything else with
+PyYAML) and speaks HTTP/1.1 itself: a few ms of imports.
 
 It reads kubeconfig files as kubectl does (``--kubeconfig``, else ``$KUBECONFIG`` with its files
 merged, first one wins, else ``~/.kube/config``; relative paths are relative to the file that
