@@ -362,16 +362,22 @@ _DURATION = re.compile(
 _DURATION_UNIT_S = {"h": 3600, "m": 60, "s": 1}
 
 
-def parse_duration(text: str, flag: str = "--duration") -> float:
-    """A duration with units, largest first (``30s``, ``5m``, ``1h30m``, ``1.5h``), as seconds."""
+def _time_text(text: str, flag: str, what: str, accepts: str) -> tuple[str, str]:
+    """The stripped text and how a message shows it; refuses empty, overlong and negative values."""
     if not isinstance(text, str) or not text.strip():
-        raise UsageError(f"{flag}: empty value; {_DURATION_ACCEPTS}")
+        raise UsageError(f"{flag}: empty value; {accepts}")
     stripped = text.strip()
     shown = _quote(stripped if len(stripped) <= _MAX_INPUT_CHARS else stripped[:20] + "...")
     if len(stripped) > _MAX_INPUT_CHARS:
-        raise UsageError(f"{flag}: {shown} is too long to be a duration; {_DURATION_ACCEPTS}")
+        raise UsageError(f"{flag}: {shown} is too long to be a {what}; {accepts}")
     if stripped.startswith("-"):
-        raise UsageError(f"{flag}: {shown} is negative; {_DURATION_ACCEPTS}")
+        raise UsageError(f"{flag}: {shown} is negative; {accepts}")
+    return stripped, shown
+
+
+def parse_duration(text: str, flag: str = "--duration") -> float:
+    """A duration with units, largest first (``30s``, ``5m``, ``1h30m``, ``1.5h``), as seconds."""
+    stripped, shown = _time_text(text, flag, "duration", _DURATION_ACCEPTS)
     body = stripped[1:] if stripped.startswith("+") else stripped
     if re.fullmatch(r"[0-9]+(?:\.[0-9]*)?", body, re.ASCII):
         if Fraction(body) == 0:
@@ -427,14 +433,7 @@ _LATENCY_UNIT_S = {"ms": Fraction(1, 1000), "s": Fraction(1)}
 
 def parse_latency(text: str, flag: str = "--latency") -> float:
     """A queue's latency budget with a unit (``50ms``, ``0.5s``), as seconds: 1ms to 10s."""
-    if not isinstance(text, str) or not text.strip():
-        raise UsageError(f"{flag}: empty value; {_LATENCY_ACCEPTS}")
-    stripped = text.strip()
-    shown = _quote(stripped if len(stripped) <= _MAX_INPUT_CHARS else stripped[:20] + "...")
-    if len(stripped) > _MAX_INPUT_CHARS:
-        raise UsageError(f"{flag}: {shown} is too long to be a latency; {_LATENCY_ACCEPTS}")
-    if stripped.startswith("-"):
-        raise UsageError(f"{flag}: {shown} is negative; {_LATENCY_ACCEPTS}")
+    stripped, shown = _time_text(text, flag, "latency", _LATENCY_ACCEPTS)
     match = _LATENCY.fullmatch(stripped)
     if match is None:
         raise UsageError(f"{flag}: {shown} is not a latency; {_LATENCY_ACCEPTS}")
