@@ -392,10 +392,21 @@ def make_cli(open_backend: BackendOpener = backends.open_backend, clock: Clock =
                 sys.stdout.flush()
             return EXIT_OK
 
+        # SIGTERM (`timeout`, a cancelled CI job) and SIGHUP (the terminal closed) end it like Ctrl-C,
+        # so in cluster mode the watch-until mark is taken off at once instead of running out.
+        import signal
+
+        def interrupt(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
+        previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
             return run_backend(connection, show)
         except KeyboardInterrupt:
             return EXIT_OK
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     @group.command("completion", context_settings=_CONTEXT, short_help="print a completion script")
     @click.argument("shell", type=click.Choice(SHELLS), metavar="SHELL")

@@ -145,5 +145,15 @@ def test_top_through_the_api_writes_only_while_watched(cluster, pods):
     print(f"[cluster top] watched ~6 s: {watched} figure writes by the agent, {marked} mark writes by top;"
           " unwatched 3 s: 0")
     assert 2 <= watched <= 5 and 1 <= marked <= 3, (watched, marked)
+
+    # Ended by SIGTERM (timeout(1), a cancelled CI job): the mark comes off at once as well.
+    top = subprocess.Popen([KUBECTL_CHAOS, "top", "-w", "-o", "json"], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: watch.WATCH_ANNOTATION in (_obj(fakeapi, "busy-1.app")["metadata"].get("annotations") or {}),
+             timeout_s=10, what="top -w to mark the object")
+    top.send_signal(signal.SIGTERM)
+    stdout, stderr = top.communicate(timeout=30)
+    assert top.returncode == 0, stderr
+    assert watch.WATCH_ANNOTATION not in (_obj(fakeapi, "busy-1.app")["metadata"].get("annotations") or {})
     assert run("--reset", "busy-1").returncode == 0
     assert quota_us(pod) == 100_000
