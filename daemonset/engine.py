@@ -28,7 +28,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import os
 import pathlib
 import random
 import threading
@@ -347,16 +346,13 @@ class Engine:
 
     def _alive(self, info: Any) -> bool:
         """Whether the container's process still runs in the container (its cgroup path names the id)."""
+        from cgroupctl.read import read_text
+
         try:
-            fd = os.open(f"{self.proc_root}/{info.pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+            text = read_text(f"{self.proc_root}/{info.pid}/cgroup")
+            return text is not None and info.id in text
         except (OSError, TypeError):
             return False
-        try:
-            return info.id.encode() in os.read(fd, 65536)
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
 
     def _sandbox_ready(self, sandbox_id: str) -> bool:
         """Whether the pod's sandbox still runs (a container that exited in it is being restarted)."""

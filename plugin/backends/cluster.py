@@ -480,14 +480,9 @@ class _Urllib3Stream:
         self.resp = resp
 
     def lines(self):
-        pending = b""
-        for chunk in self.resp.stream(amt=None, decode_content=False):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                yield line.decode()
-        if pending.strip():
-            yield pending.decode()
+        from plugin.backends.kubeclient import split_lines
+
+        return split_lines(self.resp.stream(amt=None, decode_content=False))
 
     def close(self) -> None:
         self.resp.release_conn()

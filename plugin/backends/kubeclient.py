@@ -23,7 +23,7 @@ import json
 import os
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 
@@ -236,14 +236,7 @@ class Stream:
         self.headers = headers
 
     def lines(self) -> Iterator[str]:
-        pending = b""
-        for chunk in self.conn.chunks(self.headers):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                yield line.decode()
-        if pending.strip():
-            yield pending.decode()
+        return split_lines(self.conn.chunks(self.headers))
 
     def close(self) -> None:
         self.conn.close()
@@ -387,6 +380,18 @@ class Client:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def split_lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """The lines of a watch stream (one JSON event each) out of its chunks, cut anywhere."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.decode()
+    if pending.strip():
+        yield pending.decode()
 
 
 def _host_port(netloc: str, default: int) -> tuple[str, int]:
