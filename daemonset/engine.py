@@ -359,6 +359,8 @@ class Engine:
         from cri_api import errors as cri_errors
         from cri_api.v1 import api_pb2
 
+        if not sandbox_id:  # a record from before the sandbox was kept: as if the pod were gone
+            return False
         try:
             return self.cri.pod_sandbox_status(sandbox_id).status.state == api_pb2.SANDBOX_READY
         except cri_errors.NotFound:
@@ -375,14 +377,19 @@ class Engine:
         t = exp.target
         try:
             info = self.cri.find_container(t.namespace, t.pod, t.container)
-        except cri_errors.NotFound:
-            return exp, Location(None, None, gone=END_POD_DELETED)
-        except cri_errors.NotRunning:
+        except (cri_errors.NotFound, cri_errors.NotRunning) as e:
+            # No container of that name, or none running, while the sandbox is ready: the kubelet (or
+            # someone with crictl) removed the old one and is creating the next attempt. The pod is
+            # still there: its cgroups stay ours to restore.
             try:
                 ready = self._sandbox_ready(exp.sandbox_id)
-            except cri_errors.CRIError as e:
-                return exp, Location(None, self._snapshot_cgroups(exp), runtime_error=str(e))
-            return exp, Location(None, self._snapshot_cgroups(exp), gone="" if ready else END_POD_STOPPED)
+            except cri_errors.CRIError as err:
+                return exp, Location(None, self._snapshot_cgroups(exp), runtime_error=str(err))
+            if ready:
+                return exp, Location(None, self._snapshot_cgroups(exp), gone="")
+            if isinstance(e, cri_errors.NotFound):
+                return exp, Location(None, None, gone=END_POD_DELETED)
+            return exp, Location(None, self._snapshot_cgroups(exp), gone=END_POD_STOPPED)
         except cri_errors.CRIError as e:
             return exp, Location(None, self._snapshot_cgroups(exp), runtime_error=str(e))
         if t.pod_uid and info.pod_uid and info.pod_uid != t.pod_uid:
@@ -1315,16 +1322,21 @@ class Engine:
                 fresh = self._with_fresh_resources(info)
             if fresh is None:
                 fresh = self.cri.find_container(exp.target.namespace, exp.target.pod, exp.target.container)
-        except cri_errors.NotFound:
-            self._end(exp, END_POD_DELETED, Location(None, None, gone=END_POD_DELETED))
-            return
-        except cri_errors.NotRunning:
+        except (cri_errors.NotFound, cri_errors.NotRunning) as e:
+            # Not running, or removed with no next attempt created yet: while the sandbox is ready the
+            # kubelet is restarting it, so look again next pass (see _locate).
             try:
-                if not self._sandbox_ready(exp.sandbox_id):
-                    self._end(exp, END_POD_STOPPED, Location(None, self._snapshot_cgroups(exp), gone=END_POD_STOPPED))
-            except cri_errors.CRIError as e:
-                self._runtime_unreachable(e)
-            return  # the kubelet is restarting it: look again next pass
+                ready = self._sandbox_ready(exp.sandbox_id)
+            except cri_errors.CRIError as err:
+                self._runtime_unreachable(err)
+                return
+            if ready:
+                return
+            if isinstance(e, cri_errors.NotFound):
+                self._end(exp, END_POD_DELETED, Location(None, None, gone=END_POD_DELETED))
+            else:
+                self._end(exp, END_POD_STOPPED, Location(None, self._snapshot_cgroups(exp), gone=END_POD_STOPPED))
+            return
         except cri_errors.CRIError as e:
             self._runtime_unreachable(e)
             return

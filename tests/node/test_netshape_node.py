@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 import netshape
-from tests.support.netns import iperf3_goodput_bps
+from tests.support.netns import goodput_ratios_within, pod_goodput_bps
 from tests.support.node import ContainerSpec
 from tests.support.require import require_binary
 
@@ -41,23 +41,11 @@ def bridge_pod(node, pods):
 
 
 def _into_pod(node, pod) -> float:
-    # iperf3 server inside the pod's namespace, client on the node.
-    return iperf3_goodput_bps(
-        server_ns=None,
-        client_ns=None,
-        server_addr=pod.ip,
-        server_argv_prefix=["nsenter", f"--net={pod.netns_path}"],
-    )
+    return pod_goodput_bps(pod.netns_path, pod.ip, into_pod=True)
 
 
 def _out_of_pod(node, pod) -> float:
-    # iperf3 server on the node (the bridge's address), client inside the pod's namespace.
-    return iperf3_goodput_bps(
-        server_ns=None,
-        client_ns=None,
-        server_addr=node.gateway_ip(),
-        client_argv_prefix=["nsenter", f"--net={pod.netns_path}"],
-    )
+    return pod_goodput_bps(pod.netns_path, pod.ip, into_pod=False, node_ip=node.gateway_ip())
 
 
 def test_shape_cni_pod_both_ways(node, bridge_pod):
@@ -71,9 +59,8 @@ def test_shape_cni_pod_both_ways(node, bridge_pod):
     snap = netshape.shape(veth.ifname, key, ingress_bps=20_000_000, egress_bps=10_000_000)
     assert netshape.check(veth.ifname, key) == netshape.Rates(20_000_000, 10_000_000)
     assert netshape.ifb_name(key) in _our_ifbs()
-    into, out = _into_pod(node, pod), _out_of_pod(node, pod)
-    assert TOLERANCE[0] <= into / 20_000_000 <= TOLERANCE[1], f"into the pod: {into / 1e6:.2f} Mbit/s"
-    assert TOLERANCE[0] <= out / 10_000_000 <= TOLERANCE[1], f"out of the pod: {out / 1e6:.2f} Mbit/s"
+    goodput_ratios_within(lambda: _into_pod(node, pod), 20_000_000, *TOLERANCE, what="into the pod")
+    goodput_ratios_within(lambda: _out_of_pod(node, pod), 10_000_000, *TOLERANCE, what="out of the pod")
 
     # Re-shape in place, then remove: the CNI's veth is as it was, no IFB of ours is left.
     assert netshape.shape(veth.ifname, key, ingress_bps=5_000_000, snapshot=snap) == snap

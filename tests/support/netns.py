@@ -27,7 +27,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 HOST_ADDR = "10.213.0.1"
@@ -241,6 +241,46 @@ def iperf3_goodput_bps(
         time.sleep(duration_s)
         t1, bytes1 = flow.received()
     return (bytes1 - bytes0) * 8 / (t1 - t0)
+
+
+def pod_goodput_bps(
+    netns_path: str, pod_ip: str, *, into_pod: bool, node_ip: str | None = None, duration_s: float = 3.0,
+    omit_s: float = 1.0,
+) -> float:
+    """TCP goodput node -> pod (``into_pod``, iperf3's server in the pod's network namespace) or
+    pod -> node (the client in the pod's namespace, the server on ``node_ip``, by default the pod's
+    gateway: the CNI bridge), measured as ``iperf3_goodput_bps`` does."""
+    enter = ["nsenter", f"--net={netns_path}"]
+    if into_pod:
+        return iperf3_goodput_bps(server_ns=None, client_ns=None, server_addr=pod_ip, duration_s=duration_s,
+                                  omit_s=omit_s, server_argv_prefix=enter)
+    if node_ip is None:
+        route = run(*enter, "ip", "-4", "route", "show", "default").stdout.split()
+        node_ip = route[route.index("via") + 1]
+    return iperf3_goodput_bps(server_ns=None, client_ns=None, server_addr=node_ip, duration_s=duration_s,
+                              omit_s=omit_s, client_argv_prefix=enter)
+
+
+def goodput_ratios_within(
+    measure: Callable[[], float], rate_bps: float, low: float, high: float, *, what: str, attempts: int = 3
+) -> list[float]:
+    """Goodput / ``rate_bps`` from ``measure()``, asserted within [low, high]; the readings, in order.
+
+    The noise is one-sided: a shaper never lets more through than its rate, while a busy machine
+    (a 2-core CI host, a TCG guest) or a retransmission timeout in the window only ever takes
+    goodput away. So a reading above ``high`` fails at once, and only a reading below ``low`` is
+    measured again, up to ``attempts`` readings in all; the message lists every reading.
+    """
+    ratios: list[float] = []
+    for _ in range(attempts):
+        ratio = measure() / rate_bps
+        ratios.append(ratio)
+        if ratio > high:
+            break
+        if ratio >= low:
+            return ratios
+    shown = ", ".join(f"{r:.3f}" for r in ratios)
+    raise AssertionError(f"{what}: goodput / {rate_bps / 1e6:g} Mbit/s = {shown}, wanted {low}-{high}")
 
 
 def _received(prefix: list[str], port: int) -> tuple[float, int]:

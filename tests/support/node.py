@@ -234,8 +234,8 @@ class Pod:
         """The container's cgroup directory (cgroupfs driver: <pod cgroup>/<container id>)."""
         return self.cgroup_dirs[controller] / self.container_id(name)
 
-    def restart_container(self, name: str | None = None) -> str:
-        return self.node.restart_container(self, name)
+    def restart_container(self, name: str | None = None, *, gap_s: float = 0.0) -> str:
+        return self.node.restart_container(self, name, gap_s=gap_s)
 
     def delete(self) -> None:
         self.node.delete_pod(self)
@@ -479,8 +479,9 @@ class TestNode:
         self.client.start_container(container_id)
         return container_id
 
-    def restart_container(self, pod: Pod, name: str | None = None) -> str:
-        """Stop and remove the container, then create attempt + 1 from the same spec (as a kubelet)."""
+    def restart_container(self, pod: Pod, name: str | None = None, *, gap_s: float = 0.0) -> str:
+        """Stop and remove the container, then create attempt + 1 from the same spec (as a kubelet);
+        ``gap_s`` is how long the pod runs with no container of that name in between."""
         assert self.client is not None
         if name is None:
             if len(pod.containers) != 1:
@@ -489,6 +490,7 @@ class TestNode:
         old = pod.containers[name]
         self.client.stop_container(old, grace_s=0)
         self.client.remove_container(old)
+        time.sleep(gap_s)
         attempt = pod.attempts[name] + 1
         pod.containers[name] = self._create_and_start(pod, pod.specs[name], attempt)
         pod.attempts[name] = attempt

@@ -409,53 +409,16 @@ def op_bench_agent_latency(samples: int, runtime: str = "") -> dict:
 
 
 def op_goodput(netns: str, pod_ip: str, into_pod: bool, duration_s: float = 3.0, omit_s: float = 1.0) -> dict:
-    """TCP goodput node -> pod (``into_pod``) or pod -> node in bit/s, as bench_bandwidth measures it on
-    the host node (tests/support/netns.py: the receiver's TCP byte count over ``duration_s``, after
-    ``omit_s``). The node's end is the pod's gateway (the CNI bridge)."""
-    from tests.support.netns import iperf3_goodput_bps
+    """TCP goodput node -> pod (``into_pod``) or pod -> node in bit/s, as the host node's tests and
+    bench_bandwidth measure it (tests/support/netns.py)."""
+    from tests.support.netns import pod_goodput_bps
 
-    enter = ["nsenter", f"--net={netns}"]
-    route = sh(f"nsenter --net={netns} ip -4 route show default")["stdout"].split()
-    gateway = route[route.index("via") + 1]
-    if into_pod:
-        bps = iperf3_goodput_bps(server_ns=None, client_ns=None, server_addr=pod_ip, duration_s=duration_s,
-                                 omit_s=omit_s, server_argv_prefix=enter)
-    else:
-        bps = iperf3_goodput_bps(server_ns=None, client_ns=None, server_addr=gateway, duration_s=duration_s,
-                                 omit_s=omit_s, client_argv_prefix=enter)
-    return {"bps": bps}
+    return {"bps": pod_goodput_bps(netns, pod_ip, into_pod=into_pod, duration_s=duration_s, omit_s=omit_s)}
 
 
 def op_records() -> dict:
     d = AGENT_STATE / "experiments"
     return {"records": [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.exists() else []}
-
-
-def op_iperf(netns: str, ip: str, into_pod: bool, seconds: int = 3) -> dict:
-    """TCP goodput node -> pod (``into_pod``) or pod -> node; iperf3's server in the pod's netns."""
-    port = 5201
-    server = subprocess.Popen(["nsenter", f"--net={netns}", "iperf3", "-s", "-1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        argv = ["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-J", "--connect-timeout", "3000"]
-        if not into_pod:
-            argv.append("-R")
-        error = ""
-        for _ in range(30):
-            res = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
-            try:
-                doc = json.loads(res.stdout)
-            except ValueError:
-                doc = {"error": res.stderr}
-            received = doc.get("end", {}).get("sum_received")
-            if res.returncode == 0 and received:
-                return {"bps": received["bits_per_second"]}
-            error = doc.get("error", res.stderr)
-            time.sleep(0.2)
-        raise RuntimeError(f"iperf3 failed: {error}")
-    finally:
-        server.kill()
-        server.wait()
 
 
 def op_exec(container_id: str, argv: list[str], timeout_s: float = 30.0) -> dict:

@@ -15,6 +15,7 @@ import pytest
 
 from cri_api import errors as cri_errors
 from cri_api.types import ContainerInfo, LinuxResources
+from cri_api.v1 import api_pb2
 from daemonset.cgroups import Readings
 from daemonset.engine import Engine, millicpu_of, quota_for, same_quantity
 from daemonset.types import (
@@ -65,6 +66,7 @@ class FakeWorld:
         self.rates: dict[str, tuple[int, int]] = {}
         self.latency: dict[str, float] = {}  # the queue budget each key was last shaped with
         self.queue_bytes: dict[str, tuple[int | None, int | None]] = {}  # overrides: someone resized a queue
+        self.restarting: set[str] = set()  # sandbox ids of pods whose only container is being re-created
         self.runtime_refuses = False
         self.runtime_down = False
         self.shape_fails = False
@@ -116,6 +118,14 @@ class FakeCRI:
     def container_info(self, cid):
         (ns, pod, name), _c = self.w.by_id(cid)
         return self.find_container(ns, pod, name)
+
+    def pod_sandbox_status(self, sandbox_id):
+        """Ready while the pod has a container, or is in ``restarting`` (its container removed, the next
+        attempt not yet created); gone otherwise."""
+        pods = {f"sb-{ns}-{pod}" for ns, pod, _ in self.w.containers} | self.w.restarting
+        if sandbox_id not in pods:
+            raise cri_errors.NotFound(f"no sandbox {sandbox_id}")
+        return api_pb2.PodSandboxStatusResponse(status=api_pb2.PodSandboxStatus(id=sandbox_id, state=api_pb2.SANDBOX_READY))
 
     def update_container_resources(self, cid, resources):
         self.update_resources(cid, cpu_quota_us=resources.cpu_quota_us, memory_limit_bytes=resources.memory_limit_bytes)
@@ -460,6 +470,23 @@ def test_deleted_pod_ends_experiment_and_shaping(world, clock, tmp_path):
     del world.containers[("default", "web", "app")]
     e.check_drift()
     assert e.list() == [] and not world.rates and list(e.store.load_all()) == []
+
+
+def test_container_removed_in_a_ready_pod_keeps_the_experiment(world, clock, tmp_path):
+    """Between the removal of a container and the creation of its next attempt the pod has no
+    container of that name but its sandbox is ready: a drift pass then waits for the next attempt."""
+    e = make_engine(world, clock, tmp_path)
+    apply(e, cpu_millicpu=200, ingress_bps=10_000_000)
+    old = world.containers.pop(("default", "web", "app"))
+    world.restarting.add("sb-default-web")
+    e.check_drift()
+    [exp] = e.list()
+    assert exp.target.container_id == old.id and world.rates
+    world.add("default", "web", "app", "c-next")
+    world.restarting.clear()
+    e.check_drift()
+    [exp] = e.list()
+    assert exp.target.container_id == "c-next" and world.containers[("default", "web", "app")].quota_us == 20_000
 
 
 def test_same_container_serialized_different_in_parallel(world, clock, tmp_path):

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from daemonset.api.gen import agent_pb2, agent_pb2_grpc
+from tests.support.netns import goodput_ratios_within
 
 MiB = 2**20
 BUSY2 = ["sh", "-c", "while :; do :; done & while :; do :; done"]
@@ -303,13 +304,16 @@ def test_pod_slice_put_back_by_someone_else_is_raised_again(v2node, agent):
 def test_bandwidth_both_ways_measured(v2node, agent, figures):
     pod = run_pod(v2node, "net", "runc")
     agent.apply("net", ingress_bps=8_000_000, egress_bps=4_000_000)
-    into = v2node.call("iperf", netns=pod["netns"], ip=pod["ip"], into_pod=True)["bps"]
-    out = v2node.call("iperf", netns=pod["netns"], ip=pod["ip"], into_pod=False)["bps"]
-    figures["v2 HTB 8 Mbit/s into / 4 Mbit/s out of the pod: goodput ratio"] = f"{into / 8e6:.3f} / {out / 4e6:.3f}"
-    assert 0.9 * 8e6 < into < 1.02 * 8e6, into
-    assert 0.9 * 4e6 < out < 1.02 * 4e6, out
+
+    def goodput(into_pod: bool, duration_s: float = 3.0) -> float:
+        return v2node.call("goodput", netns=pod["netns"], pod_ip=pod["ip"], into_pod=into_pod, duration_s=duration_s)["bps"]
+
+    # TCG on a 2-core host: bench_bandwidth --node v2 holds 0.93-1.0; the test allows for a busy host.
+    into = goodput_ratios_within(lambda: goodput(True), 8e6, 0.85, 1.02, what="v2, into the pod")
+    out = goodput_ratios_within(lambda: goodput(False), 4e6, 0.85, 1.02, what="v2, out of the pod")
+    figures["v2 HTB 8 Mbit/s into / 4 Mbit/s out of the pod: goodput ratio"] = f"{into[-1]:.3f} / {out[-1]:.3f}"
     agent.revert("net")
-    assert v2node.call("iperf", netns=pod["netns"], ip=pod["ip"], into_pod=True)["bps"] > 50e6
+    assert goodput(True, duration_s=1.0) > 50e6
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -346,7 +350,9 @@ def test_container_recreated_in_the_same_pod_gets_the_experiment_again(v2node, a
     pod = run_pod(v2node, "restart", runtime)
     agent.apply("restart", cpu_millicpu=1500, memory_bytes=256 * MiB, method=agent_pb2.METHOD_CGROUP)
     pod = v2node.call("restart_container", sandbox_id=pod["sandbox_id"], name="app")
-    assert wait_until(lambda: files(v2node, pod)["scope/cpu.max"] == "150000 100000", 20)  # a drift pass under TCG, during a loaded CI run
+    # A drift pass under TCG, during a loaded CI run.
+    assert wait_until(lambda: files(v2node, pod)["scope/cpu.max"] == "150000 100000", 20), \
+        v2node.call("agent_log", lines=30)["tail"]
     f = files(v2node, pod)
     assert {k: v for k, v in f.items() if k.endswith("/memory.max")} == dict.fromkeys(
         [f"{lvl}/memory.max" for lvl in levels(pod)], str(256 * MiB))
