@@ -806,6 +806,7 @@ class _Stream:
             finally:
                 resp.release_conn()
         self.resp = resp
+        self.ended = False  # the server ended the watch: the response was read to its end
 
     def __iter__(self) -> Iterator[dict]:
         from kubernetes.watch.watch import iter_resp_lines
@@ -813,8 +814,14 @@ class _Stream:
         for line in iter_resp_lines(self.resp):
             if line.strip():
                 yield json.loads(line)
+        self.ended = True
 
     def close(self) -> None:
+        # urllib3's release_conn() puts the connection back in the pool as it is: one left in the
+        # middle of a watch would hand the next request the rest of that watch to read (a list then
+        # waited for the watch's timeout). Such a connection is closed first; the pool opens another.
+        if not self.ended:
+            self.resp.close()
         self.resp.release_conn()
 
     def abort(self) -> None:

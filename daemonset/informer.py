@@ -292,6 +292,10 @@ class Informer:
         stream = self.watch_fn(rv, self.watch_timeout_s)
         self._stream = stream
         try:
+            # stop() sets the flag, then aborts the stream it sees: one that opened while it ran was
+            # not there to abort, and its first read would wait for an event or the watch timeout.
+            if self._stop.is_set():
+                return rv
             for event in stream:
                 if self._stop.is_set():
                     break

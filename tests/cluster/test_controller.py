@@ -3,6 +3,7 @@ effects read from the real cgroups of the test node and from the objects' status
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -187,3 +188,5 @@ def test_agent_flags_choose_cluster_mode(fakeapi, kubeconfig, tmp_path, monkeypa
         assert controller is not None and controller.idle(5)
     finally:
         controller.stop()
+    # Stopped right after the start, while watches were still opening: none is left waiting.
+    assert [t.name for t in threading.enumerate() if t.name.startswith("controller-")] == []
