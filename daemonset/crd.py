@@ -147,13 +147,13 @@ class ChaosSpec:
         pod, selector = target.get("pod"), target.get("selector")
         if (pod is None) == (selector is None):
             raise SpecError(f"spec.target: give exactly one of pod and selector, got {_show(target)}")
-        if pod is not None and not (isinstance(pod, str) and len(pod) <= 253 and _DNS_SUBDOMAIN.match(pod)):
+        if pod is not None and not (isinstance(pod, str) and len(pod) <= 253 and re.match(_DNS_SUBDOMAIN, pod)):
             raise SpecError(f"spec.target.pod {_show(pod)} is not a pod name (a lowercase DNS-1123 subdomain, at most"
                             " 253 characters)")
         if selector is not None:
             check_selector(selector)
         container = spec.get("container") or None
-        if container is not None and not (isinstance(container, str) and _DNS_LABEL.match(container)
+        if container is not None and not (isinstance(container, str) and re.match(_DNS_LABEL, container)
                                           and len(container) <= 63):
             raise SpecError(f"spec.container {_show(container)} is not a container name (a lowercase DNS-1123 label,"
                             " at most 63 characters)")
@@ -263,8 +263,10 @@ MAX_TARGETS = 500
 # A selector's size: terms, values per term, and the label syntax's own lengths.
 MAX_SELECTOR_TERMS = 32
 MAX_SELECTOR_VALUES = 64
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?)$")
+# Patterns as text, compiled by re's cache on first use (kubectl-chaos imports this module at every
+# start and uses few of them).
+_LABEL_NAME = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$"
+_LABEL_VALUE = r"^(([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?)$"
 _OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 
@@ -290,13 +292,13 @@ def check_label_key(key: Any, where: str) -> None:
     if not isinstance(key, str) or not key:
         raise SpecError(f"{where}: a label key must be a non-empty string, got {_show(key)}")
     prefix, _, name = key.rpartition("/")
-    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)) or not _LABEL_NAME.match(name):
+    if prefix and (len(prefix) > 253 or not re.match(_DNS_SUBDOMAIN, prefix)) or not re.match(_LABEL_NAME, name):
         raise SpecError(f"{where}: {_show(key)} is not a label key ([prefix/]name: a DNS subdomain prefix of at most"
                         " 253 characters, a name of at most 63 alphanumerics, '-', '_' or '.')")
 
 
 def check_label_value(value: Any, where: str) -> None:
-    if not isinstance(value, str) or not _LABEL_VALUE.match(value):
+    if not isinstance(value, str) or not re.match(_LABEL_VALUE, value):
         raise SpecError(f"{where}: {_show(value)} is not a label value (at most 63 alphanumerics, '-', '_' or '.',"
                         " starting and ending with an alphanumeric)")
 
@@ -346,8 +348,8 @@ def check_selector(selector: Any) -> None:
             check_label_value(value, f"{here}.values[{j}]")
 
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 def object_name(pod: str, container: str) -> str:
@@ -382,9 +384,9 @@ def build(namespace: str, spec: ChaosSpec, *, name: str | None = None, owners: l
 # Label selectors: the text people type <-> metav1.LabelSelector <-> matching
 
 
-_SET_TERM = re.compile(r"^([A-Za-z0-9./_-]+)\s+(in|notin)\s+\(([^)]*)\)$")
-_CMP_TERM = re.compile(r"^([A-Za-z0-9./_-]+)\s*(==|!=|=)\s*([A-Za-z0-9._-]*)$")
-_KEY_TERM = re.compile(r"^(!?)([A-Za-z0-9./_-]+)$")
+_SET_TERM = r"^([A-Za-z0-9./_-]+)\s+(in|notin)\s+\(([^)]*)\)$"
+_CMP_TERM = r"^([A-Za-z0-9./_-]+)\s*(==|!=|=)\s*([A-Za-z0-9._-]*)$"
+_KEY_TERM = r"^(!?)([A-Za-z0-9./_-]+)$"
 
 
 def _terms(text: str) -> list[str]:
@@ -408,18 +410,18 @@ def parse_selector(text: str) -> dict:
     if not terms:
         raise SpecError(f'selector "{text}" is empty; use a label selector like "app=web"')
     for term in terms:
-        if m := _SET_TERM.match(term):
+        if m := re.match(_SET_TERM, term):
             values = [v.strip() for v in m.group(3).split(",") if v.strip()]
             expressions.append({"key": m.group(1), "operator": "In" if m.group(2) == "in" else "NotIn",
                                 "values": values})
-        elif m := _CMP_TERM.match(term):
+        elif m := re.match(_CMP_TERM, term):
             if m.group(2) == "!=":
                 expressions.append({"key": m.group(1), "operator": "NotIn", "values": [m.group(3)]})
             elif m.group(1) in match_labels and match_labels[m.group(1)] != m.group(3):
                 raise SpecError(f'selector "{text}" asks {m.group(1)} to equal two values')
             else:
                 match_labels[m.group(1)] = m.group(3)
-        elif m := _KEY_TERM.match(term):
+        elif m := re.match(_KEY_TERM, term):
             expressions.append({"key": m.group(2), "operator": "DoesNotExist" if m.group(1) else "Exists"})
         else:
             raise SpecError(f'selector "{text}": cannot read "{term}"; use key=value, key!=value, '

@@ -13,6 +13,7 @@ an in-memory backend without any switch in this module.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -433,6 +434,26 @@ cli = make_cli()
 def main(argv: list[str] | None = None) -> None:
     """The ``kubectl-chaos`` entry point; exits with 0, 1 (request failed) or 2 (usage)."""
     cli.main(args=argv, prog_name=PROG, complete_var=COMPLETE_VAR)
+
+
+def console_main() -> None:
+    """The installed ``kubectl-chaos`` command: :func:`main`, then out without the interpreter's
+    teardown. Unloading the ~300 modules a run imports takes ~9 ms, a tenth of a cluster-mode
+    run; nothing of ours needs it: connections and temporary files are closed where they are used,
+    and stdout and stderr are flushed here. A crash (any other exception) ends the normal way."""
+    try:
+        main()
+        code = EXIT_OK
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            sys.stderr.write(e.code + "\n")
+        code = e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # a reader gone (`| head`): the run's result stands
+            pass
+    os._exit(code)
 
 
 def complete_main(argv: list[str] | None = None) -> None:

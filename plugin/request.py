@@ -7,7 +7,6 @@ with one line before any backend is imported or contacted.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import re
 
 from plugin.backends import DIRECTIONS, METHODS, AgentAddress, ChaosRequest, Connection, ProfileStep
@@ -32,11 +31,12 @@ DEFAULT_STEPS = 10
 MAX_STEPS = 1000
 
 # Kubernetes object names: pods are DNS-1123 subdomains, namespaces and containers DNS-1123 labels.
+# Patterns as text, compiled by re's own cache on first use: a run uses a few of them, and compiling
+# every pattern of the plugin at import took ~1 ms of each start.
 _DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
-_POD_NAME = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*", re.ASCII)
-_LABEL_NAME = re.compile(_DNS_LABEL, re.ASCII)
-_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[-A-Za-z0-9]*[A-Za-z0-9])?)*\.?",
-                       re.ASCII)
+_POD_NAME = rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*"
+_LABEL_NAME = _DNS_LABEL
+_HOSTNAME = r"[A-Za-z0-9](?:[-A-Za-z0-9]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[-A-Za-z0-9]*[A-Za-z0-9])?)*\.?"
 _POD_KINDS = ("pod", "pods", "po")
 _SUBCOMMANDS = ("status", "top", "completion")
 _ADDRESS_ACCEPTS = "use unix:///path/to/agent.sock or host:port"
@@ -107,6 +107,8 @@ def parse_agent_address(text: str, flag: str = "--agent-address") -> AgentAddres
         if not sep:
             raise UsageError(f"{flag}: {shown} is not an address; {_ADDRESS_ACCEPTS}")
         try:
+            import ipaddress  # only here: ~1 ms to import
+
             ipaddress.IPv6Address(host)
         except ValueError:
             raise UsageError(f"{flag}: {shown} has an invalid IPv6 address; {_ADDRESS_ACCEPTS}") from None
@@ -116,7 +118,7 @@ def parse_agent_address(text: str, flag: str = "--agent-address") -> AgentAddres
             raise UsageError(f"{flag}: {shown} has no port; {_ADDRESS_ACCEPTS}")
         if ":" in host:
             raise UsageError(f"{flag}: {shown}: write an IPv6 address in brackets, like [::1]:9443")
-        if not _HOSTNAME.fullmatch(host) or len(host) > 253:
+        if not re.fullmatch(_HOSTNAME, host, re.ASCII) or len(host) > 253:
             raise UsageError(f"{flag}: {shown} has an invalid host {host!r}; {_ADDRESS_ACCEPTS}")
     if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise UsageError(f"{flag}: {shown} has an invalid port; a port is 1 to 65535")
@@ -143,7 +145,7 @@ def build_connection(
 
 
 def check_namespace(namespace: str | None) -> str | None:
-    if namespace is not None and (len(namespace) > 63 or not _LABEL_NAME.fullmatch(namespace)):
+    if namespace is not None and (len(namespace) > 63 or not re.fullmatch(_LABEL_NAME, namespace, re.ASCII)):
         raise UsageError(
             f'--namespace: "{namespace}" is not a namespace name; names are up to 63 lower-case '
             'letters, digits and "-"'
@@ -177,14 +179,14 @@ def build_invocation(flags: Flags) -> Invocation:
             "missing POD: name the pod to change (or --selector for many); to list experiments "
             'run "kubectl-chaos status"'
         )
-    if flags.pod is not None and (len(flags.pod) > 253 or not _POD_NAME.fullmatch(flags.pod)):
+    if flags.pod is not None and (len(flags.pod) > 253 or not re.fullmatch(_POD_NAME, flags.pod, re.ASCII)):
         raise UsageError(
             f'POD: "{flags.pod}" is not a pod name; pod names are lower-case letters, digits, "-" and "."'
         )
     if flags.selector is not None and not flags.selector.strip():
         raise UsageError('--selector: empty value; use a label selector like "app=web"')
     check_namespace(flags.namespace)
-    if flags.container is not None and (len(flags.container) > 63 or not _LABEL_NAME.fullmatch(flags.container)):
+    if flags.container is not None and (len(flags.container) > 63 or not re.fullmatch(_LABEL_NAME, flags.container, re.ASCII)):
         raise UsageError(
             f'--container: "{flags.container}" is not a container name; names are up to 63 lower-case '
             'letters, digits and "-"'

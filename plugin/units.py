@@ -90,10 +90,8 @@ _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei"
 _DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
 
 # sign, mantissa, optional exponent (e3, E-2; "2E" alone is the exa suffix), the rest (the unit).
-_QUANTITY = re.compile(
-    r"(?P<sign>[+-]?)(?P<mantissa>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE](?P<exp>[+-]?[0-9]+))?(?P<unit>.*)",
-    re.ASCII | re.DOTALL,
-)
+# (Patterns as text: re's cache compiles the ones a run uses, on first use.)
+_QUANTITY = r"(?P<sign>[+-]?)(?P<mantissa>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE](?P<exp>[+-]?[0-9]+))?(?P<unit>.*)"
 
 
 class _Number:
@@ -116,7 +114,7 @@ def _split(text: str, flag: str, kind: str, accepts: str) -> _Number:
         raise UsageError(f'{flag}: empty value; {accepts}')
     if len(stripped) > _MAX_INPUT_CHARS:
         raise UsageError(f"{flag}: {_quote(stripped[:20] + '...')} is too long to be {kind}; {accepts}")
-    match = _QUANTITY.fullmatch(stripped)
+    match = re.fullmatch(_QUANTITY, stripped, re.ASCII | re.DOTALL)
     if match is None:
         raise UsageError(f"{flag}: {_quote(stripped)} is not {kind}; {accepts}")
     mantissa = match["mantissa"]
@@ -270,7 +268,7 @@ _TC_LOWER = {"m": 10**6, "g": 10**9, "t": 10**12}
 _PREFIX_WORD = {"m": "mega", "g": "giga", "t": "tera"}
 _BITS = ("", "b", "bps", "bit", "bits", "bit/s", "bits/s", "b/s")
 _BYTES = ("B", "Bps", "B/s", "byte/s", "bytes/s")
-_BW_UNIT = re.compile(r"(?P<prefix>Ki|Mi|Gi|Ti|[kKMGTmgt]?)(?P<unit>.*)", re.DOTALL)
+_BW_UNIT = r"(?P<prefix>Ki|Mi|Gi|Ti|[kKMGTmgt]?)(?P<unit>.*)"
 
 
 def parse_bandwidth(text: str, flag: str = "--set-bandwidth") -> int:
@@ -278,7 +276,7 @@ def parse_bandwidth(text: str, flag: str = "--set-bandwidth") -> int:
     num = _split(text, flag, "a bandwidth", _BANDWIDTH_ACCEPTS)
     stripped = text.strip()
     shown = _quote(stripped)
-    parts = _BW_UNIT.fullmatch(num.unit)
+    parts = re.fullmatch(_BW_UNIT, num.unit, re.DOTALL)
     assert parts is not None  # the pattern matches every string
     prefix, unit = parts["prefix"], parts["unit"]
     if unit not in _BITS and unit not in _BYTES:
@@ -355,10 +353,7 @@ def describe_bandwidth(text: str, bps: int, direction: str = "both") -> str:
 
 # --- Durations ---------------------------------------------------------------------------------
 
-_DURATION = re.compile(
-    r"(?:(?P<h>[0-9]+(?:\.[0-9]+)?)h)?(?:(?P<m>[0-9]+(?:\.[0-9]+)?)m)?(?:(?P<s>[0-9]+(?:\.[0-9]+)?)s)?",
-    re.ASCII,
-)
+_DURATION = r"(?:(?P<h>[0-9]+(?:\.[0-9]+)?)h)?(?:(?P<m>[0-9]+(?:\.[0-9]+)?)m)?(?:(?P<s>[0-9]+(?:\.[0-9]+)?)s)?"
 _DURATION_UNIT_S = {"h": 3600, "m": 60, "s": 1}
 
 
@@ -383,7 +378,7 @@ def parse_duration(text: str, flag: str = "--duration") -> float:
         if Fraction(body) == 0:
             raise UsageError(f"{flag}: {shown} is zero; {_DURATION_ACCEPTS}")
         raise UsageError(f"{flag}: {shown} has no unit; write {body}s, {body}m or {body}h")
-    match = _DURATION.fullmatch(body)
+    match = re.fullmatch(_DURATION, body, re.ASCII)
     if match is None or not any(match.groupdict().values()):
         unit = re.sub(r"^[0-9.]+", "", body)
         if re.fullmatch(r"[0-9.]+[A-Za-zµ]+", body) and unit not in _DURATION_UNIT_S:
@@ -427,14 +422,14 @@ def describe_duration(text: str, seconds: float) -> str:
 # --- Queue latency -----------------------------------------------------------------------------
 
 _LATENCY_ACCEPTS = "use ms or s, like 50ms, 20ms or 1s (1ms to 10s)"
-_LATENCY = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<unit>[A-Za-zµ]*)", re.ASCII)
+_LATENCY = r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<unit>[A-Za-zµ]*)"
 _LATENCY_UNIT_S = {"ms": Fraction(1, 1000), "s": Fraction(1)}
 
 
 def parse_latency(text: str, flag: str = "--latency") -> float:
     """A queue's latency budget with a unit (``50ms``, ``0.5s``), as seconds: 1ms to 10s."""
     stripped, shown = _time_text(text, flag, "latency", _LATENCY_ACCEPTS)
-    match = _LATENCY.fullmatch(stripped)
+    match = re.fullmatch(_LATENCY, stripped, re.ASCII)
     if match is None:
         raise UsageError(f"{flag}: {shown} is not a latency; {_LATENCY_ACCEPTS}")
     number, unit = match["number"], match["unit"]
