@@ -544,6 +544,28 @@ def test_container_removed_before_its_next_attempt_keeps_the_experiment(agent, p
     assert cpu_files(pod) == ("50000", "50000") and mem_files(pod)[0] == str(64 * MiB)
 
 
+def test_reset_while_the_container_is_between_attempts_is_exact(agent, pods):
+    """A reset that comes while the pod has no container of that name (the old one removed, the next
+    not yet created): the pod cgroup goes back at once, the experiment ends, and the next attempt
+    starts with the pod's own limits."""
+    pod = pods.run("between", containers=[ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
+    agent.apply("default", "between", cpu_millicpu=800)
+    pod_quota = pod.cgroup_dirs["cpu"] / "cpu.cfs_quota_us"
+    assert read(pod_quota) == "80000"
+    restart = threading.Thread(target=pod.restart_container, kwargs={"gap_s": 3.0})
+    restart.start()
+    try:
+        assert wait_until(lambda: not pod.container_cgroup_dir("cpu").exists(), 5)
+        resp = agent.revert("default", "between")
+        assert read(pod_quota) == "50000", "the pod cgroup was left raised"
+        assert agent.list() == [] and agent.records() == [], resp
+    finally:
+        restart.join()
+    assert cpu_files(pod) == ("50000", "50000") and mem_files(pod)[0] == str(64 * MiB)
+    time.sleep(3 * agent.drift_interval_s)  # drift passes find nothing to re-apply
+    assert cpu_files(pod) == ("50000", "50000") and agent.list() == []
+
+
 def test_deleted_pod_ends_experiment_and_leaves_nothing(agent, pods):
     pod = pods.run("gone", containers=[ContainerSpec("app", cpu_millicpu=500)])
     agent.apply("default", "gone", cpu_millicpu=200, ingress_bps=10_000_000, egress_bps=10_000_000)
