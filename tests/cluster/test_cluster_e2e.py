@@ -109,6 +109,10 @@ def test_restart_keeps_experiment_and_reset_still_works(cluster, pods):
     pod = pods.run("web-3", "shop", [ContainerSpec(cpu_millicpu=1000)])
     mirror(fakeapi, pod)
     assert run("--set-cpu=300m", "web-3").returncode == 0
+    # The agent posts its Event a few ms after the status kubectl-chaos returns on; a kill -9 in
+    # between loses it (Events are best effort). Killed once it is there, a second "Applied" after
+    # the restart would be a second apply.
+    wait_for(lambda: [reason for reason, _ in events(fakeapi, "web-3")] == ["Applied"], what="the Applied event")
     agent.kill9()
     assert quota_us(pod) == 30_000
     agent.start()
