@@ -384,13 +384,23 @@ def make_cli(open_backend: BackendOpener = backends.open_backend, clock: Clock =
 
         def show(backend: Backend) -> int:
             scope = None if all_namespaces else (namespace or backend.default_namespace())
-            for rows in backend.top(scope, interval_s, 0 if watch else 1):
-                text = render_top(rows, output, clock()) if rows or output == "json" else \
-                    f"No chaos experiments in {'any namespace' if scope is None else 'namespace ' + scope}.\n"
-                if in_place:
-                    text = "\x1b[H\x1b[2J" + text  # home and clear: refresh in place
-                click.echo(text, nl=False)
-                sys.stdout.flush()
+            refreshes = backend.top(scope, interval_s, 0 if watch else 1)
+            try:
+                for rows in refreshes:
+                    text = render_top(rows, output, clock()) if rows or output == "json" else \
+                        f"No chaos experiments in {'any namespace' if scope is None else 'namespace ' + scope}.\n"
+                    if in_place:
+                        text = "\x1b[H\x1b[2J" + text  # home and clear: refresh in place
+                    click.echo(text, nl=False)
+                    sys.stdout.flush()
+            finally:
+                # Closed here, not left to the garbage collector: an interrupt while a row is printed
+                # leaves the generator in a traceback's reference cycle, and the installed command exits
+                # without the interpreter's teardown (console_main), so its cleanup (the cluster
+                # backend takes its watch-until marks off) would never run.
+                close = getattr(refreshes, "close", None)
+                if close is not None:
+                    close()
             return EXIT_OK
 
         # SIGTERM (`timeout`, a cancelled CI job) and SIGHUP (the terminal closed) end it like Ctrl-C,

@@ -254,6 +254,9 @@ class ClusterBackend:
             if until is None or until < now + WATCH_WINDOW_S / 2:
                 mark = crd.rfc3339(now + WATCH_WINDOW_S)
                 meta = obj["metadata"]
+                # Noted before the patch goes out: an interrupt while its answer is read must still
+                # take off a mark the server has already written.
+                marks.setdefault(_key(obj), mark)
                 try:
                     obj = self.api.request("PATCH", _chaos_path(meta["namespace"], meta["name"]),
                                            body={"metadata": {"annotations": {watch.WATCH_ANNOTATION: mark}}},

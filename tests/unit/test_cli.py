@@ -693,3 +693,33 @@ def test_request_is_frozen():
         request.cpu_millicpu = 1  # type: ignore[misc]
     assert request.target == "default/web"
     assert ChaosRequest(namespace="a", selector="app=x").target == "a -l app=x"
+
+
+def test_top_closes_its_refreshes_when_interrupted_while_printing():
+    """Ctrl-C (or SIGTERM, which top turns into one) while a refresh is printed: the backend's
+    refreshes are closed, so their cleanup runs (in cluster mode: the watch-until marks come off),
+    before the command returns; the installed command exits without the interpreter's teardown
+    (console_main), so nothing may be left to the garbage collector."""
+    import gc
+
+    cleaned: list[str] = []
+
+    class TopBackend(FakeBackend):
+        def top(self, namespace, interval_s, count):
+            try:
+                while True:
+                    yield []
+            finally:
+                cleaned.append("closed")
+
+    def clock():  # called as the first refresh is rendered
+        raise KeyboardInterrupt
+
+    cli = make_cli(open_backend=TopBackend, clock=clock)
+    gc.disable()
+    try:
+        result = CliRunner().invoke(cli, ["top", "-w", "-o", "json"], prog_name="kubectl-chaos")
+        assert cleaned == ["closed"], result.output
+    finally:
+        gc.enable()
+    assert result.exit_code == 0, result.output
