@@ -308,9 +308,11 @@ def test_bandwidth_both_ways_measured(v2node, agent, figures):
     def goodput(into_pod: bool, duration_s: float = 3.0) -> float:
         return v2node.call("goodput", netns=pod["netns"], pod_ip=pod["ip"], into_pod=into_pod, duration_s=duration_s)["bps"]
 
-    # TCG on a 2-core host: bench_bandwidth --node v2 holds 0.93-1.0; the test allows for a busy host.
-    into = goodput_ratios_within(lambda: goodput(True), 8e6, 0.85, 1.02, what="v2, into the pod")
-    out = goodput_ratios_within(lambda: goodput(False), 4e6, 0.85, 1.02, what="v2, out of the pod")
+    # TCG on a 2-core host: bench_bandwidth --node v2 holds 0.93-1.0; the test allows for a busy host
+    # and, above, for the guest's timing of its byte counts (`ss` under TCG: one CI run read 1.020),
+    # with the host's bounds (0.85-1.05). Unshaped, the link carries more than 50 Mbit/s.
+    into = goodput_ratios_within(lambda: goodput(True), 8e6, 0.85, 1.05, what="v2, into the pod")
+    out = goodput_ratios_within(lambda: goodput(False), 4e6, 0.85, 1.05, what="v2, out of the pod")
     figures["v2 HTB 8 Mbit/s into / 4 Mbit/s out of the pod: goodput ratio"] = f"{into[-1]:.3f} / {out[-1]:.3f}"
     agent.revert("net")
     assert goodput(True, duration_s=1.0) > 50e6
