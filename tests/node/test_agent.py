@@ -103,6 +103,10 @@ class Agent:
         try:
             resp = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
         except grpc.RpcError:
+            # A refused connect (the killed agent's socket file is still there) puts the channel in
+            # gRPC's reconnect backoff, 1 s at first: the next look gets a fresh channel, so a restart
+            # is seen when it serves, not a second later.
+            self._drop_channel()
             return False
         return resp.status == health_pb2.HealthCheckResponse.SERVING
 

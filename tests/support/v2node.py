@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 
@@ -270,3 +271,80 @@ class V2Node:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class EarlyBoot:
+    """Boots the v2 node, and starts its agent, in a thread while other tests run, and hands the result
+    to the ``v2node`` fixture. The session starts it with its unit tests (tests/conftest.py): they
+    measure no CPU share, no throughput and no time, so the emulated CPUs beside them change nothing
+    they assert, and the minute the boot takes under TCG comes off the session's wall time. The
+    tests that do measure (host node, kernel, the small VM's) never run beside it."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._node: V2Node | None = None
+        self._agent: dict | None = None
+        self._error: BaseException | None = None
+        self._booting: V2Node | None = None
+        self.started_at: float | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.started_at is not None
+
+    def start(self) -> None:
+        if self.started_at is not None:
+            return
+        self.started_at = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="v2node-early-boot", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        node = self._booting = V2Node()
+        try:
+            node.boot()  # closes the VM itself when it fails
+            try:
+                self._agent = node.call("agent_start", wait_s=120)
+            except BaseException:
+                node.close(timeout_s=0)
+                raise
+            self._node = node
+        except BaseException as e:  # handed to the fixture, which raises it in the first v2 test
+            self._error = e
+        finally:
+            self._booting = None
+
+    def take(self, timeout_s: float = 600.0) -> tuple[V2Node, dict] | None:
+        """The booted node and its ``agent_start`` result, once the thread is done; None when no early
+        boot was started or it was taken already; raises what the boot raised."""
+        if self._thread is None:
+            return None
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise V2NodeError(f"the v2 node's early boot did not finish within {timeout_s:g} s")
+        self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        assert self._node is not None and self._agent is not None
+        taken = (self._node, self._agent)
+        self._node = self._agent = None
+        return taken
+
+    def discard(self) -> None:
+        """At the end of the session: close a node that no test took (a run stopped before them). A
+        boot still under way is stopped, not waited for: its QEMU is killed and the thread, a daemon,
+        fails on its own."""
+        booting = self._booting
+        if self._thread is not None and self._thread.is_alive() and booting is not None:
+            with contextlib.suppress(Exception):
+                booting.close(timeout_s=0)
+            return
+        with contextlib.suppress(BaseException):
+            taken = self.take(timeout_s=5)
+            if taken is not None:
+                taken[0].close()
+
+
+# The session's one early boot (tests/conftest.py starts it, tests/vm/conftest.py takes it).
+EARLY_BOOT = EarlyBoot()

@@ -315,6 +315,10 @@ def test_failed_status_write_does_not_apply_again(fakeapi, engine, start):
     add_chaos(fakeapi, "owed")
     wait_for(lambda: engine.calls, what="the apply")
     wait_for(lambda: entry(fakeapi, "owed").get("phase") == "Applied", timeout_s=15, what="Applied after the 409s")
+    # The Event is posted just after the status write (best effort, its own request): wait for it,
+    # then check that a second one does not follow.
+    wait_for(lambda: events(fakeapi, "owed"), what="the Applied Event")
+    time.sleep(0.3)
     assert engine.calls == [("apply", "owed")]
     assert [r for r, _ in events(fakeapi, "owed")] == ["Applied"]
 
