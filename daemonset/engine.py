@@ -366,6 +366,23 @@ class Engine:
         except cri_errors.NotFound:
             return False
 
+    def _why_no_container(self, exp: Experiment, missing: Exception) -> str:
+        """What it means that the experiment's container is not found (``NotFound``) or not running
+        (``NotRunning``): "" while the pod's sandbox is ready, since the kubelet (or someone with
+        crictl) removed or stopped the old container and is creating the next attempt, and the pod's
+        cgroups stay ours to restore; else how the experiment ends. Raises CRIError when the runtime
+        cannot say."""
+        from cri_api import errors as cri_errors
+
+        if self._sandbox_ready(exp.sandbox_id):
+            return ""
+        return END_POD_DELETED if isinstance(missing, cri_errors.NotFound) else END_POD_STOPPED
+
+    def _gone_location(self, exp: Experiment, gone: str) -> Location:
+        """No container to act on: a deleted pod took its cgroups with it; otherwise the pod's cgroups,
+        as saved in the snapshot, are still there to restore."""
+        return Location(None, None if gone == END_POD_DELETED else self._snapshot_cgroups(exp), gone=gone)
+
     def _resolved(self, info: Any) -> ResolvedTarget:
         return ResolvedTarget(namespace=info.pod_namespace, pod=info.pod_name, container=info.name,
                               container_id=info.id, pod_uid=info.pod_uid or "", node_name=self.node_name)
@@ -378,18 +395,11 @@ class Engine:
         try:
             info = self.cri.find_container(t.namespace, t.pod, t.container)
         except (cri_errors.NotFound, cri_errors.NotRunning) as e:
-            # No container of that name, or none running, while the sandbox is ready: the kubelet (or
-            # someone with crictl) removed the old one and is creating the next attempt. The pod is
-            # still there: its cgroups stay ours to restore.
             try:
-                ready = self._sandbox_ready(exp.sandbox_id)
+                gone = self._why_no_container(exp, e)
             except cri_errors.CRIError as err:
                 return exp, Location(None, self._snapshot_cgroups(exp), runtime_error=str(err))
-            if ready:
-                return exp, Location(None, self._snapshot_cgroups(exp), gone="")
-            if isinstance(e, cri_errors.NotFound):
-                return exp, Location(None, None, gone=END_POD_DELETED)
-            return exp, Location(None, self._snapshot_cgroups(exp), gone=END_POD_STOPPED)
+            return exp, self._gone_location(exp, gone)
         except cri_errors.CRIError as e:
             return exp, Location(None, self._snapshot_cgroups(exp), runtime_error=str(e))
         if t.pod_uid and info.pod_uid and info.pod_uid != t.pod_uid:
@@ -1323,19 +1333,13 @@ class Engine:
             if fresh is None:
                 fresh = self.cri.find_container(exp.target.namespace, exp.target.pod, exp.target.container)
         except (cri_errors.NotFound, cri_errors.NotRunning) as e:
-            # Not running, or removed with no next attempt created yet: while the sandbox is ready the
-            # kubelet is restarting it, so look again next pass (see _locate).
             try:
-                ready = self._sandbox_ready(exp.sandbox_id)
+                gone = self._why_no_container(exp, e)
             except cri_errors.CRIError as err:
                 self._runtime_unreachable(err)
                 return
-            if ready:
-                return
-            if isinstance(e, cri_errors.NotFound):
-                self._end(exp, END_POD_DELETED, Location(None, None, gone=END_POD_DELETED))
-            else:
-                self._end(exp, END_POD_STOPPED, Location(None, self._snapshot_cgroups(exp), gone=END_POD_STOPPED))
+            if gone:  # else the next attempt is on its way: look again next pass
+                self._end(exp, gone, self._gone_location(exp, gone))
             return
         except cri_errors.CRIError as e:
             self._runtime_unreachable(e)
