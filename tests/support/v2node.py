@@ -266,6 +266,28 @@ class V2Node:
             self._tmp.cleanup()
             self._tmp = None
 
+    def died(self, wait_s: float = 2.0) -> str:
+        """"" while QEMU runs (after waiting up to ``wait_s`` for it to end: a test can see the guest's
+        connection drop a moment before QEMU is gone); else why it stopped: the guest's panic line from
+        the console (the kernel boots with panic=-1 and QEMU with -no-reboot, so a guest panic ends
+        QEMU), or its exit status."""
+        if self._proc is None:
+            return ""
+        try:
+            self._proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            return ""
+        text = self.console_tail(200)
+        panic = [line.strip() for line in text.splitlines() if "Kernel panic" in line or "Fatal exception" in line]
+        return panic[-1] if panic else f"qemu exited with status {self._proc.returncode}"
+
+    def reboot(self) -> dict:
+        """A fresh guest in place of a dead one (same ports, a new throwaway snapshot of the root disk),
+        its agent started; returns ``agent_start``'s result."""
+        self.close(timeout_s=0)
+        self.boot()
+        return self.call("agent_start", wait_s=120)
+
     def __enter__(self) -> V2Node:
         return self.boot()
 
