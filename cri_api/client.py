@@ -6,7 +6,8 @@ imported: the kubectl plugin imports cri_api types on paths that never open a ch
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from cri_api import endpoint as _endpoint
@@ -67,6 +68,8 @@ class RuntimeClient:
         from cri_api.v1 import api_pb2, api_pb2_grpc
 
         self._grpc = grpc
+        # Called with (CRI method, seconds) after every call, answered or not: the agent's metrics.
+        self.observe_call: Callable[[str, float], None] | None = None
         self._pb = api_pb2
         self._convert = convert
         self._stubs = api_pb2_grpc
@@ -125,10 +128,15 @@ class RuntimeClient:
 
     def _call(self, stub: Any, method: str, request: Any, timeout_s: float | None = None, what: str = "") -> Any:
         timeout = self.timeout_s if timeout_s is None else _check_timeout(timeout_s)
+        observe = self.observe_call
+        started = time.perf_counter()
         try:
             return getattr(stub, method)(request, timeout=timeout)
         except self._grpc.RpcError as err:
             raise self._translate(err, method, timeout, what) from None
+        finally:
+            if observe is not None:
+                observe(method, time.perf_counter() - started)
 
     def _translate(self, err: Any, method: str, timeout_s: float, what: str) -> CRIError:
         codes = self._grpc.StatusCode

@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     import netshape  # noqa: F401
 
     metrics = Metrics()
+    cri.observe_call = metrics.observe_runtime_call
     engine = Engine(
         cri,
         cgroup_root=args.cgroup_root,

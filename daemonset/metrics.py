@@ -34,6 +34,17 @@ class Metrics:
             registry=r,
         )
 
+        self.runtime_calls = Histogram(
+            "chaos_agent_runtime_call_seconds",
+            "Time the container runtime took to answer one CRI call (failed calls included), by method.",
+            ["method"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+
+    def observe_runtime_call(self, method: str, seconds: float) -> None:
+        self.runtime_calls.labels(method).observe(seconds)
+
     def render(self) -> bytes:
         """The metrics in the Prometheus text format."""
         return generate_latest(self.registry)

@@ -686,5 +686,14 @@ def test_metrics_exposed(agent, pods):
     assert "chaos_agent_active_experiments 1.0" in text
     assert 'chaos_agent_applies_total{method="cri",resource="cpu"} 1.0' in text
     assert "chaos_agent_apply_latency_seconds_bucket" in text
+    # The runtime's own time, per CRI method: the one UpdateContainerResources of this apply, answered
+    # in more than 0 and less than the whole apply took.
+    calls = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+             if line.startswith("chaos_agent_runtime_call_seconds_") and 'method="UpdateContainerResources"' in line}
+    assert calls['chaos_agent_runtime_call_seconds_count{method="UpdateContainerResources"}'] == 1.0, calls
+    update_s = calls['chaos_agent_runtime_call_seconds_sum{method="UpdateContainerResources"}']
+    apply_s = float(next(line.split(" ")[1] for line in text.splitlines()
+                         if line.startswith("chaos_agent_apply_latency_seconds_sum")))
+    assert 0 < update_s < apply_s, (update_s, apply_s)
     agent.revert("default", "met")
     assert "chaos_agent_active_experiments 0.0" in agent.metrics()

@@ -254,6 +254,22 @@ def test_unreachable_says_whether_the_socket_is_missing_or_not_a_socket(tmp_path
             client.version()
 
 
+def test_every_call_is_timed_for_whoever_observes_it(runtime, tmp_path):
+    _, client = runtime
+    seen = []
+    client.observe_call = lambda method, seconds: seen.append((method, seconds))
+    client.version()
+    with pytest.raises(NotFound):
+        client.container_status("no-such-container")
+    assert [m for m, _ in seen] == ["Version", "ContainerStatus"]
+    assert all(0 < s < 5 for _, s in seen)
+    with RuntimeClient(str(tmp_path / "none.sock"), timeout_s=2) as down:
+        down.observe_call = lambda method, seconds: seen.append((method, seconds))
+        with pytest.raises(RuntimeUnreachable):
+            down.version()
+    assert seen[-1][0] == "Version"  # a call that failed is timed too
+
+
 def test_a_runtime_back_after_an_outage_is_seen_within_a_second(tmp_path):
     """gRPC's own reconnect backoff (1 s x 1.6 per failed attempt, up to 120 s) would leave a client
     blind for seconds to minutes after a runtime restart: after 20 s down, about 6 s by default."""
