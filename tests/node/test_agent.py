@@ -62,8 +62,9 @@ class Agent:
         self.proc: subprocess.Popen | None = None
         self._channel: grpc.Channel | None = None
 
-    def start(self, timeout_s: float = 20.0) -> Agent:
-        argv = [
+    def command(self) -> list[str]:
+        """The agent's command line (subclasses run it otherwise: under setpriv, say)."""
+        return [
             sys.executable, "-m", "daemonset.agent",
             "--cri-endpoint", self.cri_endpoint,
             "--listen", self.address,
@@ -74,8 +75,10 @@ class Agent:
             "--log-format", "json",
             *self.extra_args,
         ]  # fmt: skip
+
+    def start(self, timeout_s: float = 20.0) -> Agent:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(self.command(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

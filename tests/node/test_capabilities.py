@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
@@ -38,23 +37,12 @@ class CappedAgent(Agent):
         super().__init__(node, workdir, drift_interval_s=5.0)
         self.caps = caps
 
-    def start(self, timeout_s: float = 20.0) -> CappedAgent:
+    def command(self) -> list[str]:
         bounding = "-all" + (f",+{self.caps}" if self.caps else "")
-        argv = ["setpriv", "--bounding-set", bounding, "--inh-caps", "-all", "--",
+        return ["setpriv", "--bounding-set", bounding, "--inh-caps", "-all", "--",
                 sys.executable, "-m", "daemonset.agent", "--cri-endpoint", self.cri_endpoint, "--listen", self.address,
                 "--state-dir", str(self.state_dir), "--node-name", "test-node", "--drift-interval", "5",
                 "--no-sweep-orphans", "--log-format", "json"]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"chaos-agent exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self.socket.exists() and self.serving():
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"chaos-agent not serving within {timeout_s}s:\n{self.log_tail()}")
 
     def effective_caps(self) -> int:
         status = pathlib.Path(f"/proc/{self.proc.pid}/status").read_text()
