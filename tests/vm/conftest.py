@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.support import vm as vm_support
+from tests.support.figures import FIGURES
 from tests.support.require import require
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -21,8 +22,6 @@ GUEST_FILES = {
     "/opt/kcx/cgroupctl": REPO / "cgroupctl",
     "/opt/kcx/guest": REPO / "tests" / "vm" / "guest",
 }
-# Figures measured in this session, printed in the terminal summary (boot time, CPU shares, ...).
-FIGURES: dict[str, object] = {}
 
 
 @pytest.fixture(scope="session")
@@ -68,69 +67,5 @@ def run_driver(vm):
     return run
 
 
-def pytest_terminal_summary(terminalreporter):
-    if FIGURES:
-        terminalreporter.write_sep("-", "cgroup v2 VM figures")
-        for key, value in FIGURES.items():
-            terminalreporter.write_line(f"{key}: {value}")
-
-
-# ---- the cgroup v2 worker node (tests/support/v2node.py): one boot per session, many scenarios
-
-
-@pytest.fixture(scope="session")
-def v2node():
-    """Debian forky with systemd, containerd 2.x, runc and crun in a QEMU VM, with the agent running."""
-    from tests.support import v2node as v2
-
-    missing = v2.missing_prerequisites()
-    require(not missing, "the cgroup v2 node VM: " + "; ".join(missing))
-    start = time.monotonic()
-    early = v2.EARLY_BOOT.take()
-    if early is not None:  # booted beside the unit tests (tests/conftest.py)
-        node, agent = early
-        FIGURES["v2 node boot: beside the unit tests, then waited s"] = round(time.monotonic() - start, 2)
-    else:
-        node = v2.V2Node()
-        node.boot()
-        agent = node.call("agent_start", wait_s=120)
-    FIGURES.update({f"v2 node {k} s": round(v, 2) for k, v in node.timings_s.items()})
-    FIGURES["v2 node agent start s"] = round(agent["start_s"], 2)
-    FIGURES["v2 node versions"] = "; ".join(node.versions)
-    _V2_NODE.append(node)
-    try:
-        yield node
-    finally:
-        _V2_NODE.clear()
-        node.close()
-        FIGURES["v2 node session s"] = round(time.monotonic() - start, 2)
-
-
-# The v2 node of the session, once booted (for the protocol hook below).
-_V2_NODE: list = []
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_protocol(item, nextitem):
-    """A v2 node test that failed because the guest died (a kernel panic: CI run 11 saw one under TCG,
-    in the emulated CPU, not in anything the test did) runs once more on a fresh guest. Only then:
-    a failure with the guest alive is reported as it is, and so is a second failure. The reboot and
-    the panic line are printed with the session's figures."""
-    if "v2node" not in getattr(item, "fixturenames", ()):
-        return None
-    from _pytest.runner import runtestprotocol
-
-    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    reports = runtestprotocol(item, nextitem=nextitem, log=False)
-    why = _V2_NODE[0].died() if _V2_NODE and any(r.failed for r in reports) else ""
-    if why:
-        t0 = time.monotonic()
-        _V2_NODE[0].reboot()
-        FIGURES.setdefault("v2 node guest died, rebooted, test run again", []).append(
-            f"{item.name}: {why} (reboot {time.monotonic() - t0:.1f} s)")
-        item._initrequest()  # the test's own fixtures are set up afresh
-        reports = runtestprotocol(item, nextitem=nextitem, log=False)
-    for report in reports:
-        item.ihook.pytest_runtest_logreport(report=report)
-    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
-    return True
+# The cgroup v2 worker node's fixture (v2node) is in tests/conftest.py: tests outside this directory
+# run on it too (tests/node/test_both_nodes.py).

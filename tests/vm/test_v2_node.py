@@ -5,7 +5,8 @@ The node is a VM (tests/support/v2node.py), booted once per session; pods are ma
 The real ``chaos-agent`` runs inside and the tests talk to it over a forwarded port, as a user's
 ``kubectl-chaos --agent-address`` would. Everything is checked by what can be observed in the VM:
 every level's cgroup files, systemd's unit properties, CPU use measured over a few seconds,
-memory.events, iperf3 throughput.
+memory.events, iperf3 throughput. The lifecycle scenarios (duration, kill -9 of the agent, a
+container re-created, a pod deleted) are written once for both nodes: tests/node/test_both_nodes.py.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import time
 import grpc
 import pytest
 
-from daemonset.api.gen import agent_pb2, agent_pb2_grpc
+from daemonset.api.gen import agent_pb2
 from tests.support.netns import goodput_ratios_within
+from tests.support.nodes import V2_LIMIT_FILES, V2Agent, v2_files, v2_levels
 
 MiB = 2**20
 BUSY2 = ["sh", "-c", "while :; do :; done & while :; do :; done"]
@@ -24,54 +26,17 @@ RUNTIMES = ["runc", "crun"]
 METHODS = {"cri": agent_pb2.METHOD_CRI, "cgroup": agent_pb2.METHOD_CGROUP}
 # Measured CPU use must be within 5% of the limit (3 s windows; the VM has 2 vCPUs).
 CPU_REL_TOLERANCE = 0.05
-LIMIT_FILES = ("cpu.max", "cpu.weight", "cpu.max.burst", "memory.max", "memory.high", "memory.swap.max")
+LIMIT_FILES = V2_LIMIT_FILES
 UNIT_PROPS = ("CPUQuotaPerSecUSec", "MemoryMax", "MemoryHigh", "MemorySwapMax")
-
-
-class Agent:
-    """The agent in the VM, through its forwarded port."""
-
-    def __init__(self, node):
-        self.node = node
-        self.channel = grpc.insecure_channel(node.agent_address)
-        self.stub = agent_pb2_grpc.AgentStub(self.channel)
-
-    def apply(self, pod: str, *, method: int = agent_pb2.METHOD_AUTO, duration_s: float | None = None,
-              force: bool = False, **changes: int) -> agent_pb2.ApplyResponse:
-        req = agent_pb2.ApplyRequest(target=agent_pb2.Target(namespace="default", pod=pod),
-                                     changes=agent_pb2.Changes(**changes), method=method, force=force)
-        if duration_s is not None:
-            req.duration_s = duration_s
-        return self.stub.Apply(req, timeout=60)
-
-    def revert(self, pod: str) -> agent_pb2.RevertResponse:
-        return self.stub.Revert(agent_pb2.RevertRequest(target=agent_pb2.Target(namespace="default", pod=pod)),
-                                timeout=60)
-
-    def list(self) -> list:
-        return list(self.stub.List(agent_pb2.ListRequest(), timeout=30).experiments)
-
-    def reconnect(self) -> None:
-        self.channel.close()
-        self.channel = grpc.insecure_channel(self.node.agent_address)
-        self.stub = agent_pb2_grpc.AgentStub(self.channel)
 
 
 @pytest.fixture
 def agent(v2node):
-    a = Agent(v2node)
+    a = V2Agent(v2node)
     try:
         yield a
     finally:
-        try:
-            for exp in a.list():
-                t = exp.target
-                target = agent_pb2.Target(namespace=t.namespace, pod=t.pod, container=t.container)
-                a.stub.Revert(agent_pb2.RevertRequest(target=target, force=True), timeout=60)
-        finally:
-            a.channel.close()
-            errors = v2node.call("delete_all")["errors"]
-            assert not errors, errors
+        a.clean_up()
 
 
 def run_pod(node, name: str, runtime: str, *, cpu_m: int | None = 500, memory: int | None = 128 * MiB,
@@ -80,19 +45,7 @@ def run_pod(node, name: str, runtime: str, *, cpu_m: int | None = 500, memory: i
                      containers=[{"name": "app", "argv": list(argv), "cpu_millicpu": cpu_m, "memory_bytes": memory}])
 
 
-def levels(pod: dict) -> dict[str, str]:
-    cg = pod["cgroups"]["app"]
-    out = {"scope": cg["container"], "slice": cg["pod"]}
-    if cg["inner"]:
-        out["inner"] = cg["inner"]
-    return out
-
-
-def files(node, pod: dict, names=LIMIT_FILES) -> dict[str, str | None]:
-    """{level/file: content} for every level of the container and its pod slice."""
-    paths = {f"{lvl}/{n}": f"{d}/{n}" for lvl, d in levels(pod).items() for n in names}
-    got = node.read(*paths.values())
-    return {k: got[p] for k, p in paths.items()}
+levels, files = v2_levels, v2_files
 
 
 def unit_props(node, pod: dict) -> dict[str, str]:
@@ -316,68 +269,6 @@ def test_bandwidth_both_ways_measured(v2node, agent, figures):
     figures["v2 HTB 8 Mbit/s into / 4 Mbit/s out of the pod: goodput ratio"] = f"{into[-1]:.3f} / {out[-1]:.3f}"
     agent.revert("net")
     assert goodput(True, duration_s=1.0) > 50e6
-
-
-@pytest.mark.parametrize("runtime", RUNTIMES)
-def test_duration_expires_and_resets_exactly(v2node, agent, runtime):
-    pod = run_pod(v2node, "timed", runtime)
-    before = files(v2node, pod)
-    # On time by the host's monotonic clock: the VM's wall clock (which sets expires_at) drifts from
-    # the host's under TCG, 10-13 s behind in one CI run.
-    applied_at = time.monotonic()
-    agent.apply("timed", cpu_millicpu=100, memory_bytes=64 * MiB, duration_s=2, method=agent_pb2.METHOD_CGROUP)
-    assert files(v2node, pod)["scope/cpu.max"] == "10000 100000"
-    assert wait_until(lambda: files(v2node, pod) == before, 10), changed(before, files(v2node, pod))
-    assert time.monotonic() - applied_at < 2 + 3.0
-    assert wait_until(lambda: agent.list() == [], 5)
-
-
-@pytest.mark.parametrize("runtime", RUNTIMES)
-def test_kill9_of_the_agent_mid_experiment_then_reverted_on_time(v2node, agent, runtime):
-    pod = run_pod(v2node, "crash", runtime)
-    before = files(v2node, pod)
-    applied_at = time.monotonic()  # (the host's clock, as above)
-    agent.apply("crash", cpu_millicpu=1500, memory_bytes=256 * MiB, duration_s=15)
-    v2node.call("agent_kill9")
-    assert files(v2node, pod)["scope/cpu.max"] == "150000 100000", "a crash reverts nothing by itself"
-    v2node.call("agent_start", wait_s=120)
-    agent.reconnect()
-    assert [e.target.pod for e in agent.list()] == ["crash"]
-    assert wait_until(lambda: files(v2node, pod) == before, 30), changed(before, files(v2node, pod))
-    assert time.monotonic() - applied_at < 15 + 3.0
-
-
-@pytest.mark.parametrize("runtime", RUNTIMES)
-def test_container_recreated_in_the_same_pod_gets_the_experiment_again(v2node, agent, runtime):
-    pod = run_pod(v2node, "restart", runtime)
-    agent.apply("restart", cpu_millicpu=1500, memory_bytes=256 * MiB, method=agent_pb2.METHOD_CGROUP)
-    pod = v2node.call("restart_container", sandbox_id=pod["sandbox_id"], name="app")
-    wanted = {f"{lvl}/memory.max": str(256 * MiB) for lvl in levels(pod)} | {"scope/cpu.max": "150000 100000"}
-
-    def applied_again() -> bool:
-        # CPU and memory are separate writes of one drift pass: wait for both, not the first seen.
-        f = files(v2node, pod)
-        return all(f[k] == v for k, v in wanted.items())
-
-    # A drift pass under TCG, during a loaded CI run.
-    assert wait_until(applied_again, 20), \
-        f"wanted {wanted}, read {dict((k, files(v2node, pod)[k]) for k in wanted)}\n" \
-        f"{v2node.call('agent_log', lines=30)['tail']}"
-    [exp] = agent.list()
-    assert exp.target.container_id == pod["containers"]["app"] and exp.drift_corrections >= 1
-    agent.revert("restart")
-    f = files(v2node, pod)
-    assert f["scope/cpu.max"] == f["slice/cpu.max"] == "50000 100000"
-    assert f["scope/memory.max"] == f["slice/memory.max"] == str(128 * MiB)
-
-
-def test_deleted_pod_ends_the_experiment_and_leaves_nothing(v2node, agent):
-    pod = run_pod(v2node, "gone", "crun")
-    agent.apply("gone", cpu_millicpu=1500, ingress_bps=10_000_000, egress_bps=10_000_000)
-    v2node.call("delete_pod", sandbox_id=pod["sandbox_id"])
-    assert wait_until(lambda: agent.list() == [], 10)
-    assert v2node.call("records")["records"] == []
-    assert "kcx" not in v2node.sh("ip -o link show type ifb")
 
 
 def test_agent_log_has_no_systemd_fallbacks(v2node):
