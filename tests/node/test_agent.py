@@ -29,6 +29,7 @@ from daemonset.api.gen import agent_pb2, agent_pb2_grpc
 from netshape import ifb_name
 from tests.support.netns import goodput_ratios_within, pod_goodput_bps
 from tests.support.node import ContainerSpec
+from tests.support.wait import wait_until
 
 MiB = 2**20
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -216,16 +217,6 @@ def values(resp) -> dict[int, tuple]:
         return None if x.unlimited else x.value
 
     return {r.resource: (q(r.previous), q(r.requested), q(r.in_force), r.method) for r in resp.resources}
-
-
-def wait_until(cond, timeout_s: float, step_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(step_s)
-    return cond()
 
 
 # ---------------------------------------------------------------- CPU

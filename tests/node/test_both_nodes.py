@@ -20,7 +20,8 @@ import pytest
 
 from daemonset.api.gen import agent_pb2
 from tests.node.test_agent import agent  # noqa: F401 - the host node's agent fixture
-from tests.support.nodes import HostNode, V2NodeFace, wait_until
+from tests.support.nodes import HostNode, V2NodeFace
+from tests.support.wait import wait_until
 
 MiB = 2**20
 AUTO, CGROUP = agent_pb2.METHOD_AUTO, agent_pb2.METHOD_CGROUP

@@ -17,8 +17,6 @@ with the host's clock there).
 
 from __future__ import annotations
 
-import time
-
 from daemonset.api.gen import agent_pb2
 
 MiB = 2**20
@@ -254,13 +252,3 @@ class V2NodeFace:
 
     def close(self) -> None:
         self.agent.clean_up()
-
-
-def wait_until(cond, timeout_s: float, step_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(step_s)
-    return cond()

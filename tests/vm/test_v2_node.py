@@ -11,6 +11,7 @@ container re-created, a pod deleted) are written once for both nodes: tests/node
 
 from __future__ import annotations
 
+import functools
 import time
 
 import grpc
@@ -19,6 +20,7 @@ import pytest
 from daemonset.api.gen import agent_pb2
 from tests.support.netns import goodput_ratios_within
 from tests.support.nodes import V2_LIMIT_FILES, V2Agent, v2_files, v2_levels
+from tests.support.wait import wait_until as _wait_until
 
 MiB = 2**20
 BUSY2 = ["sh", "-c", "while :; do :; done & while :; do :; done"]
@@ -46,6 +48,8 @@ def run_pod(node, name: str, runtime: str, *, cpu_m: int | None = 500, memory: i
 
 
 levels, files = v2_levels, v2_files
+# Driver calls under TCG are dear: a look every 0.2 s.
+wait_until = functools.partial(_wait_until, step_s=0.2)
 
 
 def unit_props(node, pod: dict) -> dict[str, str]:
@@ -79,16 +83,6 @@ def measure_cpus(node, pod: dict, limit: float, what: str, tries: int = 3) -> fl
         if abs(measured - limit) <= limit * CPU_REL_TOLERANCE:
             return measured
     raise AssertionError(f"{what}: measured {seen} CPUs under a limit of {limit} (tolerance {CPU_REL_TOLERANCE:.0%})")
-
-
-def wait_until(cond, timeout_s: float, step_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(step_s)
-    return cond()
 
 
 def changed(before: dict, after: dict) -> dict:
