@@ -102,10 +102,15 @@ def test_container_recreated_in_the_same_pod_gets_the_experiment_again(any_node,
     new_id = n.restart_container(pod)
 
     def applied_again() -> bool:
-        # CPU and memory are separate writes of one drift pass: wait for both, not the first seen.
-        return n.cpu_limit_m(pod) == 1500 and n.memory_limit_bytes(pod) == 256 * MiB
+        # CPU and memory are separate writes of one drift pass, and the record names the new container
+        # only once both are made and read back (CI run 18 listed the old id between the two, under
+        # TCG): wait for all three, not the first seen.
+        return n.cpu_limit_m(pod) == 1500 and n.memory_limit_bytes(pod) == 256 * MiB \
+            and [e.target.container_id for e in n.experiments()] == [new_id]
 
-    assert wait_until(applied_again, 20), f"read {n.cpu_limit_m(pod)}m, {n.memory_limit_bytes(pod)} B\n{n.log_tail()}"
+    assert wait_until(applied_again, 20), (f"read {n.cpu_limit_m(pod)}m, {n.memory_limit_bytes(pod)} B, "
+                                           f"{[e.target.container_id for e in n.experiments()]} for {new_id}\n"
+                                           f"{n.log_tail()}")
     [exp] = n.experiments()
     assert exp.target.container_id == new_id and exp.drift_corrections >= 1
     n.revert(pod)
