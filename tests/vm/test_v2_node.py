@@ -72,14 +72,15 @@ def cpus(node, pod: dict, seconds: float = 3.0) -> float:
 
 
 def measure_cpus(node, pod: dict, limit: float, what: str, tries: int = 3) -> float:
-    """CPU use of a busy container, asserted within 5% of ``limit``. A busy loop under a cap can only be
-    held below it by the host (TCG vCPUs compete with the host's other work), never pushed above it: a
-    window above the tolerance fails at once, one below is measured again (up to ``tries`` windows)."""
+    """CPU use of a busy container, asserted within 5% of ``limit`` in one of up to ``tries`` 3 s
+    windows. A busy loop under a cap is held below it by the host (TCG vCPUs compete with the host's
+    other work), and the guest's reading of its usage counter against its clock under TCG can also
+    land above it: CI run 19 read 0.212 CPUs under a 0.2 cap once, in 29 runs of this test. A window
+    off either way is measured again; every window off fails, with all of them."""
     seen = []
     for _ in range(tries):
         measured = cpus(node, pod)
         seen.append(round(measured, 3))
-        assert measured <= limit * (1 + CPU_REL_TOLERANCE), f"{what}: measured {measured:.3f} CPUs above the limit {limit}"
         if abs(measured - limit) <= limit * CPU_REL_TOLERANCE:
             return measured
     raise AssertionError(f"{what}: measured {seen} CPUs under a limit of {limit} (tolerance {CPU_REL_TOLERANCE:.0%})")
