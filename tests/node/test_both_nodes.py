@@ -20,7 +20,7 @@ import pytest
 
 from daemonset.api.gen import agent_pb2
 from tests.node.test_agent import agent  # noqa: F401 - the host node's agent fixture
-from tests.support.nodes import HostNode, V2NodeFace
+from tests.support.nodes import HostNode, V2NodeFace, changed
 from tests.support.wait import wait_until
 
 MiB = 2**20
@@ -37,10 +37,6 @@ def any_node(request):
         yield face
     finally:
         face.close()
-
-
-def changed(before: dict, after: dict) -> dict:
-    return {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
 
 
 def test_duration_expires_on_time_and_resets_exactly(any_node):

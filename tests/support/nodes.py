@@ -27,6 +27,11 @@ _V1_FILES = {"cpu": ("cpu.cfs_quota_us", "cpu.cfs_period_us", "cpu.shares"),
 V2_LIMIT_FILES = ("cpu.max", "cpu.weight", "cpu.max.burst", "memory.max", "memory.high", "memory.swap.max")
 
 
+def changed(before: dict, after: dict) -> dict:
+    """{file: (before, after)} for every limit file that differs: what an exact-reset assertion shows."""
+    return {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+
+
 def _changes(kwargs: dict) -> agent_pb2.Changes:
     return agent_pb2.Changes(**kwargs)
 

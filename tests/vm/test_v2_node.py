@@ -19,7 +19,7 @@ import pytest
 
 from daemonset.api.gen import agent_pb2
 from tests.support.netns import goodput_ratios_within
-from tests.support.nodes import V2_LIMIT_FILES, V2Agent, v2_files, v2_levels
+from tests.support.nodes import V2_LIMIT_FILES, V2Agent, changed, v2_files, v2_levels
 from tests.support.wait import wait_until as _wait_until
 
 MiB = 2**20
@@ -84,10 +84,6 @@ def measure_cpus(node, pod: dict, limit: float, what: str, tries: int = 3) -> fl
         if abs(measured - limit) <= limit * CPU_REL_TOLERANCE:
             return measured
     raise AssertionError(f"{what}: measured {seen} CPUs under a limit of {limit} (tolerance {CPU_REL_TOLERANCE:.0%})")
-
-
-def changed(before: dict, after: dict) -> dict:
-    return {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
 
 
 # ---------------------------------------------------------------- the node itself
