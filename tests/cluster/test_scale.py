@@ -61,7 +61,7 @@ def scale(node, fakeapi, pods, tmp_path):
     fakeapi.bind("alice", role("user-role.yaml", "kubectl-chaos-user"), namespace="scale")
     kubeconfig = fakeapi.write_kubeconfig(tmp_path / "alice", [("alice", token)], namespace="scale")
     started = time.monotonic()
-    real = [pods.run(f"web-{i:03d}", "scale", [ContainerSpec(cpu_millicpu=1000)]) for i in range(PODS)]
+    real = pods.run_many([f"web-{i:03d}" for i in range(PODS)], "scale", [ContainerSpec(cpu_millicpu=1000)])
     print(f"\n[scale] {PODS} pods started on the containerd node in {time.monotonic() - started:.1f}s")
     for i in range(AGENTS):
         fakeapi.add_node(f"scale-node-{i:02d}", cpu="8", memory="32Gi")
