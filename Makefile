@@ -41,7 +41,7 @@ test-unit: setup-venv
 
 # The cgroup v2 worker node alone (a QEMU VM: systemd, containerd 2.x, runc and crun; one boot).
 test-v2: setup
-	$(PYTEST) -q tests/vm/test_v2_node.py
+	$(PYTEST) -q -m vm tests/vm/test_v2_node.py tests/node/test_limits_both_nodes.py tests/node/test_both_nodes.py
 
 # Build (or find, cached by its recipe) the v2 node's disk image: prints its directory.
 v2-image:

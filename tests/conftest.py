@@ -25,7 +25,8 @@ _V2_NODE_TESTS = "test_v2_node.py"
 
 def _is_v2_node_test(item) -> bool:
     """A test that runs on the cgroup v2 node VM: tests/vm/test_v2_node.py, and the v2 runs of the
-    scenarios written for both nodes (tests/node/test_both_nodes.py, parameter ``any_node``)."""
+    scenarios written for both nodes (tests/node/test_both_nodes.py and test_limits_both_nodes.py,
+    parameter ``any_node``)."""
     if pathlib.Path(str(item.fspath)).name == _V2_NODE_TESTS:
         return True
     callspec = getattr(item, "callspec", None)
@@ -97,6 +98,14 @@ def v2node():
         FIGURES["v2 node session s"] = round(time.monotonic() - start, 2)
 
 
+@pytest.fixture
+def figures():
+    """Record a measured figure for the terminal summary: ``figures[name] = value``."""
+    from tests.support.figures import FIGURES
+
+    return FIGURES
+
+
 # The v2 node of the session, once booted (for the protocol hook below).
 _V2_NODE: list = []
 
@@ -136,7 +145,7 @@ def pytest_terminal_summary(terminalreporter):
 
     figures = sys.modules.get("tests.support.figures")
     if figures is not None and figures.FIGURES:
-        terminalreporter.write_sep("-", "cgroup v2 VM figures")
+        terminalreporter.write_sep("-", "measured figures (the VMs and the host node)")
         for key, value in figures.FIGURES.items():
             terminalreporter.write_line(f"{key}: {value}")
 

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from daemonset.api.gen import agent_pb2, agent_pb2_grpc
 from netshape import ifb_name
-from tests.support.netns import goodput_ratios_within, pod_goodput_bps
+from tests.support.netns import pod_goodput_bps
 from tests.support.node import ContainerSpec
 from tests.support.wait import wait_until
 
@@ -219,111 +219,41 @@ def values(resp) -> dict[int, tuple]:
     return {r.resource: (q(r.previous), q(r.requested), q(r.in_force), r.method) for r in resp.resources}
 
 
-# ---------------------------------------------------------------- CPU
+# ---------------------------------------------------------------- CPU, memory, bandwidth
+# Changed, measured and reset on both nodes: tests/node/test_limits_both_nodes.py.
 
 
-def test_cpu_lowered_and_raised_above_pod_quota_via_cri(agent, pods):
-    pod = pods.run("cpu", containers=[ContainerSpec("app", argv=BUSY, cpu_millicpu=500, memory_bytes=64 * MiB)])
-    assert cpu_files(pod) == ("50000", "50000")
-
-    resp = agent.apply("default", "cpu", cpu_millicpu=200)
-    assert values(resp)[agent_pb2.RESOURCE_CPU] == (500, 200, 200, agent_pb2.METHOD_CRI)
-    assert cpu_files(pod)[0] == "20000"
-    assert cpu_used(pod) < 0.2 * 1.2
-
-    # Above the pod's 500m: the pod cgroup must be raised first, or the kernel refuses the container.
-    resp = agent.apply("default", "cpu", cpu_millicpu=1500)
-    assert values(resp)[agent_pb2.RESOURCE_CPU] == (200, 1500, 1500, agent_pb2.METHOD_CRI)
-    ctr, pod_q = cpu_files(pod)
-    assert ctr == "150000" and int(pod_q) >= 150000
-    # containerd's own view follows (CRI path)
-    assert agent.node.client.container_info(pod.container_id()).resources.cpu_quota_us == 150000
-    assert cpu_used(pod) > 0.25  # one busy thread, above the old 0.2 (the machine is shared: loose bound)
-
-    back = agent.revert("default", "cpu")
-    assert back.was_active
-    assert values(back)[agent_pb2.RESOURCE_CPU][2] == 500
-    assert cpu_files(pod) == ("50000", "50000")
-    assert agent.node.client.container_info(pod.container_id()).resources.cpu_quota_us == 50000
-    assert agent.list() == [] and agent.records() == []
-
-
-def test_cpu_via_cgroup_leaves_runtime_view_alone(agent, pods):
+def test_runtime_view_follows_the_cri_method_only_and_no_ratchet(agent, pods):
+    """Host only: on cgroup v1 the cgroup method writes the kernel's files behind containerd's back,
+    so containerd's store (what a later runc update re-applies and a re-created container starts
+    from: machine.md) keeps the pod spec's values, while the CRI method moves both. On the v2 node
+    both methods go through systemd, whose view the both-nodes tests compare after every reset. The
+    no-ratchet rule (changes under the pod's quota leave the pod's level alone) is cgroupctl's pod
+    rule, the same code on both nodes; its ten applies cost nothing here and CI time under TCG."""
     pod = pods.run("cpucg", containers=[ContainerSpec("app", argv=BUSY, cpu_millicpu=500)])
+
+    def runtime_quota() -> int | None:
+        return agent.node.client.container_info(pod.container_id()).resources.cpu_quota_us
+
     resp = agent.apply("default", "cpucg", cpu_millicpu=1200, method=agent_pb2.METHOD_CGROUP)
     assert values(resp)[agent_pb2.RESOURCE_CPU] == (500, 1200, 1200, agent_pb2.METHOD_CGROUP)
     assert cpu_files(pod)[0] == "120000" and int(cpu_files(pod)[1]) >= 120000
-    assert agent.node.client.container_info(pod.container_id()).resources.cpu_quota_us == 50000
-    agent.apply("default", "cpucg", cpu_millicpu=100, method=agent_pb2.METHOD_CGROUP)
-    assert cpu_used(pod) < 0.1 * 1.3
+    assert runtime_quota() == 50000
+    resp = agent.apply("default", "cpucg", cpu_millicpu=1500, method=agent_pb2.METHOD_CRI)
+    assert values(resp)[agent_pb2.RESOURCE_CPU] == (1200, 1500, 1500, agent_pb2.METHOD_CRI)
+    assert cpu_files(pod)[0] == "150000" and runtime_quota() == 150000
     agent.revert("default", "cpucg")
-    assert cpu_files(pod) == ("50000", "50000")
+    assert cpu_files(pod) == ("50000", "50000") and runtime_quota() == 50000
     # Changes that stay under the pod's quota leave the pod alone, however many (no ratchet).
     for m in (200, 300, 200, 300, 400):
         agent.apply("default", "cpucg", cpu_millicpu=m, method=agent_pb2.METHOD_CGROUP)
         agent.apply("default", "cpucg", cpu_millicpu=m + 50, method=agent_pb2.METHOD_CRI)
     assert cpu_files(pod) == ("45000", "50000")
     agent.revert("default", "cpucg")
-    assert cpu_files(pod) == ("50000", "50000")
+    assert cpu_files(pod) == ("50000", "50000") and runtime_quota() == 50000
 
 
-# ---------------------------------------------------------------- memory
-
-
-@pytest.mark.parametrize("method", [agent_pb2.METHOD_AUTO, agent_pb2.METHOD_CGROUP])
-def test_memory_lowered_and_raised_above_memsw(agent, pods, method):
-    pod = pods.run("mem", containers=[ContainerSpec("app", cpu_millicpu=200, memory_bytes=64 * MiB)])
-    original = mem_files(pod)
-    assert original == (str(64 * MiB),) * 3
-
-    resp = agent.apply("default", "mem", memory_bytes=32 * MiB, method=method)
-    want_method = agent_pb2.METHOD_CRI if method == agent_pb2.METHOD_AUTO else agent_pb2.METHOD_CGROUP
-    assert values(resp)[agent_pb2.RESOURCE_MEMORY] == (64 * MiB, 32 * MiB, 32 * MiB, want_method)
-    assert mem_files(pod)[:2] == (str(32 * MiB), str(32 * MiB))
-
-    # 256Mi is above the original memsw (64Mi): memsw must go up first, and the pod with it.
-    resp = agent.apply("default", "mem", memory_bytes=256 * MiB, method=method)
-    assert values(resp)[agent_pb2.RESOURCE_MEMORY] == (32 * MiB, 256 * MiB, 256 * MiB, want_method)
-    limit, memsw, pod_limit = mem_files(pod)
-    assert limit == memsw == str(256 * MiB) and int(pod_limit) >= 256 * MiB
-
-    agent.revert("default", "mem")
-    assert mem_files(pod) == original
-    assert agent.records() == []
-
-
-def test_memory_below_usage_refused_with_nothing_changed(agent, pods):
-    # 40 MiB in tmpfs: charged to the container and not reclaimable (no swap).
-    hog = ("sh", "-c", "head -c 41943040 /dev/zero > /dev/shm/hog; sleep 3600")
-    pod = pods.run("hog", containers=[ContainerSpec("app", argv=hog, cpu_millicpu=200, memory_bytes=96 * MiB)])
-    usage = pod.container_cgroup_dir("memory") / "memory.usage_in_bytes"
-    assert wait_until(lambda: int(read(usage)) > 40 * MiB, 10)
-    before = mem_files(pod)
-    with pytest.raises(grpc.RpcError) as err:
-        agent.apply("default", "hog", memory_bytes=16 * MiB)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "below" in err.value.details() and "nothing was changed" in err.value.details()
-    assert mem_files(pod) == before
-    assert agent.list() == [] and agent.records() == []
-    assert agent.node.client.container_info(pod.container_id()).state == "running"
-
-
-# ---------------------------------------------------------------- bandwidth
-
-
-def test_bandwidth_both_ways_measured(agent, pods):
-    pod = pods.run("net", containers=[ContainerSpec("app", cpu_millicpu=500)])
-    resp = agent.apply("default", "net", ingress_bps=8_000_000, egress_bps=4_000_000)
-    v = values(resp)
-    assert v[agent_pb2.RESOURCE_INGRESS] == (None, 8_000_000, 8_000_000, agent_pb2.METHOD_NETLINK)
-    assert v[agent_pb2.RESOURCE_EGRESS] == (None, 4_000_000, 4_000_000, agent_pb2.METHOD_NETLINK)
-    goodput_ratios_within(lambda: iperf_bps(pod, into_pod=True), 8e6, 0.85, 1.05, what="into the pod")
-    goodput_ratios_within(lambda: iperf_bps(pod, into_pod=False), 4e6, 0.85, 1.05, what="out of the pod")
-
-    agent.revert("default", "net")
-    assert iperf_bps(pod, into_pod=True, seconds=1) > 50e6
-    assert iperf_bps(pod, into_pod=False, seconds=1) > 50e6
-    assert not ifb_exists(pod), "the IFB device was left behind"
+# ---------------------------------------------------------------- partial failure
 
 
 def test_part_failing_rolls_back_the_rest(agent, pods):
@@ -465,17 +395,6 @@ def test_start_removes_orphaned_ifbs_keeps_active_ones(agent, pods):
 # ---------------------------------------------------------------- drift, restarts, deleted pods
 
 
-def test_reset_limit_is_corrected(agent, pods):
-    pod = pods.run("drift", containers=[ContainerSpec("app", cpu_millicpu=500)])
-    agent.apply("default", "drift", cpu_millicpu=200, method=agent_pb2.METHOD_CGROUP)
-    # Something puts the kubelet's values back (pod first: v1 refuses a child quota above its parent's).
-    (pod.cgroup_dirs["cpu"] / "cpu.cfs_quota_us").write_text("50000")
-    (pod.container_cgroup_dir("cpu") / "cpu.cfs_quota_us").write_text("50000")
-    assert wait_until(lambda: cpu_files(pod)[0] == "20000", 5)
-    assert wait_until(lambda: agent.list()[0].drift_corrections >= 1, 2)
-    assert "chaos_agent_drift_corrections_total" in agent.metrics()
-
-
 def test_container_removed_before_its_next_attempt_keeps_the_experiment(agent, pods):
     """Drift passes while the pod runs with no container of that name (removed, the next attempt not
     yet created) neither end the experiment nor leave the raised pod cgroup behind: the next attempt
@@ -615,7 +534,7 @@ def test_socket_mode_stale_socket_and_tcp_without_tls(agent, node):
 
 
 def test_metrics_exposed(agent, pods):
-    pods.run("met", containers=[ContainerSpec("app", cpu_millicpu=500)])
+    pod = pods.run("met", containers=[ContainerSpec("app", cpu_millicpu=500)])
     agent.apply("default", "met", cpu_millicpu=200)
     text = agent.metrics()
     assert "chaos_agent_active_experiments 1.0" in text
@@ -634,3 +553,7 @@ def test_metrics_exposed(agent, pods):
     assert "chaos_agent_active_experiments 0.0" in agent.metrics()
     agent.apply("default", "met", cpu_millicpu=200, duration_s=0.3)
     assert wait_until(lambda: 'chaos_agent_reverts_total{reason="expired"} 1.0' in agent.metrics(), 3)
+    # A limit set back by someone else and corrected (tests/node/test_limits_both_nodes.py) is counted.
+    agent.apply("default", "met", cpu_millicpu=300, method=agent_pb2.METHOD_CGROUP)
+    (pod.container_cgroup_dir("cpu") / "cpu.cfs_quota_us").write_text("50000")
+    assert wait_until(lambda: "chaos_agent_drift_corrections_total{" in agent.metrics(), 5)

@@ -1,11 +1,12 @@
 """The experiment's lifecycle, written once and run on both test nodes (issue #10).
 
-``any_node`` is the host node (``v1-runc``: cgroup v1, containerd 1.6, runc) or the cgroup v2 node VM
-with runc or crun (``v2-runc``, ``v2-crun``: systemd, containerd 2.x), through one face
-(tests/support/nodes.py). The v2 runs need the VM: they are marked ``vm`` and run after every host
-test (tests/conftest.py), the host run with the host node's tests. Every check is on what the node
-shows: every limit file of the container and its pod at every level, byte for byte against the
-originals, the agent's own list and state records, our IFB device.
+``any_node`` (tests/node/conftest.py) is the host node (``v1-runc``: cgroup v1, containerd 1.6, runc)
+or the cgroup v2 node VM with runc or crun (``v2-runc``, ``v2-crun``: systemd, containerd 2.x),
+through one face (tests/support/nodes.py). The v2 runs need the VM: they are marked ``vm`` and run
+after every host test (tests/conftest.py), the host run with the host node's tests. Every check is
+on what the node shows: every limit file of the container and its pod at every level, byte for byte
+against the originals, the agent's own list and state records, our IFB device. The limits
+themselves (CPU and memory measured, bandwidth) are tests/node/test_limits_both_nodes.py.
 
 Timing differs between the nodes and is an attribute of the node, not a branch in the test: how long
 the agent takes to serve after a start (Python under TCG: ~10 s), and whether the node's wall clock
@@ -19,24 +20,11 @@ import time
 import pytest
 
 from daemonset.api.gen import agent_pb2
-from tests.node.test_agent import agent  # noqa: F401 - the host node's agent fixture
-from tests.support.nodes import HostNode, V2NodeFace, changed
+from tests.support.nodes import changed
 from tests.support.wait import wait_until
 
 MiB = 2**20
 AUTO, CGROUP = agent_pb2.METHOD_AUTO, agent_pb2.METHOD_CGROUP
-
-
-@pytest.fixture(params=["v1-runc", "v2-runc", "v2-crun"])
-def any_node(request):
-    if request.param == "v1-runc":
-        face = HostNode(request.getfixturevalue("pods"), request.getfixturevalue("agent"))
-    else:
-        face = V2NodeFace(request.getfixturevalue("v2node"), request.param.split("-", 1)[1])
-    try:
-        yield face
-    finally:
-        face.close()
 
 
 def test_duration_expires_on_time_and_resets_exactly(any_node):

@@ -45,12 +45,6 @@ def vm(vm_prerequisites):
 
 
 @pytest.fixture
-def figures():
-    """Record a measured figure for the terminal summary: ``figures[name] = value``."""
-    return FIGURES
-
-
-@pytest.fixture
 def run_driver(vm):
     def run(name: str, timeout_s: float = 60.0) -> dict:
         script = f"cd /opt/kcx && exec python3 -m guest.driver {shlex.quote(name)}"
@@ -67,5 +61,5 @@ def run_driver(vm):
     return run
 
 
-# The cgroup v2 worker node's fixture (v2node) is in tests/conftest.py: tests outside this directory
-# run on it too (tests/node/test_both_nodes.py).
+# The cgroup v2 worker node's fixture (v2node) and ``figures`` are in tests/conftest.py: tests outside
+# this directory run on the node too (tests/node/test_both_nodes.py, test_limits_both_nodes.py).
