@@ -20,10 +20,9 @@ import time
 import pytest
 
 from daemonset.api.gen import agent_pb2
-from tests.support.nodes import changed
+from tests.support.nodes import MiB, changed
 from tests.support.wait import wait_until
 
-MiB = 2**20
 AUTO, CGROUP = agent_pb2.METHOD_AUTO, agent_pb2.METHOD_CGROUP
 
 

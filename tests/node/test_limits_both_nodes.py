@@ -23,19 +23,17 @@ import pytest
 
 from daemonset.api.gen import agent_pb2
 from tests.support.netns import goodput_ratios_within
-from tests.support.nodes import changed, cpus_within
+from tests.support.nodes import BUSY2, METHODS, MiB, changed, cpus_within
 from tests.support.wait import wait_until as _wait_until
 
-MiB = 2**20
-BUSY2 = ["sh", "-c", "while :; do :; done & while :; do :; done"]
 # Holds 300 MiB once /tmp/go exists: dd's one 300M block, written into a pipe nobody reads.
 HOLD_300MIB = ["sh", "-c", "while [ ! -e /tmp/go ]; do sleep 0.2; done; dd if=/dev/zero bs=300M count=1 | sleep 3600"]
 # 40 MiB in tmpfs: charged to the container and not reclaimable (no swap on either node).
 HOG_40MIB = ["sh", "-c", "head -c 41943040 /dev/zero > /dev/shm/hog; sleep 3600"]
-METHODS = {"auto": agent_pb2.METHOD_AUTO, "cri": agent_pb2.METHOD_CRI, "cgroup": agent_pb2.METHOD_CGROUP}
 CPU, MEMORY = agent_pb2.RESOURCE_CPU, agent_pb2.RESOURCE_MEMORY
 INGRESS, EGRESS = agent_pb2.RESOURCE_INGRESS, agent_pb2.RESOURCE_EGRESS
-RUNNING = {"state": "CONTAINER_RUNNING", "restart_count": 0}
+# No kubelet runs on either test node: a container the kernel killed stays EXITED, never re-created.
+RUNNING = "CONTAINER_RUNNING"
 # Driver calls under TCG are dear: a look every 0.2 s (the host's are cheap either way).
 wait_until = functools.partial(_wait_until, step_s=0.2)
 
@@ -73,6 +71,7 @@ def test_cpu_lowered_and_raised_above_the_pod_limit_measured_and_reset_exact(any
     assert moved(resp) == {CPU: (200, 1500, m)}
     levels = n.cpu_levels_m(pod)
     pod_level = levels.pop(n.pod_level)
+    assert levels, "no container level found"
     assert levels == dict.fromkeys(levels, 1500), levels
     # The pod's level was raised first, by what the container gained (cgroupctl's pod rule).
     assert pod_level is not None and pod_level >= 1500, pod_level
@@ -84,12 +83,11 @@ def test_cpu_lowered_and_raised_above_the_pod_limit_measured_and_reset_exact(any
     assert n.limits(pod) == before, changed(before, n.limits(pod))
     assert n.manager_view(pod) == manager_before, changed(manager_before, n.manager_view(pod))
     assert n.experiments() == [] and n.records() == []
-    measure_cpus(n, pod, 0.5, "reset to 500m")
 
 
 # The levels the container's limit is kept on are the runtime's: runc one (v1's container cgroup, v2's
-# scope), crun two (the scope and its container/ child, where the processes run): crun's is the one
-# with more to correct (issue #10), runc's scope on v2 is covered by the daemon-reload tests.
+# scope), crun two (the scope and its container/ child, where the processes run). v2-crun sets back
+# both (the scope as runc's would be, and the child), so v2-runc would add nothing but time.
 @pytest.mark.parametrize("any_node", ["v1-runc", "v2-crun"], indirect=True)
 def test_a_limit_set_back_by_someone_else_is_corrected_at_every_level(any_node):
     n = any_node
@@ -113,20 +111,19 @@ def test_a_limit_set_back_by_someone_else_is_corrected_at_every_level(any_node):
 def test_memory_raised_above_the_pod_limit_holds_300mib_then_lowered_and_reset_exact(any_node, method, figures):
     n, m = any_node, METHODS[method]
     pod = n.run_pod("mem", argv=HOLD_300MIB)
-    cid = n.container_id(pod)
     before, manager_before = n.limits(pod), n.manager_view(pod)
     # 512Mi is above the pod's 128Mi, and on v1 above the container's memsw (128Mi): memsw goes up
     # first, then the limit, the pod cgroup before the container.
     resp = n.apply(pod, memory_bytes=512 * MiB, method=m)
     assert moved(resp) == {MEMORY: (128 * MiB, 512 * MiB, m)}
     levels = n.memory_levels(pod)
-    assert levels == dict.fromkeys(levels, 512 * MiB), levels
+    assert levels and levels == dict.fromkeys(levels, 512 * MiB), levels
     assert n.exec(pod, ["touch", "/tmp/go"]) == 0
     assert wait_until(lambda: n.memory_current(pod) > 300 * MiB, 60), \
         f"the 300 MiB allocation did not get there: {n.memory_current(pod) / MiB:.1f} MiB"
     figures[f"{n.cgroups} {n.runtime}/{method} memory held under a 512Mi raise: MiB"] = \
         round(n.memory_current(pod) / MiB, 1)
-    assert n.container_state(pod) == RUNNING and n.oom_kills(pod) == 0
+    assert n.container_state(pod)["state"] == RUNNING and n.oom_kills(pod) == 0
 
     # Below what it holds: refused, nothing changed, nobody killed.
     raised = n.limits(pod)
@@ -140,12 +137,15 @@ def test_memory_raised_above_the_pod_limit_holds_300mib_then_lowered_and_reset_e
 
     resp = n.apply(pod, memory_bytes=64 * MiB, method=m)
     assert moved(resp) == {MEMORY: (512 * MiB, 64 * MiB, m)}
-    assert n.memory_limit_bytes(pod) == 64 * MiB
+    # Every container level follows it down (on v1 memsw with the limit); the pod's stays raised
+    # until the reset (a change never lowers the pod).
+    lowered = {k: v for k, v in n.memory_levels(pod).items() if not k.startswith(f"{n.pod_level}/")}
+    assert lowered and lowered == dict.fromkeys(lowered, 64 * MiB), lowered
     n.revert(pod)
     assert n.limits(pod) == before, changed(before, n.limits(pod))
     assert n.manager_view(pod) == manager_before, changed(manager_before, n.manager_view(pod))
     assert n.oom_kills(pod) == 0
-    assert n.container_state(pod) == RUNNING and n.container_id(pod) == cid
+    assert n.container_state(pod)["state"] == RUNNING
     assert n.experiments() == [] and n.records() == []
 
 
@@ -161,7 +161,7 @@ def test_memory_below_usage_refused_on_every_method_and_nothing_killed(any_node,
     assert "below" in err.value.details() and "nothing was changed" in err.value.details(), err.value.details()
     assert n.limits(pod) == before, changed(before, n.limits(pod))
     assert n.oom_kills(pod) == 0
-    assert n.container_state(pod) == RUNNING
+    assert n.container_state(pod)["state"] == RUNNING
     assert n.experiments() == [] and n.records() == []
 
 

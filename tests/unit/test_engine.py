@@ -308,6 +308,7 @@ def test_apply_reports_previous_and_read_back(world, clock, tmp_path):
     assert by[Resource.CPU].previous == 500 and by[Resource.CPU].in_force == 200
     assert by[Resource.CPU].method is Method.CRI
     assert by[Resource.MEMORY].previous == 256 * MiB and by[Resource.MEMORY].in_force == 128 * MiB
+    assert by[Resource.MEMORY].method is Method.CRI  # auto: the runtime's call for memory too
     assert world.containers[("default", "web", "app")].quota_us == 20_000
     assert res.target.container == "app" and res.target.node_name == "n1"
     assert res.expires_at is None

@@ -10,8 +10,9 @@ What both nodes have is written once and run on both (the host's cgroup v1 node 
 runc and crun): the lifecycle (duration, kill -9 of the agent, a container re-created, a pod deleted)
 in tests/node/test_both_nodes.py; CPU lowered and raised above the pod slice with measured use,
 memory both ways with 300 MiB held, the below-usage refusal on every method and bandwidth both ways
-in tests/node/test_limits_both_nodes.py. What stays here needs systemd (a daemon-reload, a pod
-slice set back under a raise, the agent's systemd fallbacks) or is the node's own smoke test.
+in tests/node/test_limits_both_nodes.py. What stays here is v2's own: a daemon-reload (systemd), a pod
+slice set back under a raise (v1's kernel refuses a pod quota below its child's), the agent's
+systemd fallbacks, and the node's smoke test.
 """
 
 from __future__ import annotations
@@ -22,13 +23,21 @@ import time
 import pytest
 
 from daemonset.api.gen import agent_pb2
-from tests.support.nodes import V2Agent, changed, cpus_within, v2_cpus, v2_files, v2_levels, v2_unit_props
+from tests.support.nodes import (
+    BUSY2,
+    METHODS,
+    MiB,
+    V2Agent,
+    changed,
+    cpus_within,
+    v2_cpus,
+    v2_files,
+    v2_levels,
+    v2_unit_props,
+)
 from tests.support.wait import wait_until as _wait_until
 
-MiB = 2**20
-BUSY2 = ["sh", "-c", "while :; do :; done & while :; do :; done"]
 RUNTIMES = ["runc", "crun"]
-METHODS = {"cri": agent_pb2.METHOD_CRI, "cgroup": agent_pb2.METHOD_CGROUP}
 
 
 @pytest.fixture
@@ -81,7 +90,7 @@ def test_node_is_cgroup2_with_systemd_slices_and_both_runtimes(v2node, agent, fi
 # ---------------------------------------------------------------- systemctl daemon-reload
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ["cri", "cgroup"])
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_daemon_reload_keeps_every_level_of_a_raise_that_needed_the_pod_slice(v2node, agent, runtime, method, figures):
     """v2 only: systemd is the cgroup driver here (the host node's kubelet-made pod cgroups have no
@@ -115,7 +124,8 @@ def test_pod_slice_put_back_by_someone_else_is_raised_again(v2node, agent):
     """Drift correction compares every level the experiment changed: a pod slice set back under the
     raised container (here by hand, as a reload did before the fix) is raised again. v2 only: on v1
     the kernel refuses a pod quota below its child's (EINVAL), so the pod cgroup cannot be set back
-    under a raised container there (test_agent.py's drift test sets both levels back)."""
+    under a raised container there (tests/node/test_limits_both_nodes.py sets the container's levels
+    back, on both nodes)."""
     pod = run_pod(v2node, "slicedrift", "runc", argv=BUSY2)
     agent.apply("slicedrift", cpu_millicpu=1500, method=agent_pb2.METHOD_CGROUP)
     slice_dir = levels(pod)["slice"]
