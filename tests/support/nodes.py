@@ -318,6 +318,14 @@ class V2NodeFace:
             containers=[{"name": "app", "argv": list(argv), "cpu_millicpu": cpu_m, "memory_bytes": memory}])
         return name
 
+    def info(self, pod: str) -> dict:
+        """The driver's record of the pod: uid, sandbox id, netns, IP, cgroups, start_s."""
+        return self._pods[pod]
+
+    def levels(self, pod: str) -> dict[str, str]:
+        """The container's cgroup directories: scope, pod slice, crun's inner child (``v2_levels``)."""
+        return v2_levels(self._pods[pod])
+
     def limits(self, pod: str) -> dict[str, str | None]:
         return v2_files(self.node, self._pods[pod])
 
