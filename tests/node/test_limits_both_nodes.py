@@ -123,7 +123,7 @@ def test_memory_raised_above_the_pod_limit_holds_300mib_then_lowered_and_reset_e
         f"the 300 MiB allocation did not get there: {n.memory_current(pod) / MiB:.1f} MiB"
     figures[f"{n.cgroups} {n.runtime}/{method} memory held under a 512Mi raise: MiB"] = \
         round(n.memory_current(pod) / MiB, 1)
-    assert n.container_state(pod)["state"] == RUNNING and n.oom_kills(pod) == 0
+    assert n.container_state(pod) == RUNNING and n.oom_kills(pod) == 0
 
     # Below what it holds: refused, nothing changed, nobody killed.
     raised = n.limits(pod)
@@ -145,7 +145,7 @@ def test_memory_raised_above_the_pod_limit_holds_300mib_then_lowered_and_reset_e
     assert n.limits(pod) == before, changed(before, n.limits(pod))
     assert n.manager_view(pod) == manager_before, changed(manager_before, n.manager_view(pod))
     assert n.oom_kills(pod) == 0
-    assert n.container_state(pod)["state"] == RUNNING
+    assert n.container_state(pod) == RUNNING
     assert n.experiments() == [] and n.records() == []
 
 
@@ -161,7 +161,7 @@ def test_memory_below_usage_refused_on_every_method_and_nothing_killed(any_node,
     assert "below" in err.value.details() and "nothing was changed" in err.value.details(), err.value.details()
     assert n.limits(pod) == before, changed(before, n.limits(pod))
     assert n.oom_kills(pod) == 0
-    assert n.container_state(pod)["state"] == RUNNING
+    assert n.container_state(pod) == RUNNING
     assert n.experiments() == [] and n.records() == []
 
 

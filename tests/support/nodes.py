@@ -47,10 +47,6 @@ def changed(before: dict, after: dict) -> dict:
     return {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
 
 
-def _changes(kwargs: dict) -> agent_pb2.Changes:
-    return agent_pb2.Changes(**kwargs)
-
-
 def cpus_within(measure: Callable[[], float], limit: float, what: str, tries: int = 3) -> float:
     """CPU use of a busy container from ``measure()`` (one window), asserted within 5% of ``limit`` in
     one of up to ``tries`` windows; the reading that was. A busy loop under a cap can be held below it
@@ -148,12 +144,12 @@ class HostNode:
         text = (self._pods[pod].container_cgroup_dir("memory") / "memory.oom_control").read_text()
         return int(dict(line.split() for line in text.splitlines())["oom_kill"])
 
-    def container_state(self, pod: str) -> dict:
-        """The runtime's word on the container: {"state": "CONTAINER_RUNNING", ..., "restart_count": n}."""
+    def container_state(self, pod: str) -> str:
+        """The runtime's word on the container: "CONTAINER_RUNNING", "CONTAINER_EXITED", ..."""
         from cri_api.v1 import api_pb2
 
         status = self.pods.node.client.container_status(self.container_id(pod), verbose=False).status
-        return {"state": api_pb2.ContainerState.Name(status.state), "restart_count": status.metadata.attempt}
+        return api_pb2.ContainerState.Name(status.state)
 
     def exec(self, pod: str, argv: Sequence[str]) -> int:
         """Run ``argv`` in the container; its exit status."""
@@ -226,7 +222,7 @@ class V2Agent:
     def apply(self, pod: str, *, method: int = agent_pb2.METHOD_AUTO, duration_s: float | None = None,
               force: bool = False, **changes: int) -> agent_pb2.ApplyResponse:
         req = agent_pb2.ApplyRequest(target=agent_pb2.Target(namespace="default", pod=pod),
-                                     changes=_changes(changes), method=method, force=force)
+                                     changes=agent_pb2.Changes(**changes), method=method, force=force)
         if duration_s is not None:
             req.duration_s = duration_s
         return self.stub.Apply(req, timeout=60)
@@ -272,26 +268,6 @@ def v2_files(node, pod: dict, names=V2_LIMIT_FILES) -> dict[str, str | None]:
     paths = {f"{lvl}/{n}": f"{d}/{n}" for lvl, d in v2_levels(pod).items() for n in names}
     got = node.read(*paths.values())
     return {k: got[p] for k, p in paths.items()}
-
-
-def v2_unit_props(node, pod: dict) -> dict[str, str]:
-    """systemd's view of the pod slice and the container scope (what a daemon-reload writes back), in
-    one driver call: ``systemctl show`` answers for both units, each block ended by a blank line."""
-    units = {lvl: v2_levels(pod)[lvl].rsplit("/", 1)[-1] for lvl in ("scope", "slice")}
-    text = node.sh(f"systemctl show -p Id,{','.join(V2_UNIT_PROPS)} {units['scope']} {units['slice']}")
-    level_of = {unit: lvl for lvl, unit in units.items()}
-    out = {}
-    for block in text.strip().split("\n\n"):
-        props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-        lvl = level_of[props.pop("Id")]
-        out.update({f"{lvl}/{k}": v for k, v in props.items()})
-    return out
-
-
-def v2_cpus(node, pod: dict, seconds: float = 3.0) -> float:
-    """CPUs the container used over ``seconds``, by the guest (cpu.stat of its scope: crun's
-    ``container/`` child is counted in it)."""
-    return node.call("cpu_used", cgroup_dir=v2_levels(pod)["scope"], seconds=seconds)["cpus"]
 
 
 class V2NodeFace:
@@ -359,8 +335,10 @@ class V2NodeFace:
         return min(v for v in self.memory_levels(pod).values() if v is not None)
 
     def cpu_used(self, pod: str) -> float:
-        """CPUs the container used over ``cpu_window_s``, measured in the guest."""
-        return v2_cpus(self.node, self._pods[pod], self.cpu_window_s)
+        """CPUs the container used over ``cpu_window_s``, measured in the guest (cpu.stat of its scope:
+        crun's ``container/`` child is counted in it)."""
+        scope = v2_levels(self._pods[pod])["scope"]
+        return self.node.call("cpu_used", cgroup_dir=scope, seconds=self.cpu_window_s)["cpus"]
 
     def memory_current(self, pod: str) -> int:
         """Bytes charged to the container's scope (memory.current, crun's child included)."""
@@ -373,10 +351,9 @@ class V2NodeFace:
         text = self.node.read(path)[path] or ""
         return int(dict(line.split() for line in text.splitlines())["oom_kill"])
 
-    def container_state(self, pod: str) -> dict:
-        """The runtime's word on the container: {"state": "CONTAINER_RUNNING", ..., "restart_count": n}."""
-        got = self.node.call("container_state", container_id=self.container_id(pod))
-        return {"state": got["state"], "restart_count": got["restart_count"]}
+    def container_state(self, pod: str) -> str:
+        """The runtime's word on the container: "CONTAINER_RUNNING", "CONTAINER_EXITED", ..."""
+        return self.node.call("container_state", container_id=self.container_id(pod))["state"]
 
     def exec(self, pod: str, argv: Sequence[str]) -> int:
         """Run ``argv`` in the container; its exit status."""
@@ -390,8 +367,18 @@ class V2NodeFace:
 
     def manager_view(self, pod: str) -> dict[str, str]:
         """What systemd believes the pod slice's and the container scope's limits are (its unit
-        properties: what a daemon-reload writes back into the cgroup files)."""
-        return v2_unit_props(self.node, self._pods[pod])
+        properties: what a daemon-reload writes back into the cgroup files), in one driver call:
+        ``systemctl show`` answers for both units, each block ended by a blank line."""
+        levels = v2_levels(self._pods[pod])
+        units = {lvl: levels[lvl].rsplit("/", 1)[-1] for lvl in ("scope", "slice")}
+        text = self.node.sh(f"systemctl show -p Id,{','.join(V2_UNIT_PROPS)} {units['scope']} {units['slice']}")
+        level_of = {unit: lvl for lvl, unit in units.items()}
+        out = {}
+        for block in text.strip().split("\n\n"):
+            props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+            lvl = level_of[props.pop("Id")]
+            out.update({f"{lvl}/{k}": v for k, v in props.items()})
+        return out
 
     def apply(self, pod: str, *, method: int = agent_pb2.METHOD_AUTO, duration_s: float | None = None, **changes: int):
         return self.agent.apply(pod, method=method, duration_s=duration_s, **changes)
