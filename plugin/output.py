@@ -10,19 +10,21 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from plugin.backends import (
     RESOURCE_CPU,
     RESOURCE_MEMORY,
     ApplyResult,
-    ExperimentStatus,
     QueueReading,
     ResetResult,
     ResourceChange,
     TargetResult,
-    TopRow,
 )
 from plugin.units import format_bandwidth, format_cpu, format_latency, format_memory
+
+if TYPE_CHECKING:
+    from plugin.backends.reports import ExperimentStatus, TopRow
 
 __all__ = ["FORMATS", "format_value", "format_time", "render_result", "render_status", "render_top", "result_data",
            "status_data", "top_row_data"]

@@ -23,9 +23,12 @@ import dataclasses
 import importlib
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from plugin.errors import BackendError
+
+if TYPE_CHECKING:
+    from plugin.backends.reports import ExperimentStatus, TopRow
 
 __all__ = [
     "DIRECTIONS",
@@ -74,27 +77,6 @@ UNIT_BY_RESOURCE: dict[str, str] = {
     RESOURCE_BANDWIDTH_INGRESS: "bps",
     RESOURCE_BANDWIDTH_EGRESS: "bps",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class TopRow:
-    """One experiment's measured effect over the last interval (``kubectl chaos top``); None = could not
-    be read (``errors`` says why). ``status`` has the limits (original, chaos, in force now)."""
-
-    status: ExperimentStatus
-    interval_s: float
-    cpu_cores: float | None = None
-    cpu_throttled_share: float | None = None
-    memory_working_set_bytes: int | None = None
-    memory_limit_bytes: int | None = None
-    oom_kills: int | None = None
-    ingress_bps: float | None = None
-    ingress_drops: int | None = None
-    ingress_backlog_bytes: int | None = None
-    egress_bps: float | None = None
-    egress_drops: int | None = None
-    egress_backlog_bytes: int | None = None
-    errors: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,22 +213,6 @@ class ResetResult(_PerTarget):
 
 
 @dataclasses.dataclass(frozen=True)
-class ExperimentStatus:
-    """One active experiment: per resource ``previous`` = original, ``requested`` = chaos value,
-    ``read_back`` = the value in force now (a difference from ``requested`` is drift)."""
-
-    namespace: str
-    pod: str
-    container: str
-    changes: tuple[ResourceChange, ...] = ()
-    node: str | None = None
-    experiment_id: str | None = None
-    started_at: datetime | None = None
-    state: str = "active"
-    message: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
 class AgentAddress:
     """Where the node-local agent listens: a unix socket path or a TCP host and port."""
 
@@ -304,6 +270,19 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release connections; called once, also after an error."""
         ...
+
+
+# What status and top report lives in plugin.backends.reports, loaded on first use: an apply never
+# makes one, and generating their dataclass methods took 1.6 ms of every start.
+_REPORTS = ("ExperimentStatus", "TopRow")
+
+
+def __getattr__(name: str):
+    if name in _REPORTS:
+        from plugin.backends import reports
+
+        return getattr(reports, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _MISSING_BACKEND = {

@@ -13,7 +13,7 @@ import os
 import pathlib
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plugin.backends import (
     RESOURCE_BANDWIDTH_EGRESS,
@@ -23,14 +23,15 @@ from plugin.backends import (
     ApplyResult,
     ChaosRequest,
     Connection,
-    ExperimentStatus,
     QueueReading,
     ResetResult,
     ResourceChange,
     TargetResult,
-    TopRow,
 )
 from plugin.errors import BackendError, UsageError, one_line
+
+if TYPE_CHECKING:
+    from plugin.backends.reports import ExperimentStatus, TopRow
 
 # What gRPC says when nothing answers at the address (as opposed to an agent answering UNAVAILABLE
 # because the container runtime does not).
@@ -215,6 +216,8 @@ class AgentBackend:
 
     def top(self, namespace: str | None, interval_s: float, count: int) -> Iterator[list[TopRow]]:
         """The agent's Observe stream: one list of rows per interval (``count`` of them; 0 = forever)."""
+        from plugin.backends.reports import TopRow
+
         grpc = self._grpc
         request = self._pb.ObserveRequest(namespace=namespace or "", interval_s=interval_s, count=count)
         stream = self._stub.Observe(request, timeout=None if count == 0 else self.timeout_s + interval_s * count)
@@ -234,6 +237,8 @@ class AgentBackend:
             stream.cancel()
 
     def status(self, namespace: str | None) -> Sequence[ExperimentStatus]:
+        from plugin.backends.reports import ExperimentStatus
+
         resp = self._call(self._stub.List, self._pb.ListRequest(namespace=namespace or ""), "status")
         out = self._statuses(resp.experiments)
         for d in resp.damaged:
@@ -247,6 +252,8 @@ class AgentBackend:
         return out
 
     def _statuses(self, experiments: Any) -> list[ExperimentStatus]:
+        from plugin.backends.reports import ExperimentStatus
+
         out = []
         for e in experiments:
             expires = _when(e.expires_at_unix_s) if e.HasField("expires_at_unix_s") else None

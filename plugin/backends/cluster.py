@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemonset import crd
 from plugin.backends import (
@@ -28,14 +28,15 @@ from plugin.backends import (
     BackendError,
     ChaosRequest,
     Connection,
-    ExperimentStatus,
     QueueReading,
     ResetResult,
     ResourceChange,
     TargetResult,
-    TopRow,
     kubeclient,
 )
+
+if TYPE_CHECKING:
+    from plugin.backends.reports import ExperimentStatus, TopRow
 
 AGENT_NAMESPACE = "kubectl-chaos"
 AGENT_SELECTOR = "app.kubernetes.io/component=chaos-agent"
@@ -186,6 +187,8 @@ class ClusterBackend:
             return ResetResult(targets=tuple(results), dry_run=req.dry_run)
 
     def status(self, namespace: str | None) -> Sequence[ExperimentStatus]:
+        from plugin.backends.reports import ExperimentStatus
+
         with _api_errors(self):
             listing = self.api.request("GET", _chaos_path(namespace))
         out = []
@@ -532,6 +535,8 @@ def _queue(status: Any) -> QueueReading | None:
 
 
 def _entry_status(obj: dict, entry: dict, requested: dict[str, int]) -> ExperimentStatus:
+    from plugin.backends.reports import ExperimentStatus
+
     ns, name = _key(obj)
     changes = tuple(
         ResourceChange(c["resource"], c.get("original"), requested.get(c["resource"]), c.get("applied"),
@@ -550,6 +555,8 @@ def _entry_status(obj: dict, entry: dict, requested: dict[str, int]) -> Experime
 def _top_rows(obj: dict, mark: str) -> list[TopRow]:
     """One row per target in force, with the figures its agent published for a mark at least as
     late as ``mark`` (earlier ones are an older watch's)."""
+    from plugin.backends.reports import TopRow
+
     try:
         requested = crd.spec_of(obj).requested()
     except crd.SpecError:

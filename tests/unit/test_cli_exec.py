@@ -139,3 +139,21 @@ def test_completion_answers_without_heavy_imports(env):
     modules = imported_modules(proc.stderr)
     assert "click" in modules
     assert not modules & {"kubernetes", "grpc", "google"}, sorted(modules)
+
+
+def test_installed_command_loads_with_the_short_lived_gc_threshold_and_the_api_keeps_the_default(env):
+    """The installed command sets the collector's threshold before it loads the command line
+    (plugin.console); importing the command line or the Python API in a process of one's own
+    leaves that process's collector as it was."""
+    script = EXE.read_text()
+    assert "from plugin.console import main" in script, script
+    probe = ("import gc, plugin.console as c; before = gc.get_threshold(); cli = c._load_cli();"
+             " print(before[0], gc.get_threshold()[0], cli.__name__)")
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["700", "50000", "plugin.cli"]
+    api = subprocess.run([sys.executable, "-c", "import gc, plugin.api, plugin.cli; print(gc.get_threshold()[0])"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert (api.returncode, api.stdout.strip()) == (0, "700"), api.stderr
+    version = run(env, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("kubectl-chaos"), (version.stdout, version.stderr)
