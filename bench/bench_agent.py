@@ -8,6 +8,11 @@
 3. 100 containers changed at once (100 concurrent Apply calls). Goal: all applied within 5 s.
 4. Agent memory (RSS) idle and with 100 active experiments. Goal: under 80 MiB.
 
+Beside (1), not a goal: the floor under the own share. A stand-in for the agent (a Python gRPC
+server of its own, the agent's API and server shape, whose Apply makes the runtime call and
+nothing else: no engine, no record, no read-back) is timed the same way against the bare call, in
+the same run: its own share is what Python gRPC on both ends costs before the agent does any work.
+
     .venv/bin/python bench/bench_agent.py [--samples 200] [--json out.json]
     .venv/bin/python bench/bench_agent.py --node v2 [--runtime runc|crun|both] [--samples 100]
 
@@ -62,6 +67,8 @@ BARE_CGROUP = "bare cgroup write"
 AGENT_CGROUP = "agent Apply, CPU via cgroup"
 BARE_CRI_BESIDE_ENGINE = "bare CRI call (beside the engine)"
 ENGINE_CRI = "Engine.apply in this process, CPU via CRI"
+BARE_CRI_BESIDE_STAND_IN = "bare CRI call (beside the stand-in)"
+STAND_IN_CRI = "stand-in Apply: runtime call only, no engine"
 # The two quotas alternated (millicpu) on a 500m container: never above it, so no pod-level raise.
 VALUES_MILLICPU = (200, 300)
 
@@ -149,6 +156,52 @@ class AgentProcess(AgentClient):
             self.proc.kill()
 
 
+class _StandInService(agent_pb2_grpc.AgentServicer):
+    """The agent's Apply with nothing behind it but the runtime call (see the module docstring)."""
+
+    def __init__(self, cri_endpoint: str, container_id: str):
+        from cri_api import RuntimeClient
+
+        self.client = RuntimeClient(cri_endpoint, timeout_s=30.0)
+        self.container_id = container_id
+        self.current = self.client.container_info(container_id).resources
+
+    def Apply(self, request, context):  # noqa: N802
+        self.client.update_container_resources(
+            self.container_id, merge_resources(self.current, cpu_quota_us=request.changes.cpu_millicpu * 100))
+        return agent_pb2.ApplyResponse()
+
+
+def serve_stand_in(socket_path: str, cri_endpoint: str, container_id: str) -> None:
+    """The stand-in's process: the agent's server shape (grpc.server, a thread pool of 32) on a unix
+    socket; prints "ready" once it listens, serves until killed."""
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=32))
+    agent_pb2_grpc.add_AgentServicer_to_server(_StandInService(cri_endpoint, container_id), server)
+    server.add_insecure_port(f"unix://{socket_path}")
+    server.start()
+    print("ready", flush=True)
+    server.wait_for_termination()
+
+
+class StandIn(AgentClient):
+    """The stand-in in a process of its own (as the agent is), changing ``container_id``."""
+
+    def __init__(self, node: TestNode, workdir: pathlib.Path, container_id: str):
+        sock = workdir / "stand-in.sock"
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-stand-in", str(sock), "--cri-endpoint",
+                                      str(node.socket), "--container-id", container_id],
+                                     cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        if self.proc.stdout is None or self.proc.stdout.readline().strip() != "ready":
+            self.proc.kill()
+            raise SystemExit("bench_agent: the stand-in server did not start")
+        super().__init__(f"unix://{sock}")
+
+    def stop(self) -> None:
+        self.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
 def write_quota(quota_file: str, quota_us: int) -> None:
     """The bare cgroup write: one write of the CPU quota (cpu.cfs_quota_us on v1, cpu.max on v2)."""
     value = f"{quota_us} 100000" if quota_file.endswith("cpu.max") else str(quota_us)
@@ -196,6 +249,28 @@ def latency_series(samples: int, client, bare_container_id: str, quota_file: str
                        (AGENT_CGROUP, lambda i: agent.apply(pod, VALUES_MILLICPU[i % 2] + 20, agent_pb2.METHOD_CGROUP)))
     agent.revert(pod)
     return out
+
+
+def stand_in_series(node: TestNode, workdir: pathlib.Path, samples: int) -> list[dict]:
+    """Not a goal, the floor under the own share: the stand-in's Apply against the bare call, both on
+    a container of their own, interleaved as above."""
+    from tests.support.node import ContainerSpec
+
+    pod = node.run_pod("standin", "bench", [ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
+    bare = node.run_pod("bare3", "bench", [ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
+    stand_in = StandIn(node, workdir, pod.container_id())
+    current = node.client.container_info(bare.container_id()).resources
+    try:
+        series = interleaved(
+            samples,
+            (BARE_CRI_BESIDE_STAND_IN, lambda i: node.client.update_container_resources(
+                bare.container_id(), merge_resources(current, cpu_quota_us=VALUES_MILLICPU[i % 2] * 100))),
+            (STAND_IN_CRI, lambda i: stand_in.apply("standin", VALUES_MILLICPU[i % 2] + 50, agent_pb2.METHOD_CRI)))
+    finally:
+        stand_in.stop()
+        node.delete_pod(pod)
+        node.delete_pod(bare)
+    return [summary(k, v) for k, v in series.items()]
 
 
 def latency(node: TestNode, agent: AgentProcess, samples: int) -> list[dict]:
@@ -342,6 +417,7 @@ def run_v1(args: argparse.Namespace) -> tuple[dict, list[tuple[str, bool, str]]]
         agent = AgentProcess(node, workdir)
         lat = latency(node, agent, args.samples)
         split = engine_series(node, args.samples)
+        floor = stand_in_series(node, workdir, args.samples)
         cli = plugin_e2e(node, agent, args.cli_samples)
         fan = fan_out(node, agent, args.containers)
     finally:
@@ -357,11 +433,13 @@ def run_v1(args: argparse.Namespace) -> tuple[dict, list[tuple[str, bool, str]]]
         ("agent RSS < 80 MiB idle and with 100 active", max(fan["rss_idle_mib"], fan["rss_100_active_mib"]) < 80,
          f"{fan['rss_idle_mib']:.0f} / {fan['rss_100_active_mib']:.0f} MiB"),
     ]
-    print_series([*lat, *split, cli, fan["per_call"]])
-    by = {r["name"]: r for r in split}
+    print_series([*lat, *split, *floor, cli, fan["per_call"]])
+    by = {r["name"]: r for r in split + floor}
     print(f"(the split, not a goal: the engine's own share without gRPC, in this process:"
-          f" {by[ENGINE_CRI]['p50_ms'] - by[BARE_CRI_BESIDE_ENGINE]['p50_ms']:.2f} ms)")
-    return {"node": "v1", "latency": lat, "engine": split, "plugin": cli, "fan_out": fan}, goals
+          f" {by[ENGINE_CRI]['p50_ms'] - by[BARE_CRI_BESIDE_ENGINE]['p50_ms']:.2f} ms;"
+          f" the floor, the stand-in's own share (Python gRPC both ends, no engine):"
+          f" {by[STAND_IN_CRI]['p50_ms'] - by[BARE_CRI_BESIDE_STAND_IN]['p50_ms']:.2f} ms)")
+    return {"node": "v1", "latency": lat, "engine": split, "stand_in": floor, "plugin": cli, "fan_out": fan}, goals
 
 
 def run_v2(args: argparse.Namespace) -> tuple[dict, list[tuple[str, bool, str]]]:
@@ -406,7 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cli-samples", type=int, default=30)
     p.add_argument("--containers", type=int, default=100)
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--serve-stand-in", metavar="SOCKET", help=argparse.SUPPRESS)
+    p.add_argument("--cri-endpoint", help=argparse.SUPPRESS)
+    p.add_argument("--container-id", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.serve_stand_in:
+        serve_stand_in(args.serve_stand_in, args.cri_endpoint, args.container_id)
+        return 0
     if args.samples is None:
         args.samples = 200 if args.node == "v1" else 100
     if os.geteuid() != 0:
