@@ -251,26 +251,65 @@ def latency_series(samples: int, client, bare_container_id: str, quota_file: str
     return out
 
 
-def stand_in_series(node: TestNode, workdir: pathlib.Path, samples: int) -> list[dict]:
-    """Not a goal, the floor under the own share: the stand-in's Apply against the bare call, both on
-    a container of their own, interleaved as above."""
+def beside_a_bare_call(node: TestNode, samples: int, pod_name: str, names: tuple[str, str],
+                       start: Callable[[object], tuple[Callable[[int], object], Callable[[], None]]]) -> list[dict]:
+    """Not a goal, the split of the own share: ``start(pod)`` -> (call(i), stop()) changes pod
+    ``pod_name``'s CPU limit, timed against the bare CRI call on a container of its own, interleaved
+    as above; ``names`` = (the bare series', ours)."""
     from tests.support.node import ContainerSpec
 
-    pod = node.run_pod("standin", "bench", [ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
-    bare = node.run_pod("bare3", "bench", [ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
-    stand_in = StandIn(node, workdir, pod.container_id())
-    current = node.client.container_info(bare.container_id()).resources
+    pod = node.run_pod(pod_name, "bench", [ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
+    bare = node.run_pod(f"{pod_name}-bare", "bench", [ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
+    stop = None
     try:
+        call, stop = start(pod)
+        current = node.client.container_info(bare.container_id()).resources
         series = interleaved(
             samples,
-            (BARE_CRI_BESIDE_STAND_IN, lambda i: node.client.update_container_resources(
+            (names[0], lambda i: node.client.update_container_resources(
                 bare.container_id(), merge_resources(current, cpu_quota_us=VALUES_MILLICPU[i % 2] * 100))),
-            (STAND_IN_CRI, lambda i: stand_in.apply("standin", VALUES_MILLICPU[i % 2] + 50, agent_pb2.METHOD_CRI)))
+            (names[1], call))
     finally:
-        stand_in.stop()
+        if stop is not None:
+            stop()
         node.delete_pod(pod)
         node.delete_pod(bare)
     return [summary(k, v) for k, v in series.items()]
+
+
+def engine_series(node: TestNode, samples: int) -> list[dict]:
+    """The engine without the gRPC server and its threads: ``Engine.apply`` called in this process."""
+    from daemonset.engine import Engine
+    from daemonset.metrics import Metrics
+    from daemonset.types import ApplyRequest, Changes, Method, RevertRequest, Target
+
+    def start(pod: object) -> tuple[Callable[[int], object], Callable[[], None]]:
+        state = tempfile.mkdtemp(prefix="kcx-bench-engine-", dir="/tmp")
+        engine = Engine(node.client, state_dir=state, metrics=Metrics(), sweep_orphan_ifbs=False)
+        engine.start()
+        target = Target(namespace="bench", pod="eng")
+
+        def stop() -> None:
+            try:
+                engine.revert(RevertRequest(target=target))
+            finally:
+                engine.close()
+                shutil.rmtree(state, ignore_errors=True)
+
+        return (lambda i: engine.apply(ApplyRequest(target=target, method=Method.CRI, changes=Changes(
+            cpu_millicpu=VALUES_MILLICPU[i % 2] + 50)))), stop
+
+    return beside_a_bare_call(node, samples, "eng", (BARE_CRI_BESIDE_ENGINE, ENGINE_CRI), start)
+
+
+def stand_in_series(node: TestNode, workdir: pathlib.Path, samples: int) -> list[dict]:
+    """The floor under the own share: the stand-in's Apply (see the module docstring)."""
+
+    def start(pod) -> tuple[Callable[[int], object], Callable[[], None]]:
+        stand_in = StandIn(node, workdir, pod.container_id())
+        return (lambda i: stand_in.apply("standin", VALUES_MILLICPU[i % 2] + 50, agent_pb2.METHOD_CRI)), stand_in.stop
+
+    return beside_a_bare_call(node, samples, "standin", (BARE_CRI_BESIDE_STAND_IN, STAND_IN_CRI), start)
 
 
 def latency(node: TestNode, agent: AgentProcess, samples: int) -> list[dict]:
@@ -295,37 +334,6 @@ def latency(node: TestNode, agent: AgentProcess, samples: int) -> list[dict]:
         rows.append({"name": AGENT_CRI_RUNTIME, "n": int(count1 - count0), "p50_ms": mean_ms, "p99_ms": float("nan"),
                      "mean_ms": mean_ms})
     return rows
-
-
-def engine_series(node: TestNode, samples: int) -> list[dict]:
-    """Not a goal, the split of the own share: the engine without the gRPC server and its threads,
-    ``Engine.apply`` called in this process, interleaved with the bare call as above."""
-    from daemonset.engine import Engine
-    from daemonset.metrics import Metrics
-    from daemonset.types import ApplyRequest, Changes, Method, RevertRequest, Target
-    from tests.support.node import ContainerSpec
-
-    pod = node.run_pod("eng", "bench", [ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
-    bare = node.run_pod("bare2", "bench", [ContainerSpec("app", cpu_millicpu=500, memory_bytes=64 * MiB)])
-    state = tempfile.mkdtemp(prefix="kcx-bench-engine-", dir="/tmp")
-    engine = Engine(node.client, state_dir=state, metrics=Metrics(), sweep_orphan_ifbs=False)
-    engine.start()
-    target = Target(namespace="bench", pod="eng")
-    current = node.client.container_info(bare.container_id()).resources
-    try:
-        series = interleaved(
-            samples,
-            (BARE_CRI_BESIDE_ENGINE, lambda i: node.client.update_container_resources(
-                bare.container_id(), merge_resources(current, cpu_quota_us=VALUES_MILLICPU[i % 2] * 100))),
-            (ENGINE_CRI, lambda i: engine.apply(ApplyRequest(target=target, method=Method.CRI, changes=Changes(
-                cpu_millicpu=VALUES_MILLICPU[i % 2] + 50)))))
-        engine.revert(RevertRequest(target=target))
-    finally:
-        engine.close()
-        shutil.rmtree(state, ignore_errors=True)
-        node.delete_pod(pod)
-        node.delete_pod(bare)
-    return [summary(k, v) for k, v in series.items()]
 
 
 def latency_goals(lat: list[dict]) -> list[tuple[str, bool, str]]:
