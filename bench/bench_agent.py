@@ -403,7 +403,7 @@ def fan_out(node: TestNode, agent: AgentProcess, count: int) -> dict:
     for p in pods:
         node.delete_pod(p)
     return {"containers": count, "pods_started_s": round(started_s, 1), "all_applied_s": round(wall_s, 3),
-            "per_call": summary("Apply under 100-way fan-out", per_call), "not_applied": wrong, "active": active,
+            "per_call": summary(f"Apply under {count}-way fan-out", per_call), "not_applied": wrong, "active": active,
             "rss_idle_mib": round(idle, 1), "rss_100_active_mib": round(max(busy, after_drift), 1)}
 
 
