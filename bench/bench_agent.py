@@ -19,9 +19,9 @@ the same run: its own share is what Python gRPC on both ends costs before the ag
 ``--node v1`` (default): the host node (cgroup v1, containerd 1.6, runc). ``--node v2``: the cgroup
 v2 worker node VM (tests/support/v2node.py: systemd, containerd 2.x, runc and crun under QEMU
 TCG); the agent runs inside it and the series (1) are timed there, each beside the bare CRI call
-and the bare cpu.max write on the same node in the same run, plus the agent's idle RSS. (2) and
-(3) run on the host node only: 100 pods take minutes to start under TCG and a process start
-measures TCG. Under TCG every time is several times the host's, so the ratios and the own share
+and the bare cpu.max write on the same node in the same run, then the stand-in beside the bare
+call, plus the agent's idle RSS. (2) and (3) run on the host node only: 100 pods take minutes to
+start under TCG and a process start measures TCG. Under TCG every time is several times the host's, so the ratios and the own share
 are what compare; the goals are the same and a miss is reported as one.
 
 Exits 1 when a goal is missed.
@@ -184,17 +184,21 @@ def serve_stand_in(socket_path: str, cri_endpoint: str, container_id: str) -> No
 
 
 class StandIn(AgentClient):
-    """The stand-in in a process of its own (as the agent is), changing ``container_id``."""
+    """The stand-in in a process of its own (as the agent is) on ``socket_path``, changing
+    ``container_id`` through the runtime at ``cri_endpoint``."""
 
-    def __init__(self, node: TestNode, workdir: pathlib.Path, container_id: str):
-        sock = workdir / "stand-in.sock"
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-stand-in", str(sock), "--cri-endpoint",
-                                      str(node.socket), "--container-id", container_id],
+    def __init__(self, cri_endpoint: str, socket_path: pathlib.Path, container_id: str):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-stand-in", str(socket_path), "--cri-endpoint",
+                                      cri_endpoint, "--container-id", container_id],
                                      cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
         if self.proc.stdout is None or self.proc.stdout.readline().strip() != "ready":
             self.proc.kill()
             raise SystemExit("bench_agent: the stand-in server did not start")
-        super().__init__(f"unix://{sock}")
+        super().__init__(f"unix://{socket_path}")
+
+    def change(self, i: int) -> None:
+        """The i-th change of a series (its pod name is not looked at: the stand-in knows its container)."""
+        self.apply("standin", VALUES_MILLICPU[i % 2] + 50, agent_pb2.METHOD_CRI)
 
     def stop(self) -> None:
         self.close()
@@ -225,24 +229,31 @@ def interleaved(samples: int, bare: tuple[str, Callable[[int], object]],
     return out
 
 
+def beside_bare_cri(samples: int, client, bare_container_id: str, bare_name: str,
+                    ours: tuple[str, Callable[[int], object]]) -> dict[str, list[float]]:
+    """``ours`` interleaved with the bare CRI call (``client``, a cri_api.RuntimeClient) on the bare
+    container ``bare_container_id``: the same code on the host node and inside the v2 VM."""
+    current = client.container_info(bare_container_id).resources
+
+    def bare_cri(i: int) -> None:
+        client.update_container_resources(bare_container_id,
+                                          merge_resources(current, cpu_quota_us=VALUES_MILLICPU[i % 2] * 100))
+
+    return interleaved(samples, (bare_name, bare_cri), ours)
+
+
 def latency_series(samples: int, client, bare_container_id: str, quota_file: str, agent: AgentClient,
                    pod: str, around_cri: Callable[[], object] | None = None) -> dict[str, list[float]]:
     """The four series of (1) on one node, in seconds: ``client`` (cri_api.RuntimeClient) updates the
     bare container ``bare_container_id`` (whose CPU quota file is ``quota_file``); ``agent`` changes
     pod ``pod`` (namespace bench). The same code on the host node and inside the v2 VM."""
-    current = client.container_info(bare_container_id).resources
-
-    def bare_cri(i: int) -> None:
-        m = VALUES_MILLICPU[i % 2]
-        client.update_container_resources(bare_container_id, merge_resources(current, cpu_quota_us=m * 100))
-
     # The two pairs run one after the other: right after a CRI call the runtime's runc processes are
     # still winding down, which would land on whatever is measured next.
     # ``around_cri`` is called before and after the CRI pair (the host node reads the agent's metrics).
     if around_cri is not None:
         around_cri()
-    out = interleaved(samples, (BARE_CRI, bare_cri),
-                      (AGENT_CRI, lambda i: agent.apply(pod, VALUES_MILLICPU[i % 2] + 50, agent_pb2.METHOD_CRI)))
+    out = beside_bare_cri(samples, client, bare_container_id, BARE_CRI,
+                          (AGENT_CRI, lambda i: agent.apply(pod, VALUES_MILLICPU[i % 2] + 50, agent_pb2.METHOD_CRI)))
     if around_cri is not None:
         around_cri()
     out |= interleaved(samples, (BARE_CGROUP, lambda i: write_quota(quota_file, VALUES_MILLICPU[i % 2] * 100 + 1000)),
@@ -263,12 +274,7 @@ def beside_a_bare_call(node: TestNode, samples: int, pod_name: str, names: tuple
     stop = None
     try:
         call, stop = start(pod)
-        current = node.client.container_info(bare.container_id()).resources
-        series = interleaved(
-            samples,
-            (names[0], lambda i: node.client.update_container_resources(
-                bare.container_id(), merge_resources(current, cpu_quota_us=VALUES_MILLICPU[i % 2] * 100))),
-            (names[1], call))
+        series = beside_bare_cri(samples, node.client, bare.container_id(), names[0], (names[1], call))
     finally:
         if stop is not None:
             stop()
@@ -306,8 +312,8 @@ def stand_in_series(node: TestNode, workdir: pathlib.Path, samples: int) -> list
     """The floor under the own share: the stand-in's Apply (see the module docstring)."""
 
     def start(pod) -> tuple[Callable[[int], object], Callable[[], None]]:
-        stand_in = StandIn(node, workdir, pod.container_id())
-        return (lambda i: stand_in.apply("standin", VALUES_MILLICPU[i % 2] + 50, agent_pb2.METHOD_CRI)), stand_in.stop
+        stand_in = StandIn(str(node.socket), workdir / "stand-in.sock", pod.container_id())
+        return stand_in.change, stand_in.stop
 
     return beside_a_bare_call(node, samples, "standin", (BARE_CRI_BESIDE_STAND_IN, STAND_IN_CRI), start)
 
@@ -471,6 +477,9 @@ def run_v2(args: argparse.Namespace) -> tuple[dict, list[tuple[str, bool, str]]]
             lat = [summary(k, v) for k, v in raw.items()]
             print(f"-- {runtime}")
             print_series(lat)
+            by = {r["name"]: r for r in lat}
+            print(f"(the floor, not a goal: the stand-in's own share (Python gRPC both ends, no engine):"
+                  f" {by[STAND_IN_CRI]['p50_ms'] - by[BARE_CRI_BESIDE_STAND_IN]['p50_ms']:.2f} ms)")
             out["runtimes"][runtime] = lat
             goals += [(f"[{runtime}] {name}", ok, figure) for name, ok, figure in latency_goals(lat)]
         rss = node.call("agent_rss")["rss_mib"]

@@ -19,10 +19,12 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socketserver
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -392,7 +394,8 @@ def op_agent_rss() -> dict:
 def op_bench_agent_latency(samples: int, runtime: str = "") -> dict:
     """bench/bench_agent.py's latency series on this node: the agent's Apply (CRI and cgroup method)
     through its unix socket, each interleaved with the bare CRI call and the bare cpu.max write on a
-    pod of its own; seconds per call, by series name."""
+    pod of its own, then the stand-in's Apply (the floor: the runtime call behind Python gRPC, no
+    engine) beside the bare call; seconds per call, by series name."""
     from bench import bench_agent
 
     spec = {"name": "app", "cpu_millicpu": 500, "memory_bytes": 64 * 2**20}
@@ -400,12 +403,27 @@ def op_bench_agent_latency(samples: int, runtime: str = "") -> dict:
     bare = op_run_pod("bare", "bench", [spec], runtime)
     agent = bench_agent.AgentClient(f"unix://{AGENT_SOCK}")
     try:
-        return bench_agent.latency_series(samples, cri(), bare["containers"]["app"],
-                                          f"{bare['cgroups']['app']['container']}/cpu.max", agent, "lat")
+        out = bench_agent.latency_series(samples, cri(), bare["containers"]["app"],
+                                         f"{bare['cgroups']['app']['container']}/cpu.max", agent, "lat")
     finally:
         agent.close()
         op_delete_pod(pod["sandbox_id"])
+    stand_in_pod = op_run_pod("standin", "bench", [spec], runtime)
+    work = tempfile.mkdtemp(prefix="kcx-stand-in-")
+    try:
+        stand_in = bench_agent.StandIn(CONTAINERD_SOCK, pathlib.Path(work) / "stand-in.sock",
+                                       stand_in_pod["containers"]["app"])
+        try:
+            out |= bench_agent.beside_bare_cri(samples, cri(), bare["containers"]["app"],
+                                               bench_agent.BARE_CRI_BESIDE_STAND_IN,
+                                               (bench_agent.STAND_IN_CRI, stand_in.change))
+        finally:
+            stand_in.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        op_delete_pod(stand_in_pod["sandbox_id"])
         op_delete_pod(bare["sandbox_id"])
+    return out
 
 
 def op_goodput(netns: str, pod_ip: str, into_pod: bool, duration_s: float = 3.0, omit_s: float = 1.0) -> dict:
