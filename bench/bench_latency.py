@@ -11,8 +11,11 @@ burst floor), in the same run.
 
 Goals for "new": RTT p99 under load <= the queue's budget (limit / rate) + one full frame at the
 rate + the unloaded RTT p99, and goodput >= 0.93 of the rate. Exits 1 when a goal is missed.
-Then, at 1 and 2 Mbit/s: what the receiving application reads per 100 ms window, p5 / p95 of
-window rate / configured rate (reported, no goal: one window is only 8-17 full segments).
+Then, at 1 and 2 Mbit/s: the rate per 100 ms window / configured rate, p5 / p95, twice over: on
+the wire (the receiving interface's byte counter: the shaper's own pace; a GSO super-packet let
+through whole would show as a burst and a gap) and as the receiving application reads it (TCP on
+top: after a loss it holds back every byte behind the missing segment until the retransmission
+arrives, while the wire stays busy). Reported, no goal: one window is only 8-17 full frames.
 
     .venv/bin/python bench/bench_latency.py [--qdisc htb|tbf] [--cc cubic|bbr|...] [--json out.json]
 """
@@ -34,6 +37,7 @@ from netshape.plan import ETH_HEADER_BYTES, plan_rates  # noqa: E402
 from tests.support.netns import (  # noqa: E402
     POD_ADDR,
     REMOTE_ADDR,
+    WireWindows,
     iperf3_flow,
     tcp_window_rates,
     udp_echo_rtts,
@@ -120,11 +124,18 @@ def measure_windows(vp, direction: str, rate_bps: int, cc: str) -> dict:
         ends = dict(server_ns=vp.pod_ns, client_ns=vp.remote_ns, server_addr=POD_ADDR)
     else:
         ends = dict(server_ns=vp.remote_ns, client_ns=vp.pod_ns, server_addr=REMOTE_ADDR)
-    ratios = sorted(r / rate_bps for r in tcp_window_rates(duration_s=5.0, omit_s=2.0, congestion=cc, **ends))
+    # The receiver's eth0 on the wire, over the same flow: its first 2.5 s (the flow starts a few
+    # hundred ms after the counter) and its last 0.5 s are left out.
+    wire = WireWindows(ends["server_ns"], "eth0", total_s=7.0)
+    app = sorted(r / rate_bps for r in tcp_window_rates(duration_s=5.0, omit_s=2.0, congestion=cc, **ends))
+    on_wire = sorted(r / rate_bps for r in wire.rates_bps(skip_s=2.5, tail_s=0.5))
     return {
-        "p5": _received_percentile(tuple(ratios), 5),
-        "p95": _received_percentile(tuple(ratios), 95),
-        "mean": sum(ratios) / len(ratios),
+        "p5": _received_percentile(tuple(app), 5),
+        "p95": _received_percentile(tuple(app), 95),
+        "mean": sum(app) / len(app),
+        "wire_p5": _received_percentile(tuple(on_wire), 5),
+        "wire_p95": _received_percentile(tuple(on_wire), 95),
+        "wire_mean": sum(on_wire) / len(on_wire),
     }
 
 
@@ -227,13 +238,16 @@ def _print_table(rows: list[dict], args) -> int:
 
 def _print_windows(windows: list[dict]) -> None:
     print()
-    print("what the receiving application read per 100 ms window / configured rate")
-    head = f"{'rate':>10} {'dir':>7} {'queue':>5} | {'p5':>6} {'p95':>6} {'mean':>6}"
+    print("rate per 100 ms window / configured rate: on the wire (the receiving interface) | as the receiving"
+          " application read it")
+    head = (f"{'rate':>10} {'dir':>7} {'queue':>5} | {'p5':>6} {'p95':>6} {'mean':>6} | "
+            f"{'p5':>6} {'p95':>6} {'mean':>6}")
     print(head)
     print("-" * len(head))
     for w in windows:
         print(
             f"{_fmt_rate(w['rate_bps']):>10} {w['direction']:>7} {w['mode']:>5} | "
+            f"{w['wire_p5']:>6.3f} {w['wire_p95']:>6.3f} {w['wire_mean']:>6.3f} | "
             f"{w['p5']:>6.3f} {w['p95']:>6.3f} {w['mean']:>6.3f}"
         )
 

@@ -446,6 +446,48 @@ def tcp_window_rates(
     return [count * 8 / window_s for count in per_window[skip:]]
 
 
+class WireWindows:
+    """What interface ``ifname`` in ``ns`` received on the wire per ``window_s`` window, sampled from
+    its rx_bytes counter for ``total_s`` from now, in a process inside the namespace (``ip netns
+    exec`` mounts that namespace's /sys). Beside ``tcp_window_rates`` it separates the link's own
+    pace from what the receiving application reads: after a loss, TCP holds back every byte behind
+    the missing segment until its retransmission arrives, while the wire stays busy."""
+
+    def __init__(self, ns: str | None, ifname: str, total_s: float, window_s: float = 0.1):
+        self.window_s = window_s
+        self.proc = subprocess.Popen(
+            ns_argv(ns, [sys.executable, "-m", "tests.support.netns", "rx-windows", ifname, str(total_s), str(window_s)]),
+            cwd=_REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def rates_bps(self, skip_s: float, tail_s: float) -> list[float]:
+        """Bit/s per window, without the first ``skip_s`` and the last ``tail_s`` (the flow's start and end)."""
+        out, err = self.proc.communicate(timeout=120)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"rx-windows failed: {err[-500:]}")
+        counts = json.loads(out)
+        return [count * 8 / self.window_s for count in counts[round(skip_s / self.window_s):
+                                                              len(counts) - round(tail_s / self.window_s)]]
+
+
+def _rx_windows(ifname: str, total_s: float, window_s: float) -> None:
+    path = f"/sys/class/net/{ifname}/statistics/rx_bytes"
+
+    def read() -> int:
+        with open(path) as f:
+            return int(f.read())
+
+    counts, previous = [], read()
+    due = time.monotonic()
+    for _ in range(round(total_s / window_s)):
+        due += window_s
+        time.sleep(max(0.0, due - time.monotonic()))
+        current = read()
+        counts.append(current - previous)
+        previous = current
+    print(json.dumps(counts))
+
+
 def _sink(addr: str, port: int, total_s: float, window_s: float) -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -491,6 +533,7 @@ def _main(argv: list[str] | None = None) -> None:
     sub.add_parser("echo-client").add_argument("args", nargs=5)
     sub.add_parser("sink").add_argument("args", nargs=4)
     sub.add_parser("source").add_argument("args", nargs=3)
+    sub.add_parser("rx-windows").add_argument("args", nargs=3)
     ns = parser.parse_args(argv)
     a = ns.args
     if ns.tool == "echo-server":
@@ -499,6 +542,8 @@ def _main(argv: list[str] | None = None) -> None:
         _echo_client(a[0], int(a[1]), float(a[2]), float(a[3]), float(a[4]))
     elif ns.tool == "sink":
         _sink(a[0], int(a[1]), float(a[2]), float(a[3]))
+    elif ns.tool == "rx-windows":
+        _rx_windows(a[0], float(a[1]), float(a[2]))
     else:
         _source(a[0], int(a[1]), a[2])
 
