@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import pathlib
-import shutil
 import signal
 import socketserver
 import subprocess
@@ -409,18 +408,17 @@ def op_bench_agent_latency(samples: int, runtime: str = "") -> dict:
         agent.close()
         op_delete_pod(pod["sandbox_id"])
     stand_in_pod = op_run_pod("standin", "bench", [spec], runtime)
-    work = tempfile.mkdtemp(prefix="kcx-stand-in-")
     try:
-        stand_in = bench_agent.StandIn(CONTAINERD_SOCK, pathlib.Path(work) / "stand-in.sock",
-                                       stand_in_pod["containers"]["app"])
-        try:
-            out |= bench_agent.beside_bare_cri(samples, cri(), bare["containers"]["app"],
-                                               bench_agent.BARE_CRI_BESIDE_STAND_IN,
-                                               (bench_agent.STAND_IN_CRI, stand_in.change))
-        finally:
-            stand_in.stop()
+        with tempfile.TemporaryDirectory(prefix="kcx-stand-in-") as work:
+            stand_in = bench_agent.StandIn(CONTAINERD_SOCK, pathlib.Path(work) / "stand-in.sock",
+                                           stand_in_pod["containers"]["app"])
+            try:
+                out |= bench_agent.beside_bare_cri(samples, cri(), bare["containers"]["app"],
+                                                   bench_agent.BARE_CRI_BESIDE_STAND_IN,
+                                                   (bench_agent.STAND_IN_CRI, stand_in.change))
+            finally:
+                stand_in.stop()
     finally:
-        shutil.rmtree(work, ignore_errors=True)
         op_delete_pod(stand_in_pod["sandbox_id"])
         op_delete_pod(bare["sandbox_id"])
     return out
